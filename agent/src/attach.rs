@@ -1,0 +1,225 @@
+//! Attach: make sure tracefs is there, load the kernel programs, attach them to their
+//! tracepoints, and seed the set of traced processes. Dropping `Probes` detaches everything.
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use wsgiscope_common::{conn_key, ConnState, STAT_COUNT};
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Every program in ebpf/ and the tracepoint it hooks (program name = tracepoint name).
+const SYSCALL_PROGRAMS: &[&str] = &[
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_read",
+    "sys_exit_read",
+    "sys_enter_readv",
+    "sys_exit_readv",
+    "sys_enter_recvfrom",
+    "sys_exit_recvfrom",
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_writev",
+    "sys_exit_writev",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
+    "sys_enter_close",
+    "sys_enter_shutdown",
+];
+const SCHED_PROGRAMS: &[&str] = &["sched_process_fork", "sched_process_exit"];
+
+/// The loaded and attached kernel side, with the maps the agent reads.
+pub struct Probes {
+    // Owns the programs and their links: dropping it detaches.
+    _ebpf: Ebpf,
+    traced: HashMap<MapData, u32, u32>,
+    conns: HashMap<MapData, u64, ConnState>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Mounts tracefs if it is not mounted (a fresh host often has it unmounted).
+pub fn ensure_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}). Run \
+             `mount -t tracefs nodev {TRACEFS}` as root, or in a container mount the host's {TRACEFS}"
+        );
+    }
+    Ok(())
+}
+
+/// Offset of `field` in a tracepoint's record, from its tracefs format file.
+pub fn field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        let name = decl.split_whitespace().last()?.trim_start_matches('*');
+        if name != field {
+            return None;
+        }
+        rest.trim().strip_prefix("offset:")?.split(';').next()?.trim().parse().ok()
+    })
+}
+
+fn sched_format(event: &str) -> Result<String> {
+    let path = format!("{TRACEFS}/events/sched/{event}/format");
+    std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read {path}: this kernel lacks the sched tracepoints wsgiscope needs")
+    })
+}
+
+/// Effective capabilities of this process (bit n = capability n).
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fails early, with the fix, when the capabilities to load and attach are missing.
+pub fn check_capabilities() -> Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, n)| n)
+        .collect();
+    bail!(
+        "missing capability {}: loading eBPF programs and attaching tracepoints needs CAP_BPF and \
+         CAP_PERFMON (or root). Run wsgiscope with sudo, or grant them, e.g. \
+         `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep $(which wsgiscope)`",
+        missing.join(" and ")
+    )
+}
+
+impl Probes {
+    /// Loads the kernel programs and attaches every tracepoint.
+    /// Returns the probes and, apart, the ring buffer their records arrive on.
+    pub fn load() -> Result<(Self, RingBuf<MapData>)> {
+        check_capabilities()?;
+        ensure_tracefs()?;
+        let fork = sched_format("sched_process_fork")?;
+        let child_off = field_offset(&fork, "child_pid")
+            .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
+        // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
+        let group_dead_off = field_offset(&sched_format("sched_process_exit")?, "group_dead").unwrap_or(0);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FORK_CHILD_PID_OFFSET", &child_off, true)
+            .override_global("EXIT_GROUP_DEAD_OFFSET", &group_dead_off, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
+            .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
+
+        for (category, names) in [("syscalls", SYSCALL_PROGRAMS), ("sched", SCHED_PROGRAMS)] {
+            for name in names {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                    .try_into()?;
+                prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+                prog.attach(category, name).with_context(|| {
+                    format!("attaching tracepoint {category}/{name} failed: this kernel lacks it or tracefs is unusable")
+                })?;
+            }
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+        let traced = HashMap::try_from(take(&mut ebpf, "TRACED")?)?;
+        let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
+        Ok((Self { _ebpf: ebpf, traced, conns, stats }, events))
+    }
+
+    /// Adds a process to the traced set; its future forks are followed in the kernel.
+    pub fn trace(&mut self, pid: u32, root: u32) -> Result<()> {
+        self.traced
+            .insert(pid, root, 0)
+            .with_context(|| format!("cannot add process {pid} to the traced set"))
+    }
+
+    /// Removes and returns the connection states still held for an exited process: the
+    /// kernel closed its sockets without a close syscall.
+    pub fn take_connections(&mut self, tgid: u32) -> Vec<(u32, ConnState)> {
+        let lo = conn_key(tgid, 0);
+        let hi = conn_key(tgid, u32::MAX);
+        let keys: Vec<u64> = self.conns.keys().filter_map(Result::ok).filter(|k| (lo..=hi).contains(k)).collect();
+        let mut out = Vec::new();
+        for k in keys {
+            if let Ok(state) = self.conns.get(&k, 0) {
+                out.push((k as u32, state));
+            }
+            let _ = self.conns.remove(&k);
+        }
+        out
+    }
+
+    /// Kernel-side counters (`STAT_*`), summed over CPUs.
+    pub fn stats(&self) -> [u64; STAT_COUNT as usize] {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(per_cpu) = self.stats.get(&(i as u32), 0) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORK: &str = "name: sched_process_fork
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;
+\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn finds_field_offsets_in_tracefs_formats() {
+        assert_eq!(field_offset(FORK, "child_pid"), Some(20));
+        assert_eq!(field_offset(FORK, "parent_pid"), Some(12));
+        assert_eq!(field_offset(FORK, "child_comm"), Some(16));
+        assert_eq!(field_offset(FORK, "group_dead"), None);
+    }
+}

@@ -1,0 +1,207 @@
+//! Discover: from a PID to the server to attach to — its master, its workers, its kind, and a
+//! service name. Everything comes from /proc.
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+use procfs::process::Process;
+
+/// The WSGI servers wsgiscope recognises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    Gunicorn,
+    Uwsgi,
+    ModWsgi,
+}
+
+impl fmt::Display for ServerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerKind::Gunicorn => "gunicorn",
+            ServerKind::Uwsgi => "uwsgi",
+            ServerKind::ModWsgi => "mod_wsgi",
+        })
+    }
+}
+
+/// A server to attach to.
+#[derive(Debug)]
+pub struct Target {
+    pub master: u32,
+    pub kind: ServerKind,
+    pub service: String,
+}
+
+/// What /proc says about one process.
+struct ProcInfo {
+    comm: String,
+    cmdline: Vec<String>,
+    ppid: u32,
+    python: bool,
+}
+
+fn proc_info(pid: u32) -> Result<ProcInfo> {
+    let p = Process::new(pid as i32).with_context(|| {
+        format!("no process with PID {pid}: check the PID (for example `pgrep -o gunicorn` gives the master)")
+    })?;
+    let stat = p.stat().with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let cmdline = p.cmdline().unwrap_or_default();
+    let exe = p.exe().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+    let exe_is_python = exe.rsplit('/').next().is_some_and(|b| b.starts_with("python"));
+    let python = exe_is_python
+        || std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map(|m| m.contains("libpython"))
+            .unwrap_or(false);
+    Ok(ProcInfo { comm: stat.comm, cmdline, ppid: stat.ppid as u32, python })
+}
+
+/// Which server a Python process belongs to, from its comm and command line.
+pub fn server_kind(comm: &str, cmdline: &[String]) -> Option<ServerKind> {
+    let first = cmdline.first().map(String::as_str).unwrap_or("");
+    let script = cmdline.iter().take(2).any(|a| a.rsplit('/').next() == Some("gunicorn"));
+    if comm == "gunicorn" || first.starts_with("gunicorn:") || script {
+        Some(ServerKind::Gunicorn)
+    } else if comm == "uwsgi" || first.rsplit('/').next().is_some_and(|b| b.starts_with("uwsgi")) {
+        Some(ServerKind::Uwsgi)
+    } else if comm == "apache2" || comm == "httpd" || first.starts_with("(wsgi:") {
+        Some(ServerKind::ModWsgi)
+    } else {
+        None
+    }
+}
+
+/// A recognisable service name from the master's command line: the gunicorn app module
+/// (`myapp.wsgi:application` → `myapp.wsgi`).
+pub fn service_name(kind: ServerKind, cmdline: &[String], master: u32) -> String {
+    let app = cmdline.iter().rev().find(|a| {
+        let mut parts = a.splitn(2, ':');
+        let module = parts.next().unwrap_or("");
+        let attr = parts.next();
+        attr.and_then(|t| t.chars().next()).is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && !module.is_empty()
+            && module.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && module.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    });
+    match app {
+        Some(a) => a.split(':').next().unwrap_or(a).to_string(),
+        None => format!("{kind}-{master}"),
+    }
+}
+
+/// All processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.filter_map(Result::ok)
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid as u32 == pid)
+        .map(|s| s.pid as u32)
+        .collect()
+}
+
+/// Every process below `pid`, breadth first.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            queue.push(c);
+        }
+    }
+    out
+}
+
+/// Is `task` a process (thread-group leader) rather than a thread?
+pub fn is_process(task: u32) -> bool {
+    Process::new(task as i32)
+        .and_then(|p| p.status())
+        .map(|s| s.tgid as u32 == task)
+        .unwrap_or(false)
+}
+
+/// Validates `pid` and finds the server it belongs to.
+pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
+    let info = proc_info(pid)?;
+    if !info.python {
+        bail!(
+            "process {pid} ({}) is not a Python process: neither its executable nor /proc/{pid}/maps \
+             holds a Python interpreter. Pass the PID of a gunicorn master or worker",
+            info.comm
+        );
+    }
+    let Some(kind) = server_kind(&info.comm, &info.cmdline) else {
+        bail!(
+            "process {pid} ({}) runs Python but is not a WSGI server wsgiscope knows \
+             (command line: {:?}). Pass the PID of a gunicorn master or worker",
+            info.comm,
+            info.cmdline.join(" ")
+        );
+    };
+    if kind != ServerKind::Gunicorn {
+        bail!(
+            "process {pid} is a {kind} process; this version of wsgiscope attaches to gunicorn only \
+             (uWSGI and mod_wsgi support is planned)"
+        );
+    }
+    // A worker's parent is the master: climb while the parent is the same server.
+    let mut master = pid;
+    let mut cmdline = info.cmdline;
+    let mut ppid = info.ppid;
+    while ppid > 1 {
+        match proc_info(ppid) {
+            Ok(p) if p.python && server_kind(&p.comm, &p.cmdline) == Some(kind) => {
+                master = ppid;
+                cmdline = p.cmdline;
+                ppid = p.ppid;
+            }
+            _ => break,
+        }
+    }
+    let service = service.map_or_else(|| service_name(kind, &cmdline, master), str::to_string);
+    Ok(Target { master, kind, service })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn gunicorn_is_recognised_by_comm_script_or_title() {
+        let cl = args("/venv/bin/python3 /venv/bin/gunicorn -w 2 app:app");
+        assert_eq!(server_kind("gunicorn", &cl), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("python3", &cl), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("x", &args("gunicorn: master [app:app]")), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("uwsgi", &args("uwsgi --http-socket :8000")), Some(ServerKind::Uwsgi));
+        assert_eq!(server_kind("python3", &args("python3 -m http.server")), None);
+    }
+
+    #[test]
+    fn service_is_the_app_module() {
+        let cl = args("/v/bin/python /v/bin/gunicorn -w 2 -b 127.0.0.1:8000 -k sync shop.wsgi:application");
+        assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "shop.wsgi");
+        let cl = args("/v/bin/gunicorn --bind unix:/tmp/s.sock app:create_app()");
+        assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "app");
+        let cl = args("/v/bin/gunicorn app:app -b localhost:8000 --bind unix:/tmp/s.sock");
+        assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "app");
+        let cl = args("/v/bin/gunicorn -c conf.py");
+        assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "gunicorn-7");
+    }
+
+    #[test]
+    fn missing_pid_is_a_clear_error() {
+        let err = find_target(u32::MAX - 1, None).unwrap_err().to_string();
+        assert!(err.contains("no process with PID"), "{err}");
+    }
+
+    #[test]
+    fn non_python_process_is_refused() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let err = find_target(child.id(), None).unwrap_err().to_string();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(err.contains("is not a Python process"), "{err}");
+    }
+}

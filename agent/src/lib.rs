@@ -1,0 +1,14 @@
+//! wsgiscope: an eBPF profiler for pre-forked Python WSGI servers.
+//!
+//! One request's way, module by module: the kernel programs (ebpf/) aggregate it per
+//! connection and emit one record; `collect` reads the record, `reconstruct` parses it into a
+//! request, `aggregate` updates the series defined in `metrics`, `export` serves them.
+//! `discover` finds the server and its workers, `attach` loads and attaches the probes.
+pub mod aggregate;
+pub mod attach;
+pub mod cli;
+pub mod collect;
+pub mod discover;
+pub mod export;
+pub mod metrics;
+pub mod reconstruct;

@@ -1,0 +1,19 @@
+use clap::Parser;
+use wsgiscope::cli::{Cli, Command};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            match cli.command {
+                Command::Attach(args) => wsgiscope::collect::attach(args).await,
+            }
+        })
+    });
+    if let Err(err) = result {
+        eprintln!("wsgiscope: error: {err:#}");
+        std::process::exit(1);
+    }
+}

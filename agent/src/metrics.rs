@@ -1,0 +1,139 @@
+//! The metric contract: names, help texts, label sets and buckets of everything wsgiscope exports.
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label sets are built per series; keys are fixed strings, values come from reconstruction.
+pub type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const WRITE_BUCKETS: &[f64] =
+    &[0.00001, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+const BLOCK_BUCKETS: &[f64] =
+    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0];
+const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+fn latency() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
+fn write_time() -> Histogram {
+    Histogram::new(WRITE_BUCKETS.iter().copied())
+}
+fn blocks() -> Histogram {
+    Histogram::new(BLOCK_BUCKETS.iter().copied())
+}
+fn bytes() -> Histogram {
+    Histogram::new(BYTE_BUCKETS.iter().copied())
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub duration: Histograms,
+    pub write_seconds: Histograms,
+    pub blocks: Histograms,
+    pub write_calls: Family<Labels, Counter>,
+    pub bytes: Histograms,
+    pub worker_requests: Family<Labels, Counter>,
+    pub worker_blocks: Family<Labels, Counter>,
+    pub worker_bytes: Family<Labels, Counter>,
+    pub worker_write_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    pub worker_info: Family<Labels, Gauge>,
+    pub workers: Family<Labels, Gauge>,
+    pub lost_events: Family<Labels, Counter>,
+    pub unparsed: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency),
+            write_seconds: Family::new_with_constructor(write_time),
+            blocks: Family::new_with_constructor(blocks),
+            write_calls: Family::default(),
+            bytes: Family::new_with_constructor(bytes),
+            worker_requests: Family::default(),
+            worker_blocks: Family::default(),
+            worker_bytes: Family::default(),
+            worker_write_seconds: Family::default(),
+            worker_info: Family::default(),
+            workers: Family::default(),
+            lost_events: Family::default(),
+            unparsed: Family::default(),
+        };
+        let mut r = Registry::default();
+        // Counters get their `_total` suffix from the client library.
+        r.register("wsgi_requests", "Requests served, by route and status", m.requests.clone());
+        r.register(
+            "wsgi_request_duration_seconds",
+            "First request byte read to last response byte written",
+            m.duration.clone(),
+        );
+        r.register(
+            "wsgi_response_write_seconds",
+            "Time inside write-family syscalls of the response",
+            m.write_seconds.clone(),
+        );
+        r.register(
+            "wsgi_response_blocks",
+            "Application blocks per response (server framing writes excluded)",
+            m.blocks.clone(),
+        );
+        r.register(
+            "wsgi_response_write_calls",
+            "Write-family syscalls on the client socket, headers and framing included",
+            m.write_calls.clone(),
+        );
+        r.register("wsgi_response_bytes", "Bytes written to the client socket per response", m.bytes.clone());
+        r.register("wsgi_worker_requests", "Requests served by a worker slot", m.worker_requests.clone());
+        r.register(
+            "wsgi_worker_response_blocks",
+            "Application blocks written by a worker slot",
+            m.worker_blocks.clone(),
+        );
+        r.register(
+            "wsgi_worker_response_bytes",
+            "Bytes written to client sockets by a worker slot",
+            m.worker_bytes.clone(),
+        );
+        r.register(
+            "wsgi_worker_response_write_seconds",
+            "Time a worker slot spent inside write-family syscalls",
+            m.worker_write_seconds.clone(),
+        );
+        r.register("wsgi_worker_info", "Process currently holding a worker slot (value 1)", m.worker_info.clone());
+        r.register("wsgi_workers", "Worker processes alive", m.workers.clone());
+        r.register(
+            "wsgiscope_lost_events",
+            "Requests the kernel side could not record (ring buffer or connection table full)",
+            m.lost_events.clone(),
+        );
+        r.register(
+            "wsgiscope_unparsed_requests",
+            "Traffic on a server socket that was not an HTTP request",
+            m.unparsed.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,62 @@
+//! From raw write calls to application blocks: what each server adds around the blocks the
+//! WSGI application yielded (see shared/research/wsgi-server-syscalls.md).
+use wsgiscope_common::RequestAgg;
+
+use crate::discover::ServerKind;
+
+/// gunicorn's chunked-encoding terminator, always its own `sendto`.
+const CHUNK_TERMINATOR: &[u8] = b"0\r\n\r\n";
+
+/// Application blocks of a response.
+/// gunicorn writes the status line and headers in a separate call, then one call per block,
+/// then (chunked responses) the terminator. Its own error page is one call: zero app blocks.
+pub fn app_blocks(kind: ServerKind, agg: &RequestAgg) -> u64 {
+    let calls = agg.write_calls as u64;
+    match kind {
+        ServerKind::Gunicorn => {
+            let terminator = agg.last_write_len as usize == CHUNK_TERMINATOR.len()
+                && agg.last_write_prefix.starts_with(CHUNK_TERMINATOR);
+            calls.saturating_sub(1 + u64::from(terminator && calls > 1))
+        }
+        // Not yet attachable (refused in discover): count every write as a block.
+        ServerKind::Uwsgi | ServerKind::ModWsgi => calls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(calls: u32, last: &[u8]) -> RequestAgg {
+        let mut a: RequestAgg = unsafe { core::mem::zeroed() };
+        a.write_calls = calls;
+        a.last_write_len = last.len() as u32;
+        a.last_write_prefix[..last.len().min(8)].copy_from_slice(&last[..last.len().min(8)]);
+        a
+    }
+
+    #[test]
+    fn gunicorn_chunked_response() {
+        // headers + 1000 blocks + terminator
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(1002, b"0\r\n\r\n")), 1000);
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(3, b"0\r\n\r\n")), 1);
+    }
+
+    #[test]
+    fn gunicorn_content_length_response_has_no_terminator() {
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(2, b"abcdefghij")), 1);
+        // headers + sendfile
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(2, b"")), 1);
+    }
+
+    #[test]
+    fn gunicorn_error_page_is_no_app_block() {
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(1, b"HTTP/1.1")), 0);
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(0, b"")), 0);
+    }
+
+    #[test]
+    fn a_five_byte_block_that_is_not_a_terminator_counts() {
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(3, b"5\r\nab")), 2);
+    }
+}

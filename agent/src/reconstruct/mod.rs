@@ -1,0 +1,146 @@
+//! Reconstruct: turn one kernel request record into a request — protocol, method, route,
+//! status, latency, write time, write calls, application blocks, bytes.
+pub mod framing;
+pub mod http;
+
+use wsgiscope_common::{ProcessEvent, RequestEvent, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, HEAD_LEN};
+
+use crate::discover::ServerKind;
+
+/// A record read from the ring buffer.
+pub enum Event {
+    Request(Box<RequestEvent>),
+    Fork { parent: u32, child: u32 },
+    Exit { tgid: u32 },
+}
+
+/// Decodes one ring-buffer record; `None` for a record of unknown kind or size.
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    match kind {
+        EVENT_REQUEST if bytes.len() >= size_of::<RequestEvent>() => {
+            // SAFETY: size checked; RequestEvent is plain data valid for any bytes.
+            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RequestEvent>()) };
+            Some(Event::Request(Box::new(ev)))
+        }
+        EVENT_FORK | EVENT_EXIT if bytes.len() >= size_of::<ProcessEvent>() => {
+            // SAFETY: as above.
+            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
+            Some(if kind == EVENT_FORK {
+                Event::Fork { parent: ev.tgid, child: ev.child }
+            } else {
+                Event::Exit { tgid: ev.tgid }
+            })
+        }
+        _ => None,
+    }
+}
+
+/// One reconstructed HTTP request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub tgid: u32,
+    pub method: String,
+    /// Path without query string.
+    pub path: String,
+    /// Status code, or `none` when nothing was written.
+    pub status: String,
+    /// First request byte read → last response byte written (seconds).
+    pub duration: f64,
+    /// Time inside write-family syscalls (seconds).
+    pub write_seconds: f64,
+    pub write_calls: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+/// The request in a kernel record, or `None` when its bytes are not an HTTP request.
+pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
+    let a = &ev.agg;
+    let req_head = &ev.req_head[..(a.req_head_len as usize).min(HEAD_LEN)];
+    let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(HEAD_LEN)];
+    let (method, path) = http::parse_request(req_head)?;
+    let status = match http::parse_status(resp_head) {
+        Some(code) => code.to_string(),
+        None if a.write_calls == 0 => "none".to_string(),
+        None => "unknown".to_string(),
+    };
+    // Without a response the request ends where the kernel ended it (close, exit).
+    let end = if a.write_calls > 0 { a.last_write_ns } else { ev.end_ns };
+    Some(Request {
+        tgid: ev.tgid,
+        method,
+        path,
+        status,
+        duration: end.saturating_sub(a.start_ns) as f64 / 1e9,
+        write_seconds: a.write_ns as f64 / 1e9,
+        write_calls: a.write_calls as u64,
+        blocks: framing::app_blocks(kind, a),
+        bytes: a.write_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wsgiscope_common::END_CLOSE;
+
+    fn event(req: &[u8], resp: &[u8], calls: u32, last: &[u8]) -> RequestEvent {
+        let mut ev: RequestEvent = unsafe { std::mem::zeroed() };
+        ev.kind = EVENT_REQUEST;
+        ev.end_reason = END_CLOSE;
+        ev.tgid = 42;
+        ev.end_ns = 9_000_000_000;
+        ev.agg.start_ns = 1_000_000_000;
+        ev.agg.last_write_ns = 1_050_000_000;
+        ev.agg.write_ns = 2_000_000;
+        ev.agg.write_calls = calls;
+        ev.agg.write_bytes = 1234;
+        ev.agg.last_write_len = last.len() as u32;
+        ev.agg.last_write_prefix[..last.len()].copy_from_slice(last);
+        ev.agg.req_head_len = req.len() as u32;
+        ev.req_head[..req.len()].copy_from_slice(req);
+        ev.agg.resp_head_len = resp.len() as u32;
+        ev.resp_head[..resp.len()].copy_from_slice(resp);
+        ev
+    }
+
+    #[test]
+    fn a_gunicorn_request_round_trips_through_the_ring_buffer_bytes() {
+        let ev = event(b"GET /sleep?x=1 HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n", 3, b"0\r\n\r\n");
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const RequestEvent).cast::<u8>(), size_of::<RequestEvent>())
+        };
+        let Some(Event::Request(back)) = decode(bytes) else { panic!("not decoded") };
+        let r = reconstruct(ServerKind::Gunicorn, &back).unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/sleep");
+        assert_eq!(r.status, "200");
+        assert_eq!(r.blocks, 1);
+        assert_eq!(r.write_calls, 3);
+        assert_eq!(r.bytes, 1234);
+        assert!((r.duration - 0.05).abs() < 1e-9);
+        assert!((r.write_seconds - 0.002).abs() < 1e-9);
+    }
+
+    #[test]
+    fn no_response_is_status_none_and_ends_at_close() {
+        let ev = event(b"GET /x HTTP/1.1\r\n\r\n", b"", 0, b"");
+        let r = reconstruct(ServerKind::Gunicorn, &ev).unwrap();
+        assert_eq!(r.status, "none");
+        assert!((r.duration - 8.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn binary_traffic_is_not_a_request() {
+        let ev = event(b"\x00\x01\x02garbage", b"", 0, b"");
+        assert_eq!(reconstruct(ServerKind::Gunicorn, &ev), None);
+    }
+
+    #[test]
+    fn short_or_unknown_records_are_ignored() {
+        assert!(decode(&[1, 0, 0]).is_none());
+        assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(decode(&EVENT_REQUEST.to_ne_bytes()).is_none());
+    }
+}

@@ -1,0 +1,138 @@
+//! Types shared by the kernel programs (`wsgiscope-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes it into maps and the ring buffer,
+//! the agent reads the same bytes back.
+#![no_std]
+
+/// Bytes of the request head and of the response head kept per request (for parsing in userspace).
+pub const HEAD_LEN: usize = 256;
+/// Head buffers in the connection state are twice `HEAD_LEN` so that an append at any offset below
+/// `HEAD_LEN` of at most `HEAD_LEN` bytes provably stays inside the buffer (the verifier cannot
+/// relate the offset and the length).
+pub const HEAD_BUF: usize = 2 * HEAD_LEN;
+
+/// Ring-buffer record kinds (first field of every record).
+pub const EVENT_REQUEST: u32 = 1;
+pub const EVENT_FORK: u32 = 2;
+pub const EVENT_EXIT: u32 = 3;
+
+/// Why a request record was emitted.
+pub const END_NEXT_REQUEST: u32 = 1;
+pub const END_SHUTDOWN: u32 = 2;
+pub const END_CLOSE: u32 = 3;
+pub const END_PROCESS_EXIT: u32 = 4;
+/// The fd was accepted again without a close we saw (e.g. `close_range`, `dup2`).
+pub const END_FD_REUSED: u32 = 5;
+
+/// `ConnState::flags`
+pub const CONN_IN_REQUEST: u32 = 1;
+/// The server shut its side down: later reads are drains, not requests.
+pub const CONN_SHUT: u32 = 2;
+
+/// Indices of the per-CPU `STATS` counters.
+pub const STAT_RINGBUF_FULL: u32 = 0;
+pub const STAT_CONN_TABLE_FULL: u32 = 1;
+pub const STAT_PENDING_TABLE_FULL: u32 = 2;
+pub const STAT_COUNT: u32 = 3;
+
+/// Syscall families remembered between a syscall's enter and exit tracepoints.
+pub const OP_READ: u32 = 1; // read, recvfrom: buf is the data pointer
+pub const OP_READV: u32 = 2; // readv: buf points to an iovec array
+pub const OP_RECVMSG: u32 = 3; // recvmsg: buf points to a msghdr
+pub const OP_WRITE: u32 = 4; // write, sendto
+pub const OP_WRITEV: u32 = 5; // writev
+pub const OP_SENDMSG: u32 = 6; // sendmsg
+pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
+
+/// Key of the connection table: one entry per accepted socket of a traced process.
+#[inline(always)]
+pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+/// Per-request aggregate, built in the kernel while the request runs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RequestAgg {
+    /// Exit of the read that returned the first request byte (ns, CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// Enter of the first response write.
+    pub first_write_ns: u64,
+    /// Exit of the last response write.
+    pub last_write_ns: u64,
+    /// Time spent inside write-family syscalls on this socket.
+    pub write_ns: u64,
+    /// Bytes written to the client socket (headers and framing included).
+    pub write_bytes: u64,
+    /// Bytes read from the client socket.
+    pub read_bytes: u64,
+    /// Successful write-family syscalls.
+    pub write_calls: u32,
+    pub read_calls: u32,
+    pub first_write_len: u32,
+    pub last_write_len: u32,
+    /// First bytes of the last write (recognises framing such as a chunk terminator).
+    pub last_write_prefix: [u8; 8],
+    pub req_head_len: u32,
+    pub resp_head_len: u32,
+}
+
+/// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnState {
+    /// tgid of the attached master this process descends from.
+    pub root: u32,
+    pub flags: u32,
+    pub agg: RequestAgg,
+    pub req_head: [u8; HEAD_BUF],
+    pub resp_head: [u8; HEAD_BUF],
+}
+
+/// A syscall in flight on one thread, between its enter and exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub key: u64,
+    pub buf: u64,
+    pub enter_ns: u64,
+    pub op: u32,
+    pub _pad: u32,
+}
+
+/// One record per request.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RequestEvent {
+    pub kind: u32,
+    pub end_reason: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    pub root: u32,
+    pub _pad: u32,
+    pub end_ns: u64,
+    pub agg: RequestAgg,
+    pub req_head: [u8; HEAD_LEN],
+    pub resp_head: [u8; HEAD_LEN],
+}
+
+/// Fork (child may be a thread: userspace tells) or exit of a whole process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessEvent {
+    pub kind: u32,
+    /// Forking process, or exiting process.
+    pub tgid: u32,
+    /// New task id (fork only).
+    pub child: u32,
+    pub root: u32,
+    pub ts_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain old data, every bit pattern is valid.
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for RequestAgg {}
+}

@@ -1,0 +1,46 @@
+//! close and shutdown end the request in progress on a connection.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{conn_key, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
+
+use crate::{
+    conn::{finish_request, now},
+    maps::{root_of, CONNS},
+    syscall::{arg, pid_tgid},
+};
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let (_, tgid) = pid_tgid();
+    if root_of(tgid).is_none() {
+        return 0;
+    }
+    let key = conn_key(tgid, arg(&ctx, 0) as u32);
+    if let Some(c) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid for this program run.
+        finish_request(unsafe { &mut *c }, key, END_CLOSE, now());
+        let _ = CONNS.remove(&key);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_shutdown(ctx: TracePointContext) -> u32 {
+    const SHUT_WR: u64 = 1;
+    const SHUT_RDWR: u64 = 2;
+    let (_, tgid) = pid_tgid();
+    if root_of(tgid).is_none() {
+        return 0;
+    }
+    let how = arg(&ctx, 1);
+    if how != SHUT_WR && how != SHUT_RDWR {
+        return 0; // SHUT_RD does not end the response
+    }
+    let key = conn_key(tgid, arg(&ctx, 0) as u32);
+    if let Some(c) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid for this program run.
+        let c = unsafe { &mut *c };
+        finish_request(c, key, END_SHUTDOWN, now());
+        c.flags |= CONN_SHUT;
+    }
+    0
+}

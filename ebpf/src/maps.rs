@@ -1,0 +1,45 @@
+//! The maps shared by all hook families (and read by the agent).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use wsgiscope_common::{ConnState, Pending, STAT_COUNT};
+
+/// Traced processes and threads: task id → tgid of the attached master (the "root").
+/// Seeded by the agent at attach, grown on fork in the kernel so no new worker is missed.
+#[map]
+pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Accepted sockets of traced processes: `conn_key(tgid, fd)` → state of the request in progress.
+#[map]
+pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(8192, 0);
+
+/// Syscalls in flight: pid_tgid → what the exit tracepoint needs.
+#[map]
+pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(8192, 0);
+
+/// Request, fork and exit records for the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Per-CPU counters of what could not be recorded (`STAT_*`).
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Room to build a `ConnState` (too large for the 512-byte BPF stack).
+#[map]
+pub static SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn bump(stat: u32) {
+    if let Some(p) = STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn root_of(task: u32) -> Option<u32> {
+    // SAFETY: u32 values are copied out at once.
+    unsafe { TRACED.get(&task).copied() }
+}

@@ -1,0 +1,60 @@
+//! Which processes are traced: the attached master and every descendant, followed on fork in
+//! the kernel (a worker forked between two agent polls keeps its first request).
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{ProcessEvent, EVENT_EXIT, EVENT_FORK, STAT_RINGBUF_FULL};
+
+use crate::{
+    conn::now,
+    maps::{bump, root_of, EVENTS, PENDING, TRACED},
+    syscall::pid_tgid,
+};
+
+/// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 20;
+/// 0 when the kernel's sched_process_exit has no `group_dead` field.
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_OFFSET: u32 = 32;
+
+fn emit(kind: u32, tgid: u32, child: u32, root: u32) {
+    let ev = ProcessEvent { kind, tgid, child, root, ts_ns: now() };
+    if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
+        bump(STAT_RINGBUF_FULL);
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let (_, parent) = pid_tgid();
+    let Some(root) = root_of(parent) else { return 0 };
+    // SAFETY: volatile read of a global the loader may have rewritten.
+    let off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
+    // The child may be a thread; its tid in TRACED is harmless and removed when it exits.
+    let _ = TRACED.insert(&child, &root, 0);
+    emit(EVENT_FORK, parent, child, root);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let (id, tgid) = pid_tgid();
+    let tid = id as u32;
+    let _ = PENDING.remove(&id);
+    let Some(root) = root_of(tgid) else { return 0 };
+    if tid != tgid {
+        let _ = TRACED.remove(&tid);
+    }
+    let off = unsafe { core::ptr::read_volatile(&EXIT_GROUP_DEAD_OFFSET) } as usize;
+    let group_dead = if off == 0 {
+        tid == tgid
+    } else {
+        unsafe { ctx.read_at::<u8>(off) }.unwrap_or(0) != 0
+    };
+    if group_dead {
+        // The agent ends requests still open on this process's sockets.
+        let _ = TRACED.remove(&tgid);
+        emit(EVENT_EXIT, tgid, 0, root);
+    }
+    0
+}

@@ -1,0 +1,83 @@
+//! Reads on a connection: the first byte of a request starts it; later reads are its body
+//! (or, after the response began, either the next keep-alive request or a drain).
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG};
+
+use crate::{
+    conn::{append_head, finish_request, now, start_request},
+    maps::CONNS,
+    syscall::{first_piece, looks_like_request, ret, stash, take},
+};
+
+#[inline(always)]
+fn read_done(ctx: &TracePointContext) {
+    let Some(p) = take() else { return };
+    let n = ret(ctx);
+    if n <= 0 {
+        return; // EOF, EAGAIN, errors: no data, no request
+    }
+    let n = n as u64;
+    let Some(c) = CONNS.get_ptr_mut(&p.key) else { return };
+    // SAFETY: map value pointer valid for this program run.
+    let c = unsafe { &mut *c };
+    let (src, avail) = first_piece(p.op, p.buf, n);
+    let ts = now();
+    if c.flags & CONN_IN_REQUEST == 0 {
+        if c.flags & CONN_SHUT != 0 {
+            return; // draining after our shutdown
+        }
+        start_request(c, ts, src, avail);
+    } else if c.agg.write_calls > 0 && looks_like_request(src, avail) {
+        finish_request(c, p.key, END_NEXT_REQUEST, ts);
+        start_request(c, ts, src, avail);
+    } else {
+        c.agg.read_calls += 1;
+        c.agg.read_bytes += n;
+        if c.agg.write_calls == 0 {
+            append_head(&mut c.req_head, &mut c.agg.req_head_len, src, avail);
+        }
+        return;
+    }
+    c.agg.read_bytes = n;
+}
+
+#[tracepoint]
+pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_READ);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_READ);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_READV);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_RECVMSG);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_read(ctx: TracePointContext) -> u32 {
+    read_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
+    read_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_readv(ctx: TracePointContext) -> u32 {
+    read_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    read_done(&ctx);
+    0
+}

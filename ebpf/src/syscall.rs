@@ -1,0 +1,132 @@
+//! Reading syscall tracepoint records: `syscalls/sys_enter_*` carry six 8-byte arguments
+//! from offset 16, `syscalls/sys_exit_*` the return value at offset 16.
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::TracePointContext};
+
+#[inline(always)]
+pub fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: in-bounds offsets of the syscall tracepoint record.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn ret(ctx: &TracePointContext) -> i64 {
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+pub fn pid_tgid() -> (u64, u32) {
+    let id = bpf_get_current_pid_tgid();
+    (id, (id >> 32) as u32)
+}
+
+use aya_ebpf::helpers::generated::bpf_probe_read_user;
+use wsgiscope_common::{
+    conn_key, Pending, OP_READV, OP_RECVMSG, OP_SENDFILE, OP_SENDMSG, OP_WRITEV,
+    STAT_PENDING_TABLE_FULL,
+};
+
+use crate::{
+    conn::now,
+    maps::{bump, root_of, CONNS, PENDING},
+};
+
+/// On a syscall's enter: if it targets a connection of a traced process, remember it for the
+/// exit tracepoint. This is the whole cost for untraced processes: one hash lookup.
+#[inline(always)]
+pub fn stash(ctx: &TracePointContext, op: u32) {
+    let (id, tgid) = pid_tgid();
+    if root_of(tgid).is_none() {
+        return;
+    }
+    let key = conn_key(tgid, arg(ctx, 0) as u32);
+    if CONNS.get_ptr(&key).is_none() {
+        return;
+    }
+    let p = Pending { key, buf: arg(ctx, 1), enter_ns: now(), op, _pad: 0 };
+    if PENDING.insert(&id, &p, 0).is_err() {
+        bump(STAT_PENDING_TABLE_FULL);
+    }
+}
+
+/// On a syscall's exit: the stashed enter, if any.
+#[inline(always)]
+pub fn take() -> Option<Pending> {
+    let (id, _) = pid_tgid();
+    // SAFETY: copied out before removal.
+    let p = unsafe { PENDING.get(&id) }.copied()?;
+    let _ = PENDING.remove(&id);
+    Some(p)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+#[inline(always)]
+fn read_user<T: Copy>(addr: u64) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: faults are reported by the helper, never taken.
+    let rc = unsafe {
+        bpf_probe_read_user(v.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32, addr as *const _)
+    };
+    (rc == 0).then(|| unsafe { v.assume_init() })
+}
+
+/// The first contiguous piece of the data a syscall transferred: (user address, length).
+/// For vectored calls that is the first iovec (the head of a request or response).
+#[inline(always)]
+pub fn first_piece(op: u32, buf: u64, transferred: u64) -> (u64, u64) {
+    let iov_addr = match op {
+        OP_SENDFILE => return (0, 0),
+        OP_READV | OP_WRITEV => buf,
+        // struct msghdr: msg_name, msg_namelen (+pad), msg_iov at offset 16.
+        OP_RECVMSG | OP_SENDMSG => match read_user::<u64>(buf + 16) {
+            Some(a) => a,
+            None => return (0, 0),
+        },
+        _ => return (buf, transferred),
+    };
+    match read_user::<IoVec>(iov_addr) {
+        Some(iov) => (iov.base, if iov.len < transferred { iov.len } else { transferred }),
+        None => (0, 0),
+    }
+}
+
+/// Does this data begin like a new request? (HTTP/1.x: an upper-case method token and a space.)
+#[inline(always)]
+pub fn looks_like_request(src: u64, n: u64) -> bool {
+    if n < 4 {
+        return false;
+    }
+    let Some(b) = read_user::<[u8; 8]>(src) else { return false };
+    let mut i = 0;
+    while i < 8 {
+        let ch = b[i];
+        if ch == b' ' {
+            return i >= 3 && (i as u64) < n;
+        }
+        if !ch.is_ascii_uppercase() {
+            return false;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Copies the first (up to 8) bytes of a write into `dst`.
+#[inline(always)]
+pub fn prefix8(dst: &mut [u8; 8], src: u64, n: u64) {
+    *dst = [0; 8];
+    if n >= 8 {
+        if let Some(b) = read_user::<[u8; 8]>(src) {
+            *dst = b;
+        }
+    } else if n > 0 {
+        let n = (n & 7) as u32;
+        // SAFETY: n < 8 bytes into an 8-byte array.
+        unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), n, src as *const _) };
+    }
+}

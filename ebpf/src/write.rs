@@ -1,0 +1,90 @@
+//! Writes on a connection while a request is in progress: the response, aggregated per request.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{CONN_IN_REQUEST, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
+
+use crate::{
+    conn::{append_head, now},
+    maps::CONNS,
+    syscall::{first_piece, prefix8, ret, stash, take},
+};
+
+#[inline(always)]
+fn write_done(ctx: &TracePointContext) {
+    let Some(p) = take() else { return };
+    let Some(c) = CONNS.get_ptr_mut(&p.key) else { return };
+    // SAFETY: map value pointer valid for this program run.
+    let c = unsafe { &mut *c };
+    if c.flags & CONN_IN_REQUEST == 0 {
+        return;
+    }
+    let ts = now();
+    // Time blocked in a failed write (e.g. EAGAIN) is still time spent writing.
+    c.agg.write_ns += ts.saturating_sub(p.enter_ns);
+    let n = ret(ctx);
+    if n <= 0 {
+        return;
+    }
+    let n = n as u64;
+    if c.agg.write_calls == 0 {
+        c.agg.first_write_ns = p.enter_ns;
+        c.agg.first_write_len = n as u32;
+    }
+    c.agg.write_calls += 1;
+    c.agg.write_bytes += n;
+    c.agg.last_write_ns = ts;
+    c.agg.last_write_len = n as u32;
+    let (src, avail) = first_piece(p.op, p.buf, n);
+    prefix8(&mut c.agg.last_write_prefix, src, avail);
+    append_head(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+}
+
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_WRITE);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_WRITE);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_WRITEV);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_SENDMSG);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
+    stash(&ctx, OP_SENDFILE);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
+    write_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_sendto(ctx: TracePointContext) -> u32 {
+    write_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
+    write_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
+    write_done(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
+    write_done(&ctx);
+    0
+}
