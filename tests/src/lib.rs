@@ -1,1 +1,342 @@
+//! Harness for the integration tests: real gunicorn, the real agent, a real HTTP client over TCP,
+//! and the metrics as Prometheus would read them.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Tests share the CPU and the kernel: run them one at a time so latencies stay meaningful.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The agent binary: $WSGISCOPE_BIN, else target/debug/wsgiscope (built by `cargo xtask test`).
+pub fn agent_bin() -> PathBuf {
+    let bin = std::env::var_os("WSGISCOPE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/wsgiscope"));
+    assert!(bin.exists(), "{} missing: run `cargo xtask test` (it builds the agent first)", bin.display());
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ready()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("wsgiscope-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// A real gunicorn serving tests/apps/testapp.py, with the counting middleware logging the truth.
+pub struct Gunicorn {
+    child: Child,
+    pub port: u16,
+    pub truth_log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Gunicorn {
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let gunicorn = repo_root().join(".venv/bin/gunicorn");
+        if !gunicorn.exists() {
+            bail!("{} missing: run `cargo xtask setup`", gunicorn.display());
+        }
+        let dir = TempDir::new("gunicorn");
+        let port = free_port();
+        let truth_log = dir.0.join("truth.jsonl");
+        let child = Command::new(gunicorn)
+            .args(["--no-control-socket", "-b", &format!("127.0.0.1:{port}")])
+            .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()])
+            .args(args)
+            .arg("testapp:app")
+            .env("WSGISCOPE_TRUTH_LOG", &truth_log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("gunicorn.log"))?)
+            .spawn()
+            .context("starting gunicorn")?;
+        let g = Gunicorn { child, port, truth_log, _dir: dir };
+        wait_for("gunicorn to listen", Duration::from_secs(20), || {
+            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })?;
+        Ok(g)
+    }
+
+    pub fn master(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Current worker processes (children of the master).
+    pub fn workers(&self) -> Vec<u32> {
+        let master = self.master();
+        let mut out: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|s| {
+                    let after = &s[s.rfind(')').unwrap_or(0) + 1..];
+                    after.split_whitespace().nth(1) == Some(&master.to_string())
+                })
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    pub fn wait_workers(&self, n: usize) -> Result<()> {
+        wait_for("gunicorn workers", Duration::from_secs(20), || Ok(self.workers().len() == n))
+    }
+
+    /// The middleware's records, one per request.
+    pub fn truth(&self) -> Vec<Truth> {
+        let text = std::fs::read_to_string(&self.truth_log).unwrap_or_default();
+        text.lines().map(Truth::from_json).collect()
+    }
+
+    pub fn stop(&mut self) {
+        signal(self.master(), libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// One line of the counting middleware's log.
+#[derive(Debug, Clone)]
+pub struct Truth {
+    pub route: String,
+    pub status: u16,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub elapsed: f64,
+    pub pid: u32,
+}
+
+impl Truth {
+    fn from_json(line: &str) -> Self {
+        let v: serde_json::Value = serde_json::from_str(line).expect("truth line is JSON");
+        let num = |k: &str| v[k].as_u64().unwrap_or(0);
+        Truth {
+            route: v["route"].as_str().unwrap_or_default().to_string(),
+            status: num("status") as u16,
+            blocks: num("blocks"),
+            bytes: num("bytes"),
+            elapsed: v["elapsed"].as_f64().unwrap_or(0.0),
+            pid: num("pid") as u32,
+        }
+    }
+}
+
+/// The agent attached to a PID, serving /metrics.
+pub struct Agent {
+    child: Child,
+    pub metrics_url: String,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    pub fn attach(pid: u32, extra: &[&str]) -> Result<Self> {
+        let dir = TempDir::new("agent");
+        let log = dir.0.join("agent.log");
+        let port = free_port();
+        let child = Command::new(agent_bin())
+            .args(["attach", "--pid", &pid.to_string(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut agent = Agent { child, metrics_url: format!("127.0.0.1:{port}"), log, _dir: dir };
+        let url = agent.metrics_url.clone();
+        let ready = wait_for("the agent's /metrics", Duration::from_secs(30), || {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited with {status}: {}", agent.log_text());
+            }
+            Ok(scrape(&url).is_ok())
+        });
+        ready.map(|_| agent)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&scrape(&self.metrics_url).expect("scrape /metrics"))
+    }
+
+    /// Polls /metrics until `done` holds (the agent reads the ring buffer asynchronously).
+    pub fn metrics_when(&self, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
+        let mut last = self.metrics();
+        let start = Instant::now();
+        while !done(&last) && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+            last = self.metrics();
+        }
+        assert!(done(&last), "timed out waiting for {what}; metrics:\n{}\nagent log:\n{}", last.text, self.log_text());
+        last
+    }
+
+    /// SIGTERM and wait: returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        signal(self.child.id(), libc::SIGTERM);
+        self.child.wait().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// Runs the agent to completion (for invocations expected to fail): (exit code, stderr).
+pub fn run_agent(args: &[&str]) -> (i32, String) {
+    let out = Command::new(agent_bin()).args(args).output().expect("run agent");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A response as the client saw it on the wire.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Every byte received: status line, headers, framing, body.
+    pub wire_bytes: u64,
+    pub chunked: bool,
+}
+
+/// GET over a fresh TCP connection (HTTP/1.1, Connection: close), read to EOF.
+pub fn get(port: u16, path: &str) -> Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: wsgiscope-tests\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no response head"))?;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("bad status line"))?;
+    Ok(Response { status, wire_bytes: raw.len() as u64, chunked: head.contains("transfer-encoding: chunked") })
+}
+
+/// Body of GET /metrics.
+pub fn scrape(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no response head"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// A parsed exposition: samples by name with their labels.
+pub struct Metrics {
+    pub text: String,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|kv| !kv.is_empty())
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once("=\"")?;
+                    Some((k.to_string(), v.trim_end_matches('"').to_string()))
+                })
+                .collect();
+            samples.push((name.to_string(), labels, value.parse().expect("sample value")));
+        }
+        Metrics { text: text.to_string(), samples }
+    }
+
+    /// Series of `name` whose labels include all of `want`.
+    pub fn series<'a>(&'a self, name: &'a str, want: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
+        self.samples
+            .iter()
+            .filter(move |(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|(_, l, v)| (l, *v))
+    }
+
+    /// Sum of the matching series (0 when none).
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.series(name, want).map(|(_, v)| v).sum()
+    }
+}
+
+/// Tracepoint programs held open by any process (the agent's go when it exits: they are not pinned).
+pub fn loaded_tracepoint_programs() -> Vec<String> {
+    const BPF_PROG_TYPE_TRACEPOINT: &str = "prog_type:\t5\n";
+    let mut found = Vec::new();
+    for pid in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.filter_map(|e| e.ok()) {
+            let is_prog = std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf-prog");
+            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            if is_prog && std::fs::read_to_string(info).unwrap_or_default().contains(BPF_PROG_TYPE_TRACEPOINT) {
+                found.push(format!("pid {pid} fd {}", fd.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}

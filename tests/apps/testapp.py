@@ -1,0 +1,145 @@
+"""WSGI test and demo app for wsgiscope.
+
+Routes cover the shapes of output the WSGI literature measures: one block, a slow handler,
+many blocks, one-byte blocks, one big block, an exception, and wsgi.file_wrapper (sendfile).
+
+The app wraps itself in a small counting/timing middleware: the ground truth the tests compare
+wsgiscope against. When WSGISCOPE_TRUTH_LOG is set, the middleware appends one JSON line per
+request: route, status, blocks yielded, bytes, elapsed seconds, worker pid.
+"""
+import json
+import os
+import tempfile
+import time
+
+FILE_SIZE = 200 * 1024
+_file_path = os.path.join(tempfile.gettempdir(), "wsgiscope-testapp-%d.bin" % os.getpid())
+
+
+def _file():
+    if not os.path.exists(_file_path):
+        with open(_file_path, "wb") as f:
+            f.write(b"f" * FILE_SIZE)
+    return _file_path
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"Hello World!"]
+
+
+def sleep(environ, start_response):
+    time.sleep(0.05)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slept 50 ms"]
+
+
+def blocks(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+    def gen():
+        for _ in range(1000):
+            yield b"b" * 128
+
+    return gen()
+
+
+def bytes1(environ, start_response):
+    # The "string as iterable" mistake: 102,400 one-byte blocks.
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [b"x"] * (100 * 1024)
+
+
+def big(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [b"B" * (1024 * 1024)]
+
+
+def error(environ, start_response):
+    raise RuntimeError("wsgiscope test: deliberate failure")
+
+
+def file(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(FILE_SIZE))])
+    return environ["wsgi.file_wrapper"](open(_file(), "rb"), 65536)
+
+
+ROUTES = {
+    "/hello": hello,
+    "/sleep": sleep,
+    "/blocks": blocks,
+    "/bytes1": bytes1,
+    "/big": big,
+    "/error": error,
+    "/file": file,
+}
+
+
+def app(environ, start_response):
+    handler = ROUTES.get(environ.get("PATH_INFO", ""))
+    if handler is None:
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found"]
+    return handler(environ, start_response)
+
+
+class Truth:
+    """Counting/timing middleware: blocks and bytes the app yielded, and its own elapsed time
+    from the call to close() (which the server calls after the last write)."""
+
+    def __init__(self, app, log_path):
+        self.app = app
+        self.log_path = log_path
+
+    def __call__(self, environ, start_response):
+        t0 = time.perf_counter()
+        rec = {"route": environ.get("PATH_INFO", ""), "method": environ["REQUEST_METHOD"],
+               "status": None, "blocks": 0, "bytes": 0, "pid": os.getpid()}
+
+        def sr(status, headers, exc_info=None):
+            rec["status"] = int(status.split()[0])
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self.app(environ, sr)
+        except Exception:
+            rec["status"] = 500
+            rec["elapsed"] = time.perf_counter() - t0
+            self._log(rec)
+            raise
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None and isinstance(result, wrapper):
+            # Pass file wrappers through untouched so the server can sendfile() them.
+            rec["blocks"] = 1
+            rec["bytes"] = FILE_SIZE
+            orig_close = result.close
+
+            def close():
+                orig_close()
+                rec["elapsed"] = time.perf_counter() - t0
+                self._log(rec)
+
+            result.close = close
+            return result
+        return self._count(result, rec, t0)
+
+    def _count(self, result, rec, t0):
+        try:
+            for block in result:
+                rec["blocks"] += 1
+                rec["bytes"] += len(block)
+                yield block
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+            rec["elapsed"] = time.perf_counter() - t0
+            self._log(rec)
+
+    def _log(self, rec):
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if os.environ.get("WSGISCOPE_TRUTH_LOG"):
+    app = Truth(app, os.environ["WSGISCOPE_TRUTH_LOG"])
