@@ -34,6 +34,13 @@ def sleep(environ, start_response):
     return [b"slept 50 ms"]
 
 
+def hang(environ, start_response):
+    # Long enough for a test to kill the worker mid-request.
+    time.sleep(30)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"done"]
+
+
 def blocks(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
 
@@ -72,6 +79,7 @@ ROUTES = {
     "/bytes1": bytes1,
     "/big": big,
     "/error": error,
+    "/hang": hang,
     "/file": file,
 }
 

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use wsgiscope_integration::{get, loaded_tracepoint_programs, serial, Agent, Gunicorn, Metrics};
 
+
 /// Routes of tests/apps/testapp.py and how many requests each gets.
 const ROUTES: &[(&str, usize)] =
     &[("/hello", 6), ("/sleep", 6), ("/blocks", 4), ("/bytes1", 2), ("/big", 3), ("/error", 3), ("/file", 3)];
@@ -132,4 +133,36 @@ fn recycled_workers_are_followed_and_slots_reused() {
         pids == server.workers()
     });
     assert_eq!(m.sum("wsgi_workers", &[]), 2.0);
+}
+
+#[test]
+fn worker_killed_mid_request_is_recorded_once_and_replaced() {
+    let _serial = serial();
+    let server = Gunicorn::start(&["-w", "1", "--timeout", "120"]).unwrap();
+    server.wait_workers(1).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    let victim = server.workers()[0];
+    let port = server.port;
+    let client = std::thread::spawn(move || get(port, "/hang"));
+    // Wait until the request is inside the app, then kill its worker.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    assert!(client.join().unwrap().is_err(), "the client saw the connection die");
+
+    // The open request is ended by the process exit: one record, no response.
+    let m = agent.metrics_when("the killed request", |m| m.sum("wsgi_requests_total", &[("route", "/hang")]) >= 1.0);
+    assert_eq!(m.sum("wsgi_requests_total", &[("route", "/hang"), ("status", "none")]), 1.0);
+    assert_eq!(m.sum("wsgi_response_write_calls_total", &[("route", "/hang")]), 0.0);
+
+    // gunicorn forks a replacement; it takes the freed slot 0 and its requests count.
+    server.wait_workers(1).unwrap();
+    let replacement = server.workers()[0];
+    assert_ne!(replacement, victim);
+    assert_eq!(get(server.port, "/hello").unwrap().status, 200);
+    let m = agent.metrics_when("the replacement's request", |m| m.sum("wsgi_requests_total", &[("route", "/hello")]) >= 1.0);
+    let info: Vec<(String, String)> =
+        m.series("wsgi_worker_info", &[]).map(|(l, _)| (l["worker"].clone(), l["pid"].clone())).collect();
+    assert_eq!(info, vec![("0".to_string(), replacement.to_string())]);
+    assert_eq!(m.sum("wsgi_worker_requests_total", &[("worker", "0")]), 2.0);
+    assert_eq!(m.sum("wsgi_requests_total", &[]), 2.0);
 }
