@@ -34,6 +34,10 @@ const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_exit_sendmsg",
     "sys_enter_sendfile64",
     "sys_exit_sendfile64",
+    "sys_enter_poll",
+    "sys_exit_poll",
+    "sys_enter_ppoll",
+    "sys_exit_ppoll",
     "sys_enter_close",
     "sys_enter_shutdown",
 ];

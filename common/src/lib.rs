@@ -43,6 +43,7 @@ pub const OP_WRITE: u32 = 4; // write, sendto
 pub const OP_WRITEV: u32 = 5; // writev
 pub const OP_SENDMSG: u32 = 6; // sendmsg
 pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
+pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
 
 /// Key of the connection table: one entry per accepted socket of a traced process.
 #[inline(always)]
@@ -68,6 +69,8 @@ pub struct RequestAgg {
     pub read_bytes: u64,
     /// Successful write-family syscalls.
     pub write_calls: u32,
+    /// Of those, writes that continued a partial write (the rest of the same block).
+    pub continuations: u32,
     pub read_calls: u32,
     pub first_write_len: u32,
     pub last_write_len: u32,
@@ -75,6 +78,7 @@ pub struct RequestAgg {
     pub last_write_prefix: [u8; 8],
     pub req_head_len: u32,
     pub resp_head_len: u32,
+    pub _pad: u32,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
@@ -84,6 +88,9 @@ pub struct ConnState {
     /// tgid of the attached master this process descends from.
     pub root: u32,
     pub flags: u32,
+    /// Bytes of the last write the kernel did not take (non-blocking partial write): the next
+    /// write continues that block.
+    pub partial_left: u64,
     pub agg: RequestAgg,
     pub req_head: [u8; HEAD_BUF],
     pub resp_head: [u8; HEAD_BUF],
@@ -95,6 +102,8 @@ pub struct ConnState {
 pub struct Pending {
     pub key: u64,
     pub buf: u64,
+    /// Bytes the write asked to transfer (writes only).
+    pub len: u64,
     pub enter_ns: u64,
     pub op: u32,
     pub _pad: u32,

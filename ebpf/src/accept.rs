@@ -26,6 +26,7 @@ fn accepted(ctx: &TracePointContext) {
     unsafe {
         (*fresh).root = root;
         (*fresh).flags = 0;
+        (*fresh).partial_left = 0;
         (*fresh).agg.req_head_len = 0;
         (*fresh).agg.resp_head_len = 0;
         if CONNS.insert(&key, &*fresh, 0).is_err() {

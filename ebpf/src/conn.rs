@@ -44,12 +44,14 @@ pub fn start_request(c: &mut ConnState, ts: u64, src: u64, n: u64) {
     a.write_bytes = 0;
     a.read_bytes = n;
     a.write_calls = 0;
+    a.continuations = 0;
     a.read_calls = 1;
     a.first_write_len = 0;
     a.last_write_len = 0;
     a.last_write_prefix = [0; 8];
     a.req_head_len = 0;
     a.resp_head_len = 0;
+    c.partial_left = 0;
     append_head(&mut c.req_head, &mut c.agg.req_head_len, src, n);
     c.flags |= CONN_IN_REQUEST;
 }

@@ -21,7 +21,7 @@ pub fn pid_tgid() -> (u64, u32) {
 
 use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use wsgiscope_common::{
-    conn_key, Pending, OP_READV, OP_RECVMSG, OP_SENDFILE, OP_SENDMSG, OP_WRITEV,
+    conn_key, Pending, OP_READV, OP_RECVMSG, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV,
     STAT_PENDING_TABLE_FULL,
 };
 
@@ -34,18 +34,50 @@ use crate::{
 /// exit tracepoint. This is the whole cost for untraced processes: one hash lookup.
 #[inline(always)]
 pub fn stash(ctx: &TracePointContext, op: u32) {
+    stash_fd(op, arg(ctx, 0), |tracing| if tracing { (arg(ctx, 1), requested(ctx, op)) } else { (0, 0) });
+}
+
+/// `stash` for a known fd; `what` gives (buffer, requested length) once the fd is a connection.
+#[inline(always)]
+pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce(bool) -> (u64, u64)) {
     let (id, tgid) = pid_tgid();
     if root_of(tgid).is_none() {
         return;
     }
-    let key = conn_key(tgid, arg(ctx, 0) as u32);
+    let key = conn_key(tgid, fd as u32);
     if CONNS.get_ptr(&key).is_none() {
         return;
     }
-    let p = Pending { key, buf: arg(ctx, 1), enter_ns: now(), op, _pad: 0 };
+    let (buf, len) = what(true);
+    let p = Pending { key, buf, len, enter_ns: now(), op, _pad: 0 };
     if PENDING.insert(&id, &p, 0).is_err() {
         bump(STAT_PENDING_TABLE_FULL);
     }
+}
+
+/// Bytes a write-family call asks to transfer (first 8 iovecs of a vectored write).
+#[inline(always)]
+fn requested(ctx: &TracePointContext, op: u32) -> u64 {
+    let (iov, cnt) = match op {
+        OP_WRITE => return arg(ctx, 2),
+        OP_SENDFILE => return arg(ctx, 3),
+        OP_WRITEV => (arg(ctx, 1), arg(ctx, 2)),
+        // struct msghdr: msg_iov at 16, msg_iovlen at 24.
+        OP_SENDMSG => {
+            let m = arg(ctx, 1);
+            (read_user::<u64>(m + 16).unwrap_or(0), read_user::<u64>(m + 24).unwrap_or(0))
+        }
+        _ => return 0,
+    };
+    let mut total = 0u64;
+    let mut i = 0u64;
+    while i < 8 && i < cnt {
+        if let Some(v) = read_user::<IoVec>(iov + i * 16) {
+            total += v.len;
+        }
+        i += 1;
+    }
+    total
 }
 
 /// On a syscall's exit: the stashed enter, if any.
@@ -66,7 +98,7 @@ struct IoVec {
 }
 
 #[inline(always)]
-fn read_user<T: Copy>(addr: u64) -> Option<T> {
+pub fn read_user<T: Copy>(addr: u64) -> Option<T> {
     let mut v = core::mem::MaybeUninit::<T>::uninit();
     // SAFETY: faults are reported by the helper, never taken.
     let rc = unsafe {

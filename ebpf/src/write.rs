@@ -1,11 +1,11 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{CONN_IN_REQUEST, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
+use wsgiscope_common::{CONN_IN_REQUEST, OP_POLL, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
 
 use crate::{
     conn::{append_head, now},
     maps::CONNS,
-    syscall::{first_piece, prefix8, ret, stash, take},
+    syscall::{arg, first_piece, prefix8, read_user, ret, stash, stash_fd, take},
 };
 
 #[inline(always)]
@@ -25,6 +25,11 @@ fn write_done(ctx: &TracePointContext) {
         return;
     }
     let n = n as u64;
+    // A non-blocking server retries the rest of a partial write: same block, one more call.
+    if c.partial_left > 0 {
+        c.agg.continuations += 1;
+    }
+    c.partial_left = p.len.saturating_sub(n);
     if c.agg.write_calls == 0 {
         c.agg.first_write_ns = p.enter_ns;
         c.agg.first_write_len = n as u32;
@@ -36,6 +41,58 @@ fn write_done(ctx: &TracePointContext) {
     let (src, avail) = first_piece(p.op, p.buf, n);
     prefix8(&mut c.agg.last_write_prefix, src, avail);
     append_head(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+}
+
+/// Waiting in poll(POLLOUT) on the connection (non-blocking servers) is time spent writing.
+#[inline(always)]
+fn poll_enter(ctx: &TracePointContext) {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct PollFd {
+        fd: i32,
+        events: i16,
+        revents: i16,
+    }
+    const POLLOUT: i16 = 4;
+    if arg(ctx, 1) != 1 {
+        return; // only single-fd polls: the pattern of uWSGI and mod_wsgi write waits
+    }
+    let Some(pfd) = read_user::<PollFd>(arg(ctx, 0)) else { return };
+    if pfd.events & POLLOUT != 0 && pfd.fd >= 0 {
+        stash_fd(OP_POLL, pfd.fd as u64, |_| (0, 0));
+    }
+}
+
+#[inline(always)]
+fn poll_done() {
+    let Some(p) = take() else { return };
+    let Some(c) = CONNS.get_ptr_mut(&p.key) else { return };
+    // SAFETY: map value pointer valid for this program run.
+    let c = unsafe { &mut *c };
+    if c.flags & CONN_IN_REQUEST != 0 {
+        c.agg.write_ns += now().saturating_sub(p.enter_ns);
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_poll(ctx: TracePointContext) -> u32 {
+    poll_enter(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
+    poll_enter(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_poll(_ctx: TracePointContext) -> u32 {
+    poll_done();
+    0
+}
+#[tracepoint]
+pub fn sys_exit_ppoll(_ctx: TracePointContext) -> u32 {
+    poll_done();
+    0
 }
 
 #[tracepoint]

@@ -11,7 +11,8 @@ const CHUNK_TERMINATOR: &[u8] = b"0\r\n\r\n";
 /// gunicorn writes the status line and headers in a separate call, then one call per block,
 /// then (chunked responses) the terminator. Its own error page is one call: zero app blocks.
 pub fn app_blocks(kind: ServerKind, agg: &RequestAgg) -> u64 {
-    let calls = agg.write_calls as u64;
+    // Continuations of partial writes are the same block, not new ones.
+    let calls = agg.write_calls.saturating_sub(agg.continuations) as u64;
     match kind {
         ServerKind::Gunicorn => {
             let terminator = agg.last_write_len as usize == CHUNK_TERMINATOR.len()
