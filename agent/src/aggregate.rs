@@ -55,6 +55,7 @@ pub struct Aggregator<'m> {
     max_routes: usize,
     routes: HashSet<String>,
     slots: Slots,
+    frontends: HashSet<u32>,
     kernel_seen: [u64; STAT_COUNT as usize],
 }
 
@@ -67,6 +68,7 @@ impl<'m> Aggregator<'m> {
             max_routes,
             routes: HashSet::new(),
             slots: Slots::default(),
+            frontends: HashSet::new(),
             kernel_seen: [0; STAT_COUNT as usize],
         };
         a.metrics.workers.get_or_create(&a.service_labels()).set(0);
@@ -74,6 +76,7 @@ impl<'m> Aggregator<'m> {
             let _ = a.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]);
         }
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
+        let _ = a.metrics.relayed.get_or_create(&a.service_labels());
         a
     }
 
@@ -86,7 +89,10 @@ impl<'m> Aggregator<'m> {
     }
 
     /// A worker process appeared (found at attach, or forked).
-    pub fn worker_started(&mut self, pid: u32) -> usize {
+    pub fn worker_started(&mut self, pid: u32) -> Option<usize> {
+        if self.frontends.contains(&pid) {
+            return None;
+        }
         let (slot, new) = self.slots.assign(pid);
         if new {
             let mut info = self.worker_labels(slot);
@@ -100,11 +106,12 @@ impl<'m> Aggregator<'m> {
             let _ = self.metrics.worker_write_seconds.get_or_create(&w);
             self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
         }
-        slot
+        Some(slot)
     }
 
     /// A worker process exited: its slot is free for the next worker.
     pub fn worker_exited(&mut self, pid: u32) {
+        self.frontends.remove(&pid);
         if let Some(slot) = self.slots.release(pid) {
             let mut info = self.worker_labels(slot);
             info.push(("pid", pid.to_string()));
@@ -125,7 +132,8 @@ impl<'m> Aggregator<'m> {
     }
 
     pub fn record(&mut self, r: &Request) {
-        let slot = self.worker_started(r.tgid);
+        // A request is served by a worker: a process not seen fork takes a slot now.
+        let slot = self.worker_started(r.tgid).unwrap_or_default();
         let route = self.route(&r.path);
         let mut by_route: Labels =
             vec![("service", self.service.clone()), ("method", r.method.clone()), ("route", route)];
@@ -146,6 +154,14 @@ impl<'m> Aggregator<'m> {
         m.worker_blocks.get_or_create(&w).inc_by(r.blocks);
         m.worker_bytes.get_or_create(&w).inc_by(r.bytes);
         m.worker_write_seconds.get_or_create(&w).inc_by(r.write_seconds);
+    }
+
+    /// A request relayed by a front-end process (counted where a worker serves it). The front
+    /// end is not a worker: it gives up its slot.
+    pub fn relayed(&mut self, tgid: u32) {
+        self.worker_exited(tgid);
+        self.frontends.insert(tgid);
+        self.metrics.relayed.get_or_create(&self.service_labels()).inc();
     }
 
     /// Traffic that was not an HTTP request (binary, truncated, another protocol).
@@ -193,6 +209,8 @@ mod tests {
     fn request(path: &str, tgid: u32) -> Request {
         Request {
             tgid,
+            protocol: crate::reconstruct::Protocol::Http,
+            client: None,
             method: "GET".into(),
             path: path.into(),
             status: "200".into(),

@@ -9,7 +9,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     time::{interval, Duration},
 };
-use wsgiscope_common::{RequestEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, EVENT_REQUEST, HEAD_LEN};
+use wsgiscope_common::{RequestEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::{
     aggregate::Aggregator,
@@ -18,7 +18,7 @@ use crate::{
     discover::{self, ServerKind, Target},
     export,
     metrics::Metrics,
-    reconstruct::{self, Event},
+    reconstruct::{self, Event, Protocol},
 };
 
 fn monotonic_ns() -> u64 {
@@ -30,10 +30,10 @@ fn monotonic_ns() -> u64 {
 
 /// A request still open on a socket of a process that exited, as a kernel record would carry it.
 fn orphan_request(tgid: u32, fd: u32, c: &wsgiscope_common::ConnState) -> RequestEvent {
-    let mut req_head = [0u8; HEAD_LEN];
-    let mut resp_head = [0u8; HEAD_LEN];
-    req_head.copy_from_slice(&c.req_head[..HEAD_LEN]);
-    resp_head.copy_from_slice(&c.resp_head[..HEAD_LEN]);
+    let mut req_head = [0u8; REQ_HEAD_LEN];
+    let mut resp_head = [0u8; RESP_HEAD_LEN];
+    req_head.copy_from_slice(&c.req_head[..REQ_HEAD_LEN]);
+    resp_head.copy_from_slice(&c.resp_head[..RESP_HEAD_LEN]);
     RequestEvent {
         kind: EVENT_REQUEST,
         end_reason: END_PROCESS_EXIT,
@@ -51,16 +51,28 @@ fn orphan_request(tgid: u32, fd: u32, c: &wsgiscope_common::ConnState) -> Reques
 struct Session<'m> {
     kind: ServerKind,
     master: u32,
+    /// HTTP requests are relays by a front end (uWSGI router): the workers count them.
+    http_is_relay: bool,
     agg: Aggregator<'m>,
     master_exited: bool,
 }
 
 impl Session<'_> {
     fn request(&mut self, ev: &RequestEvent) {
-        match reconstruct::reconstruct(self.kind, ev) {
-            Some(r) => self.agg.record(&r),
-            None => self.agg.unparsed(),
+        let Some(r) = reconstruct::reconstruct(self.kind, ev) else {
+            self.agg.unparsed();
+            return;
+        };
+        match r.protocol {
+            // Workers that read uwsgi packets sit behind a front end.
+            Protocol::Uwsgi => self.http_is_relay = true,
+            Protocol::Http if self.http_is_relay => {
+                self.agg.relayed(r.tgid);
+                return;
+            }
+            Protocol::Http => {}
         }
+        self.agg.record(&r);
     }
 
     fn handle(&mut self, event: Event, probes: &mut Probes) {
@@ -68,8 +80,9 @@ impl Session<'_> {
             Event::Request(ev) => self.request(&ev),
             Event::Fork { parent, child } => {
                 if parent == self.master && discover::is_process(child) {
-                    let slot = self.agg.worker_started(child);
-                    info!("worker {child} started (slot {slot})");
+                    if let Some(slot) = self.agg.worker_started(child) {
+                        info!("worker {child} started (slot {slot})");
+                    }
                 }
             }
             Event::Exit { tgid } => {
@@ -105,6 +118,7 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let mut session = Session {
         kind: target.kind,
         master: target.master,
+        http_is_relay: target.http_router,
         agg: Aggregator::new(&metrics, &target.service, args.per_worker, args.max_routes),
         master_exited: false,
     };

@@ -29,6 +29,17 @@ pub struct Target {
     pub master: u32,
     pub kind: ServerKind,
     pub service: String,
+    /// A front end among the server's own processes relays HTTP to the workers (uWSGI `--http`
+    /// router): HTTP requests seen there are relays, counted by the workers.
+    pub http_router: bool,
+}
+
+/// Does a uWSGI command line start the HTTP router (`--http`, `--https`, not `--http-socket`)?
+pub fn has_http_router(cmdline: &[String]) -> bool {
+    cmdline.iter().any(|a| {
+        let opt = a.split('=').next().unwrap_or("");
+        opt == "--http" || opt == "--https" || opt == "--http2"
+    })
 }
 
 /// What /proc says about one process.
@@ -72,6 +83,12 @@ pub fn server_kind(comm: &str, cmdline: &[String]) -> Option<ServerKind> {
 /// A recognisable service name from the master's command line: the gunicorn app module
 /// (`myapp.wsgi:application` → `myapp.wsgi`).
 pub fn service_name(kind: ServerKind, cmdline: &[String], master: u32) -> String {
+    // uWSGI: --wsgi-file path/app.py → app
+    if let Some(i) = cmdline.iter().position(|a| a == "--wsgi-file" || a == "--file") {
+        if let Some(stem) = cmdline.get(i + 1).and_then(|f| std::path::Path::new(f).file_stem()) {
+            return stem.to_string_lossy().into_owned();
+        }
+    }
     let app = cmdline.iter().rev().find(|a| {
         let mut parts = a.splitn(2, ':');
         let module = parts.next().unwrap_or("");
@@ -124,22 +141,22 @@ pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
     if !info.python {
         bail!(
             "process {pid} ({}) is not a Python process: neither its executable nor /proc/{pid}/maps \
-             holds a Python interpreter. Pass the PID of a gunicorn master or worker",
+             holds a Python interpreter. Pass the PID of a gunicorn or uWSGI master or worker",
             info.comm
         );
     }
     let Some(kind) = server_kind(&info.comm, &info.cmdline) else {
         bail!(
             "process {pid} ({}) runs Python but is not a WSGI server wsgiscope knows \
-             (command line: {:?}). Pass the PID of a gunicorn master or worker",
+             (command line: {:?}). Pass the PID of a gunicorn or uWSGI master or worker",
             info.comm,
             info.cmdline.join(" ")
         );
     };
-    if kind != ServerKind::Gunicorn {
+    if kind == ServerKind::ModWsgi {
         bail!(
-            "process {pid} is a {kind} process; this version of wsgiscope attaches to gunicorn only \
-             (uWSGI and mod_wsgi support is planned)"
+            "process {pid} is a {kind} process; this version of wsgiscope attaches to gunicorn and \
+             uWSGI only (mod_wsgi support is planned)"
         );
     }
     // A worker's parent is the master: climb while the parent is the same server.
@@ -157,7 +174,8 @@ pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
         }
     }
     let service = service.map_or_else(|| service_name(kind, &cmdline, master), str::to_string);
-    Ok(Target { master, kind, service })
+    let http_router = kind == ServerKind::Uwsgi && has_http_router(&cmdline);
+    Ok(Target { master, kind, service, http_router })
 }
 
 #[cfg(test)]
@@ -186,8 +204,20 @@ mod tests {
         assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "app");
         let cl = args("/v/bin/gunicorn app:app -b localhost:8000 --bind unix:/tmp/s.sock");
         assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "app");
+        let cl = args("uwsgi --http-socket :8000 --wsgi-file /srv/shop/wsgi_main.py");
+        assert_eq!(service_name(ServerKind::Uwsgi, &cl, 7), "wsgi_main");
+        let cl = args("uwsgi --plugin python3 --socket /tmp/s.sock --module testapp:app");
+        assert_eq!(service_name(ServerKind::Uwsgi, &cl, 7), "testapp");
         let cl = args("/v/bin/gunicorn -c conf.py");
         assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "gunicorn-7");
+    }
+
+    #[test]
+    fn uwsgi_http_router_is_recognised() {
+        assert!(has_http_router(&args("uwsgi --plugin python3,http --http 127.0.0.1:80 --module a:b")));
+        assert!(has_http_router(&args("uwsgi --http=:80 --module a:b")));
+        assert!(!has_http_router(&args("uwsgi --http-socket :80 --module a:b")));
+        assert!(!has_http_router(&args("uwsgi --http11-socket :80 --module a:b")));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub workers: Family<Labels, Gauge>,
     pub lost_events: Family<Labels, Counter>,
     pub unparsed: Family<Labels, Counter>,
+    pub relayed: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,6 +74,7 @@ impl Metrics {
             workers: Family::default(),
             lost_events: Family::default(),
             unparsed: Family::default(),
+            relayed: Family::default(),
         };
         let mut r = Registry::default();
         // Counters get their `_total` suffix from the client library.
@@ -125,6 +127,11 @@ impl Metrics {
             "wsgiscope_unparsed_requests",
             "Traffic on a server socket that was not an HTTP request",
             m.unparsed.clone(),
+        );
+        r.register(
+            "wsgiscope_relayed_requests",
+            "Requests seen on a front-end process (e.g. the uWSGI HTTP router); its workers count them",
+            m.relayed.clone(),
         );
         Metrics { registry: r, ..m }
     }

@@ -4,12 +4,14 @@
 //! the agent reads the same bytes back.
 #![no_std]
 
-/// Bytes of the request head and of the response head kept per request (for parsing in userspace).
-pub const HEAD_LEN: usize = 256;
-/// Head buffers in the connection state are twice `HEAD_LEN` so that an append at any offset below
-/// `HEAD_LEN` of at most `HEAD_LEN` bytes provably stays inside the buffer (the verifier cannot
-/// relate the offset and the length).
-pub const HEAD_BUF: usize = 2 * HEAD_LEN;
+/// Bytes of the request head kept per request (for parsing in userspace). 512 so that a uwsgi
+/// packet from nginx still holds REMOTE_ADDR.
+pub const REQ_HEAD_LEN: usize = 512;
+/// Bytes of the response head kept per request: status line and headers.
+pub const RESP_HEAD_LEN: usize = 256;
+// Head buffers in the connection state are twice their kept length so that an append at any
+// offset below the length, of at most the length, provably stays inside the buffer (the
+// verifier cannot relate the offset and the size).
 
 /// Ring-buffer record kinds (first field of every record).
 pub const EVENT_REQUEST: u32 = 1;
@@ -92,8 +94,8 @@ pub struct ConnState {
     /// write continues that block.
     pub partial_left: u64,
     pub agg: RequestAgg,
-    pub req_head: [u8; HEAD_BUF],
-    pub resp_head: [u8; HEAD_BUF],
+    pub req_head: [u8; 2 * REQ_HEAD_LEN],
+    pub resp_head: [u8; 2 * RESP_HEAD_LEN],
 }
 
 /// A syscall in flight on one thread, between its enter and exit tracepoints.
@@ -121,8 +123,8 @@ pub struct RequestEvent {
     pub _pad: u32,
     pub end_ns: u64,
     pub agg: RequestAgg,
-    pub req_head: [u8; HEAD_LEN],
-    pub resp_head: [u8; HEAD_LEN],
+    pub req_head: [u8; REQ_HEAD_LEN],
+    pub resp_head: [u8; RESP_HEAD_LEN],
 }
 
 /// Fork (child may be a thread: userspace tells) or exit of a whole process.

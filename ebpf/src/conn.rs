@@ -4,7 +4,7 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use wsgiscope_common::{
-    ConnState, RequestEvent, CONN_IN_REQUEST, EVENT_REQUEST, HEAD_BUF, HEAD_LEN,
+    ConnState, RequestEvent, CONN_IN_REQUEST, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN,
     STAT_RINGBUF_FULL,
 };
 
@@ -16,17 +16,18 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Appends up to `n` bytes of user memory at `src` to a head buffer, keeping at most `HEAD_LEN`.
+/// Appends up to `n` bytes of user memory at `src` to a head buffer of `BUF` = 2 × `KEEP` bytes,
+/// keeping at most `KEEP` (a power of two).
 #[inline(always)]
-pub fn append_head(buf: &mut [u8; HEAD_BUF], len: &mut u32, src: u64, n: u64) {
+pub fn append_head<const KEEP: usize, const BUF: usize>(buf: &mut [u8; BUF], len: &mut u32, src: u64, n: u64) {
     let off = *len as usize;
-    if off >= HEAD_LEN || n == 0 {
+    if off >= KEEP || n == 0 {
         return;
     }
-    let room = (HEAD_LEN - off) as u64;
+    let room = (KEEP - off) as u64;
     let n = if n < room { n } else { room };
-    // off < HEAD_LEN and n <= HEAD_LEN, so the copy stays inside the HEAD_BUF buffer.
-    let dst = buf.as_mut_ptr().wrapping_add(off & (HEAD_LEN - 1));
+    // off < KEEP and n <= KEEP, so the copy stays inside the 2 × KEEP buffer.
+    let dst = buf.as_mut_ptr().wrapping_add(off & (KEEP - 1));
     // SAFETY: bounds as above; a fault in user memory returns an error and copies nothing.
     if unsafe { bpf_probe_read_user(dst.cast(), n as u32, src as *const _) } == 0 {
         *len = (off as u64 + n) as u32;
@@ -52,7 +53,7 @@ pub fn start_request(c: &mut ConnState, ts: u64, src: u64, n: u64) {
     a.req_head_len = 0;
     a.resp_head_len = 0;
     c.partial_left = 0;
-    append_head(&mut c.req_head, &mut c.agg.req_head_len, src, n);
+    append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, n);
     c.flags |= CONN_IN_REQUEST;
 }
 
@@ -81,12 +82,12 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
         (*e).agg = c.agg;
         bpf_probe_read_kernel(
             (*e).req_head.as_mut_ptr().cast(),
-            HEAD_LEN as u32,
+            REQ_HEAD_LEN as u32,
             c.req_head.as_ptr().cast(),
         );
         bpf_probe_read_kernel(
             (*e).resp_head.as_mut_ptr().cast(),
-            HEAD_LEN as u32,
+            RESP_HEAD_LEN as u32,
             c.resp_head.as_ptr().cast(),
         );
     }

@@ -1,7 +1,7 @@
 //! Reads on a connection: the first byte of a request starts it; later reads are its body
 //! (or, after the response began, either the next keep-alive request or a drain).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG};
+use wsgiscope_common::{REQ_HEAD_LEN, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG};
 
 use crate::{
     conn::{append_head, finish_request, now, start_request},
@@ -34,7 +34,7 @@ fn read_done(ctx: &TracePointContext) {
         c.agg.read_calls += 1;
         c.agg.read_bytes += n;
         if c.agg.write_calls == 0 {
-            append_head(&mut c.req_head, &mut c.agg.req_head_len, src, avail);
+            append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, avail);
         }
         return;
     }

@@ -1,6 +1,6 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{CONN_IN_REQUEST, OP_POLL, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
+use wsgiscope_common::{RESP_HEAD_LEN, CONN_IN_REQUEST, OP_POLL, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
 
 use crate::{
     conn::{append_head, now},
@@ -40,7 +40,7 @@ fn write_done(ctx: &TracePointContext) {
     c.agg.last_write_len = n as u32;
     let (src, avail) = first_piece(p.op, p.buf, n);
     prefix8(&mut c.agg.last_write_prefix, src, avail);
-    append_head(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+    append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
 }
 
 /// Waiting in poll(POLLOUT) on the connection (non-blocking servers) is time spent writing.

@@ -71,38 +71,146 @@ fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-/// A real gunicorn serving tests/apps/testapp.py, with the counting middleware logging the truth.
-pub struct Gunicorn {
+/// A real WSGI server (gunicorn or uWSGI) serving tests/apps/testapp.py, with the counting
+/// middleware logging the truth, optionally behind a real nginx.
+pub struct Server {
     child: Child,
+    /// Port the clients use (nginx's when there is one).
     pub port: u16,
     pub truth_log: PathBuf,
-    _dir: TempDir,
+    nginx: Option<Child>,
+    pub dir: TempDir,
 }
 
-impl Gunicorn {
-    pub fn start(args: &[&str]) -> Result<Self> {
+/// How to run uWSGI.
+#[derive(Clone, Copy, Debug)]
+pub enum UwsgiMode {
+    /// `--http-socket`: workers speak HTTP.
+    HttpSocket,
+    /// `--http`: a router process relays to the workers.
+    Router,
+    /// `--socket` on a UNIX socket behind nginx `uwsgi_pass`.
+    BehindNginx,
+    /// `--http-socket` with `--threads 2`.
+    Threads,
+    /// `--http11-socket`: keep-alive.
+    Http11,
+}
+
+impl Server {
+    pub fn gunicorn(args: &[&str]) -> Result<Self> {
         let gunicorn = repo_root().join(".venv/bin/gunicorn");
         if !gunicorn.exists() {
             bail!("{} missing: run `cargo xtask setup`", gunicorn.display());
         }
-        let dir = TempDir::new("gunicorn");
         let port = free_port();
-        let truth_log = dir.0.join("truth.jsonl");
-        let child = Command::new(gunicorn)
-            .args(["--no-control-socket", "-b", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(gunicorn);
+        cmd.args(["--no-control-socket", "-b", &format!("127.0.0.1:{port}")])
             .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()])
             .args(args)
-            .arg("testapp:app")
+            .arg("testapp:app");
+        Self::spawn(cmd, port, port, None)
+    }
+
+    pub fn uwsgi(mode: UwsgiMode, processes: u32) -> Result<Self> {
+        let dir = TempDir::new("uwsgi");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let sock = dir.0.join("uwsgi.sock");
+        let mut cmd = Command::new("uwsgi");
+        cmd.args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", "testapp:app"])
+            .args(["--processes", &processes.to_string()])
+            .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()]);
+        let nginx = match mode {
+            UwsgiMode::HttpSocket => {
+                cmd.args(["--plugin", "python3", "--http-socket", &addr]);
+                None
+            }
+            UwsgiMode::Threads => {
+                cmd.args(["--plugin", "python3", "--http-socket", &addr, "--threads", "2"]);
+                None
+            }
+            UwsgiMode::Http11 => {
+                cmd.args(["--plugin", "python3,http", "--http11-socket", &addr]);
+                None
+            }
+            UwsgiMode::Router => {
+                cmd.args(["--plugin", "python3,http", "--http", &addr]);
+                None
+            }
+            UwsgiMode::BehindNginx => {
+                cmd.args(["--plugin", "python3", "--socket", sock.to_str().unwrap(), "--chmod-socket=666"]);
+                Some(sock.clone())
+            }
+        };
+        let s = Self::spawn(cmd, port, port, Some(dir))?;
+        match nginx {
+            Some(sock) => s.with_nginx(&sock),
+            None => Ok(s),
+        }
+    }
+
+    fn spawn(mut cmd: Command, port: u16, wait_port: u16, dir: Option<TempDir>) -> Result<Self> {
+        let dir = dir.unwrap_or_else(|| TempDir::new("server"));
+        let truth_log = dir.0.join("truth.jsonl");
+        let child = cmd
             .env("WSGISCOPE_TRUTH_LOG", &truth_log)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("gunicorn.log"))?)
+            .stderr(std::fs::File::create(dir.0.join("server.log"))?)
             .spawn()
-            .context("starting gunicorn")?;
-        let g = Gunicorn { child, port, truth_log, _dir: dir };
-        wait_for("gunicorn to listen", Duration::from_secs(20), || {
-            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
-        })?;
-        Ok(g)
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let s = Server { child, port, truth_log, nginx: None, dir };
+        if wait_port != 0 {
+            wait_for("the server to listen", Duration::from_secs(20), || {
+                Ok(TcpStream::connect(("127.0.0.1", wait_port)).is_ok())
+            })?;
+        }
+        Ok(s)
+    }
+
+    /// Puts a real nginx in front (uwsgi_pass to a UNIX socket); its access log records the
+    /// bytes each upstream response had (`$upstream_bytes_received`).
+    fn with_nginx(mut self, sock: &Path) -> Result<Self> {
+        wait_for("the uWSGI socket", Duration::from_secs(20), || Ok(sock.exists()))?;
+        let port = free_port();
+        let d = self.dir.0.clone();
+        let conf = format!(
+            "daemon off; master_process on; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log {d}/nginx-access.log upstream; log_format upstream '$uri $upstream_bytes_received';\n\
+               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }} }} }}\n",
+            d = d.display(),
+            sock = sock.display()
+        );
+        // log_format must precede its use.
+        let conf = conf.replace(
+            &format!("access_log {}/nginx-access.log upstream; log_format upstream '$uri $upstream_bytes_received';", d.display()),
+            &format!("log_format upstream '$uri $upstream_bytes_received'; access_log {}/nginx-access.log upstream;", d.display()),
+        );
+        std::fs::write(d.join("nginx.conf"), conf)?;
+        let nginx = Command::new("nginx")
+            .args(["-c", d.join("nginx.conf").to_str().unwrap(), "-e", d.join("nginx-error.log").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        self.nginx = Some(nginx);
+        self.port = port;
+        wait_for("nginx to listen", Duration::from_secs(20), || Ok(TcpStream::connect(("127.0.0.1", port)).is_ok()))?;
+        Ok(self)
+    }
+
+    /// Bytes nginx received from upstream, per URI (only behind nginx).
+    pub fn upstream_bytes(&self) -> BTreeMap<String, u64> {
+        let text = std::fs::read_to_string(self.dir.0.join("nginx-access.log")).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            if let Some((uri, n)) = line.split_once(' ') {
+                *out.entry(uri.to_string()).or_default() += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        out
     }
 
     pub fn master(&self) -> u32 {
@@ -127,7 +235,7 @@ impl Gunicorn {
     }
 
     pub fn wait_workers(&self, n: usize) -> Result<()> {
-        wait_for("gunicorn workers", Duration::from_secs(20), || Ok(self.workers().len() == n))
+        wait_for("the workers", Duration::from_secs(20), || Ok(self.workers().len() == n))
     }
 
     /// The middleware's records, one per request.
@@ -137,12 +245,16 @@ impl Gunicorn {
     }
 
     pub fn stop(&mut self) {
+        if let Some(mut n) = self.nginx.take() {
+            signal(n.id(), libc::SIGQUIT);
+            let _ = n.wait();
+        }
         signal(self.master(), libc::SIGTERM);
         let _ = self.child.wait();
     }
 }
 
-impl Drop for Gunicorn {
+impl Drop for Server {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();

@@ -1,1 +1,86 @@
-fn main(){}
+//! Project tasks, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+mod demo;
+mod metrics_text;
+mod setup;
+mod test;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "wsgiscope development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and runs wsgiscope (eBPF toolchain, bpf-linker, gunicorn venv); fast when done.
+    Setup,
+    /// Run setup, build the agent (debug) and run every workspace test; args after `--` go to `cargo test`.
+    Test {
+        /// Passed to `cargo test` as given, e.g. a test-name filter or `-- --nocapture`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build the agent (release), profile a gunicorn demo app under traffic and print a per-route summary.
+    Demo(demo::DemoArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let root = repo_root();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(&root),
+        Cmd::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
+        Cmd::Demo(args) => demo::run(&root, &args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root: xtask/ lives directly under it.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (set by `cargo run`), so nested builds use the same toolchain.
+fn cargo(root: &Path) -> Command {
+    let mut cmd =
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs a command to completion with inherited stdio; fails unless it exits with status 0.
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Stdout and stderr of a command, or None if it could not be started.
+fn output_text(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}

@@ -7,10 +7,16 @@ use crate::discover::ServerKind;
 /// gunicorn's chunked-encoding terminator, always its own `sendto`.
 const CHUNK_TERMINATOR: &[u8] = b"0\r\n\r\n";
 
+/// Is the first write of the response exactly its status line and headers?
+fn headers_alone_first(agg: &RequestAgg, resp_head: &[u8]) -> bool {
+    resp_head.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|i| i + 4 == agg.first_write_len as usize)
+}
+
 /// Application blocks of a response.
 /// gunicorn writes the status line and headers in a separate call, then one call per block,
 /// then (chunked responses) the terminator. Its own error page is one call: zero app blocks.
-pub fn app_blocks(kind: ServerKind, agg: &RequestAgg) -> u64 {
+/// uWSGI coalesces the headers with the first block (one writev), except before a sendfile.
+pub fn app_blocks(kind: ServerKind, agg: &RequestAgg, resp_head: &[u8]) -> u64 {
     // Continuations of partial writes are the same block, not new ones.
     let calls = agg.write_calls.saturating_sub(agg.continuations) as u64;
     match kind {
@@ -19,14 +25,19 @@ pub fn app_blocks(kind: ServerKind, agg: &RequestAgg) -> u64 {
                 && agg.last_write_prefix.starts_with(CHUNK_TERMINATOR);
             calls.saturating_sub(1 + u64::from(terminator && calls > 1))
         }
+        ServerKind::Uwsgi => calls.saturating_sub(u64::from(headers_alone_first(agg, resp_head))),
         // Not yet attachable (refused in discover): count every write as a block.
-        ServerKind::Uwsgi | ServerKind::ModWsgi => calls,
+        ServerKind::ModWsgi => calls,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blocks(kind: ServerKind, a: &RequestAgg) -> u64 {
+        app_blocks(kind, a, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    }
 
     fn agg(calls: u32, last: &[u8]) -> RequestAgg {
         let mut a: RequestAgg = unsafe { core::mem::zeroed() };
@@ -39,25 +50,45 @@ mod tests {
     #[test]
     fn gunicorn_chunked_response() {
         // headers + 1000 blocks + terminator
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(1002, b"0\r\n\r\n")), 1000);
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(3, b"0\r\n\r\n")), 1);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(1002, b"0\r\n\r\n")), 1000);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(3, b"0\r\n\r\n")), 1);
     }
 
     #[test]
     fn gunicorn_content_length_response_has_no_terminator() {
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(2, b"abcdefghij")), 1);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(2, b"abcdefghij")), 1);
         // headers + sendfile
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(2, b"")), 1);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(2, b"")), 1);
     }
 
     #[test]
     fn gunicorn_error_page_is_no_app_block() {
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(1, b"HTTP/1.1")), 0);
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(0, b"")), 0);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(1, b"HTTP/1.1")), 0);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(0, b"")), 0);
     }
 
     #[test]
     fn a_five_byte_block_that_is_not_a_terminator_counts() {
-        assert_eq!(app_blocks(ServerKind::Gunicorn, &agg(3, b"5\r\nab")), 2);
+        assert_eq!(blocks(ServerKind::Gunicorn, &agg(3, b"5\r\nab")), 2);
+    }
+
+    #[test]
+    fn uwsgi_coalesces_headers_with_the_first_block() {
+        // writev [headers, block] + 999 writes
+        let mut a = agg(1000, b"bbbbbbbb");
+        a.first_write_len = 38 + 128;
+        assert_eq!(blocks(ServerKind::Uwsgi, &a), 1000);
+        // a 1 MiB block written as a partial writev + 3 continuations
+        let mut a = agg(4, b"BBBBBBBB");
+        a.first_write_len = 65536;
+        a.continuations = 3;
+        assert_eq!(blocks(ServerKind::Uwsgi, &a), 1);
+    }
+
+    #[test]
+    fn uwsgi_headers_alone_before_sendfile_are_no_block() {
+        let mut a = agg(2, b"");
+        a.first_write_len = 38; // "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        assert_eq!(blocks(ServerKind::Uwsgi, &a), 1);
     }
 }

@@ -14,12 +14,16 @@ pub fn parse_request(head: &[u8]) -> Option<(String, String)> {
     }
     let (method, path) = (req.method?, req.path?);
     req.version?;
-    let method = if METHODS.contains(&method) { method } else { "OTHER" };
     let path = path.split(['?', '#']).next().unwrap_or("");
     if !path.starts_with('/') && path != "*" {
         return None; // absolute-form or garbage: not a server route
     }
-    Some((method.to_string(), path.to_string()))
+    Some((normalise_method(method), path.to_string()))
+}
+
+/// The method as a label value: a standard method, else `OTHER`.
+pub fn normalise_method(method: &str) -> String {
+    if METHODS.contains(&method) { method } else { "OTHER" }.to_string()
 }
 
 /// Status code of an HTTP/1.x response head.

@@ -2,8 +2,9 @@
 //! status, latency, write time, write calls, application blocks, bytes.
 pub mod framing;
 pub mod http;
+pub mod uwsgi;
 
-use wsgiscope_common::{ProcessEvent, RequestEvent, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, HEAD_LEN};
+use wsgiscope_common::{ProcessEvent, RequestEvent, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::discover::ServerKind;
 
@@ -36,10 +37,41 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     }
 }
 
-/// One reconstructed HTTP request.
+/// The protocol a request arrived in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Uwsgi,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Uwsgi => "uwsgi",
+        }
+    }
+}
+
+/// Protocol, method, path (no query) and, behind a front end, the client address.
+pub fn parse_request_head(head: &[u8]) -> Option<(Protocol, String, String, Option<String>)> {
+    if uwsgi::is_packet(head) {
+        let v = uwsgi::parse(head)?;
+        let path = v.path_info.or_else(|| v.request_uri.map(|u| u.split(['?', '#']).next().unwrap_or("").to_string()))?;
+        let method = http::normalise_method(&v.method?);
+        return Some((Protocol::Uwsgi, method, path, v.remote_addr));
+    }
+    let (method, path) = http::parse_request(head)?;
+    Some((Protocol::Http, method, path, None))
+}
+
+/// One reconstructed request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     pub tgid: u32,
+    pub protocol: Protocol,
+    /// REMOTE_ADDR passed by a front end (never exported as a label).
+    pub client: Option<String>,
     pub method: String,
     /// Path without query string.
     pub path: String,
@@ -57,9 +89,9 @@ pub struct Request {
 /// The request in a kernel record, or `None` when its bytes are not an HTTP request.
 pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let a = &ev.agg;
-    let req_head = &ev.req_head[..(a.req_head_len as usize).min(HEAD_LEN)];
-    let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(HEAD_LEN)];
-    let (method, path) = http::parse_request(req_head)?;
+    let req_head = &ev.req_head[..(a.req_head_len as usize).min(REQ_HEAD_LEN)];
+    let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(RESP_HEAD_LEN)];
+    let (protocol, method, path, client) = parse_request_head(req_head)?;
     let status = match http::parse_status(resp_head) {
         Some(code) => code.to_string(),
         None if a.write_calls == 0 => "none".to_string(),
@@ -69,13 +101,15 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let end = if a.write_calls > 0 { a.last_write_ns } else { ev.end_ns };
     Some(Request {
         tgid: ev.tgid,
+        protocol,
+        client,
         method,
         path,
         status,
         duration: end.saturating_sub(a.start_ns) as f64 / 1e9,
         write_seconds: a.write_ns as f64 / 1e9,
         write_calls: a.write_calls as u64,
-        blocks: framing::app_blocks(kind, a),
+        blocks: framing::app_blocks(kind, a, resp_head),
         bytes: a.write_bytes,
     })
 }

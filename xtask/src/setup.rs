@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: installs what building and running wsgiscope needs. Every step checks first,
+//! so a second run only prints what it skipped.
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::{cargo, output_text, run_checked};
+
+/// Debian's rustc-web 1.96 ships a prebuilt `core` for bpfel-unknown-none (agent/build.rs uses it);
+/// llvm-22-dev is what bpf-linker links against.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "python3-venv",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const GUNICORN_VERSION: &str = "27.0.1";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+pub fn run(root: &Path) -> Result<()> {
+    tracefs()?;
+    apt()?;
+    bpf_linker(root)?;
+    venv(root)?;
+    Ok(())
+}
+
+/// Tracepoint attachment goes through tracefs, which a fresh host may not have mounted.
+fn tracefs() -> Result<()> {
+    if Command::new("mountpoint")
+        .args(["-q", TRACEFS])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        println!("setup: tracefs already mounted at {TRACEFS}");
+        return Ok(());
+    }
+    run_checked(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))?;
+    println!("setup: mounted tracefs at {TRACEFS}");
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: apt packages already installed ({})",
+            APT_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    run_checked(Command::new("apt-get").arg("update"))?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    println!("setup: installed apt packages {}", missing.join(" "));
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    output_text(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn bpf_linker(root: &Path) -> Result<()> {
+    let in_cargo_home =
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/bpf-linker"));
+    let candidates = std::iter::once("bpf-linker".into()).chain(in_cargo_home);
+    for bin in candidates {
+        if output_text(Command::new(&bin).arg("--version"))
+            .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+        {
+            println!(
+                "setup: bpf-linker {BPF_LINKER_VERSION} already installed ({})",
+                bin.display()
+            );
+            return Ok(());
+        }
+    }
+    // LLVM_PREFIX is what bpf-linker's build reads; without it, it finds an older LLVM and fails to link.
+    run_checked(
+        cargo(root)
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .arg("install")
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
+    )?;
+    println!("setup: installed bpf-linker {BPF_LINKER_VERSION}");
+    Ok(())
+}
+
+/// The gunicorn that the tests and the demo run.
+fn venv(root: &Path) -> Result<()> {
+    let venv = root.join(".venv");
+    let gunicorn = venv.join("bin/gunicorn");
+    if output_text(Command::new(&gunicorn).arg("--version"))
+        .is_some_and(|v| v.contains(GUNICORN_VERSION))
+    {
+        println!(
+            "setup: gunicorn {GUNICORN_VERSION} already in {}",
+            venv.display()
+        );
+        return Ok(());
+    }
+    if !venv.join("bin/python").exists() {
+        run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("gunicorn=={GUNICORN_VERSION}")),
+    )?;
+    if !output_text(Command::new(&gunicorn).arg("--version"))
+        .is_some_and(|v| v.contains(GUNICORN_VERSION))
+    {
+        bail!(
+            "{} does not report version {GUNICORN_VERSION} after installing it",
+            gunicorn.display()
+        );
+    }
+    println!(
+        "setup: installed gunicorn {GUNICORN_VERSION} in {}",
+        venv.display()
+    );
+    Ok(())
+}
