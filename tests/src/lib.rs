@@ -117,37 +117,25 @@ impl Server {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let sock = dir.0.join("uwsgi.sock");
+        // Plugin options must precede the options the plugins define.
+        let (plugins, mode_args): (&str, Vec<&str>) = match mode {
+            UwsgiMode::HttpSocket => ("python3", vec!["--http-socket", &addr]),
+            UwsgiMode::Threads => ("python3", vec!["--http-socket", &addr, "--threads", "2"]),
+            UwsgiMode::Http11 => ("python3", vec!["--http11-socket", &addr]),
+            UwsgiMode::Router => ("python3,http", vec!["--http", &addr]),
+            UwsgiMode::BehindNginx => ("python3", vec!["--socket", sock.to_str().unwrap(), "--chmod-socket=666"]),
+        };
         let mut cmd = Command::new("uwsgi");
-        cmd.args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", "testapp:app"])
+        cmd.args(["--plugin", plugins])
+            .args(mode_args)
+            .args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", "testapp:app"])
             .args(["--processes", &processes.to_string()])
             .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()]);
-        let nginx = match mode {
-            UwsgiMode::HttpSocket => {
-                cmd.args(["--plugin", "python3", "--http-socket", &addr]);
-                None
-            }
-            UwsgiMode::Threads => {
-                cmd.args(["--plugin", "python3", "--http-socket", &addr, "--threads", "2"]);
-                None
-            }
-            UwsgiMode::Http11 => {
-                cmd.args(["--plugin", "python3,http", "--http11-socket", &addr]);
-                None
-            }
-            UwsgiMode::Router => {
-                cmd.args(["--plugin", "python3,http", "--http", &addr]);
-                None
-            }
-            UwsgiMode::BehindNginx => {
-                cmd.args(["--plugin", "python3", "--socket", sock.to_str().unwrap(), "--chmod-socket=666"]);
-                Some(sock.clone())
-            }
-        };
-        let s = Self::spawn(cmd, port, port, Some(dir))?;
-        match nginx {
-            Some(sock) => s.with_nginx(&sock),
-            None => Ok(s),
+        if let UwsgiMode::BehindNginx = mode {
+            let s = Self::spawn(cmd, port, 0, Some(dir))?;
+            return s.with_nginx(&sock);
         }
+        Self::spawn(cmd, port, port, Some(dir))
     }
 
     fn spawn(mut cmd: Command, port: u16, wait_port: u16, dir: Option<TempDir>) -> Result<Self> {
@@ -379,6 +367,90 @@ pub fn get(port: u16, path: &str) -> Result<Response> {
     let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("bad status line"))?;
     Ok(Response { status, wire_bytes: raw.len() as u64, chunked: head.contains("transfer-encoding: chunked") })
+}
+
+/// GETs over one keep-alive connection (reconnecting when the server closes it), reading each
+/// response by its Content-Length or chunked framing.
+pub fn get_keepalive(port: u16, paths: &[&str]) -> Result<Vec<Response>> {
+    let mut out = Vec::new();
+    let mut conn: Option<std::io::BufReader<TcpStream>> = None;
+    for path in paths {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                let s = TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                conn.insert(std::io::BufReader::new(s))
+            }
+        };
+        write!(c.get_mut(), "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: wsgiscope-tests\r\n\r\n")?;
+        match read_response(c) {
+            Ok((r, keep)) => {
+                out.push(r);
+                if !keep {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                // The server closed without a response (e.g. uWSGI on an exception).
+                out.push(Response { status: 0, wire_bytes: 0, chunked: false });
+                conn = None;
+                let _ = e;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_response(c: &mut std::io::BufReader<TcpStream>) -> Result<(Response, bool)> {
+    use std::io::BufRead;
+    let mut wire = 0u64;
+    let mut line = String::new();
+    let read_line = |c: &mut std::io::BufReader<TcpStream>, line: &mut String| -> Result<usize> {
+        line.clear();
+        let n = c.read_line(line)?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        Ok(n)
+    };
+    wire += read_line(c, &mut line)? as u64;
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line {line:?}"))?;
+    let (mut length, mut chunked, mut keep) = (None, false, true);
+    loop {
+        wire += read_line(c, &mut line)? as u64;
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = v.trim().parse::<u64>().ok();
+        }
+        chunked |= l.starts_with("transfer-encoding:") && l.contains("chunked");
+        keep &= !(l.starts_with("connection:") && l.contains("close"));
+    }
+    if chunked {
+        loop {
+            wire += read_line(c, &mut line)? as u64;
+            let size = u64::from_str_radix(line.trim(), 16)?;
+            let mut body = vec![0u8; size as usize + 2];
+            c.read_exact(&mut body)?;
+            wire += body.len() as u64;
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(n) = length {
+        let mut body = vec![0u8; n as usize];
+        c.read_exact(&mut body)?;
+        wire += n;
+    } else {
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)?;
+        wire += rest.len() as u64;
+        keep = false;
+    }
+    Ok((Response { status, wire_bytes: wire, chunked }, keep))
 }
 
 /// Body of GET /metrics.
