@@ -121,7 +121,8 @@ impl Server {
         let (plugins, mode_args): (&str, Vec<&str>) = match mode {
             UwsgiMode::HttpSocket => ("python3", vec!["--http-socket", &addr]),
             UwsgiMode::Threads => ("python3", vec!["--http-socket", &addr, "--threads", "2"]),
-            UwsgiMode::Http11 => ("python3", vec!["--http11-socket", &addr]),
+            // A response without Content-Length can only end by close, after the socket timeout.
+            UwsgiMode::Http11 => ("python3", vec!["--http11-socket", &addr, "--socket-timeout", "1"]),
             UwsgiMode::Router => ("python3,http", vec!["--http", &addr]),
             UwsgiMode::BehindNginx => ("python3", vec!["--socket", sock.to_str().unwrap(), "--chmod-socket=666"]),
         };
