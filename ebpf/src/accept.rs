@@ -1,11 +1,11 @@
 //! Accepted sockets of traced processes become connections.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{conn_key, END_FD_REUSED, STAT_CONN_TABLE_FULL};
 
 use crate::{
     conn::{finish_request, now},
     maps::{bump, root_of, CONNS, SCRATCH},
-    syscall::{pid_tgid, ret},
+    syscall::{pid_tgid, programs, ret},
 };
 
 #[inline(always)]
@@ -35,14 +35,4 @@ fn accepted(ctx: &TracePointContext) {
     }
 }
 
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    accepted(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    accepted(&ctx);
-    0
-}
+programs!(sys_exit_accept, sys_exit_accept4 => |ctx| accepted(&ctx));

@@ -1,12 +1,12 @@
 //! Reads on a connection: the first byte of a request starts it; later reads are its body
 //! (or, after the response began, either the next keep-alive request or a drain).
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{REQ_HEAD_LEN, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG};
 
 use crate::{
     conn::{append_head, finish_request, now, start_request},
     maps::CONNS,
-    syscall::{first_piece, looks_like_request, ret, stash, take},
+    syscall::{first_piece, looks_like_request, programs, ret, stash, take},
 };
 
 #[inline(always)]
@@ -41,43 +41,7 @@ fn read_done(ctx: &TracePointContext) {
     c.agg.read_bytes = n;
 }
 
-#[tracepoint]
-pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_READ);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_READ);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_READV);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_RECVMSG);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_read(ctx: TracePointContext) -> u32 {
-    read_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
-    read_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_readv(ctx: TracePointContext) -> u32 {
-    read_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    read_done(&ctx);
-    0
-}
+programs!(sys_enter_read, sys_enter_recvfrom => |ctx| stash(&ctx, OP_READ));
+programs!(sys_enter_readv => |ctx| stash(&ctx, OP_READV));
+programs!(sys_enter_recvmsg => |ctx| stash(&ctx, OP_RECVMSG));
+programs!(sys_exit_read, sys_exit_recvfrom, sys_exit_readv, sys_exit_recvmsg => |ctx| read_done(&ctx));

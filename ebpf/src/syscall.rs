@@ -2,6 +2,20 @@
 //! from offset 16, `syscalls/sys_exit_*` the return value at offset 16.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::TracePointContext};
 
+/// One tracepoint program per name (the name is the tracepoint's), each running `$body`.
+macro_rules! programs {
+    ($($name:ident),+ => |$ctx:ident| $body:expr) => {
+        $(
+            #[aya_ebpf::macros::tracepoint]
+            pub fn $name($ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+                $body;
+                0
+            }
+        )+
+    };
+}
+pub(crate) use programs;
+
 #[inline(always)]
 pub fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: in-bounds offsets of the syscall tracepoint record.

@@ -1,11 +1,11 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{RESP_HEAD_LEN, CONN_IN_REQUEST, OP_POLL, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
 
 use crate::{
     conn::{append_head, now},
     maps::CONNS,
-    syscall::{arg, first_piece, prefix8, read_user, ret, stash, stash_fd, take},
+    syscall::{arg, first_piece, prefix8, programs, read_user, ret, stash, stash_fd, take},
 };
 
 #[inline(always)]
@@ -74,74 +74,10 @@ fn poll_done() {
     }
 }
 
-#[tracepoint]
-pub fn sys_enter_poll(ctx: TracePointContext) -> u32 {
-    poll_enter(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
-    poll_enter(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_poll(_ctx: TracePointContext) -> u32 {
-    poll_done();
-    0
-}
-#[tracepoint]
-pub fn sys_exit_ppoll(_ctx: TracePointContext) -> u32 {
-    poll_done();
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_WRITE);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_WRITE);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_WRITEV);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_SENDMSG);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
-    stash(&ctx, OP_SENDFILE);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    write_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_sendto(ctx: TracePointContext) -> u32 {
-    write_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
-    write_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
-    write_done(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
-    write_done(&ctx);
-    0
-}
+programs!(sys_enter_poll, sys_enter_ppoll => |ctx| poll_enter(&ctx));
+programs!(sys_exit_poll, sys_exit_ppoll => |_ctx| poll_done());
+programs!(sys_enter_write, sys_enter_sendto => |ctx| stash(&ctx, OP_WRITE));
+programs!(sys_enter_writev => |ctx| stash(&ctx, OP_WRITEV));
+programs!(sys_enter_sendmsg => |ctx| stash(&ctx, OP_SENDMSG));
+programs!(sys_enter_sendfile64 => |ctx| stash(&ctx, OP_SENDFILE));
+programs!(sys_exit_write, sys_exit_sendto, sys_exit_writev, sys_exit_sendmsg, sys_exit_sendfile64 => |ctx| write_done(&ctx));

@@ -98,8 +98,14 @@ pub enum UwsgiMode {
 }
 
 impl Server {
+    /// gunicorn from `.venv` (the pyenv Python on PATH).
     pub fn gunicorn(args: &[&str]) -> Result<Self> {
-        let gunicorn = repo_root().join(".venv/bin/gunicorn");
+        Self::gunicorn_in(".venv", args)
+    }
+
+    /// gunicorn from the venv `venv` under the repository (`.venv-debian`: Debian's python3.11).
+    pub fn gunicorn_in(venv: &str, args: &[&str]) -> Result<Self> {
+        let gunicorn = repo_root().join(venv).join("bin/gunicorn");
         if !gunicorn.exists() {
             bail!("{} missing: run `cargo xtask setup`", gunicorn.display());
         }

@@ -34,6 +34,7 @@ enum BytesTruth {
 
 fn start(case: &Case) -> Server {
     let s = match case.name {
+        "gunicorn-sync-debian-python" => Server::gunicorn_in(".venv-debian", &["-w", "2"]),
         "gunicorn-gthread" => Server::gunicorn(&["-w", "2", "-k", "gthread", "--threads", "4"]),
         "uwsgi-http-socket" => Server::uwsgi(UwsgiMode::HttpSocket, 2),
         "uwsgi-router" => Server::uwsgi(UwsgiMode::Router, 2),
@@ -138,6 +139,11 @@ fn run(case: Case) {
     let info: std::collections::BTreeSet<u32> = m.series("wsgi_worker_info", &[]).map(|(l, _)| l["pid"].parse().unwrap()).collect();
     assert!(served.is_subset(&info), "{name}: workers that served {served:?} hold slots {info:?}");
     assert_eq!(m.sum("wsgi_workers", &[]), 2.0, "{name}: two workers");
+}
+
+#[test]
+fn gunicorn_sync_on_debian_python() {
+    run(Case { name: "gunicorn-sync-debian-python", kind: Kind::Gunicorn, keepalive: false, bytes_truth: BytesTruth::Client, router: false });
 }
 
 #[test]

@@ -15,6 +15,10 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "python3-venv",
     "curl",
+    // The servers the integration tests run.
+    "uwsgi-core",
+    "uwsgi-plugin-python3",
+    "nginx-light",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
@@ -24,7 +28,9 @@ pub fn run(root: &Path) -> Result<()> {
     tracefs()?;
     apt()?;
     bpf_linker(root)?;
-    venv(root)?;
+    // gunicorn on the pyenv Python on PATH (shared libpython) and on Debian's static python3.11.
+    venv(&root.join(".venv"), "python3")?;
+    venv(&root.join(".venv-debian"), "/usr/bin/python3.11")?;
     Ok(())
 }
 
@@ -99,9 +105,8 @@ fn bpf_linker(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The gunicorn that the tests and the demo run.
-fn venv(root: &Path) -> Result<()> {
-    let venv = root.join(".venv");
+/// A venv made by `python` with the gunicorn that the tests and the demo run.
+fn venv(venv: &Path, python: &str) -> Result<()> {
     let gunicorn = venv.join("bin/gunicorn");
     if output_text(Command::new(&gunicorn).arg("--version"))
         .is_some_and(|v| v.contains(GUNICORN_VERSION))
@@ -113,7 +118,7 @@ fn venv(root: &Path) -> Result<()> {
         return Ok(());
     }
     if !venv.join("bin/python").exists() {
-        run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_checked(Command::new(python).args(["-m", "venv"]).arg(venv))?;
     }
     run_checked(
         Command::new(venv.join("bin/pip"))
