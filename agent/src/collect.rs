@@ -30,10 +30,6 @@ fn monotonic_ns() -> u64 {
 
 /// A request still open on a socket of a process that exited, as a kernel record would carry it.
 fn orphan_request(tgid: u32, fd: u32, c: &wsgiscope_common::ConnState) -> RequestEvent {
-    let mut req_head = [0u8; REQ_HEAD_LEN];
-    let mut resp_head = [0u8; RESP_HEAD_LEN];
-    req_head.copy_from_slice(&c.req_head[..REQ_HEAD_LEN]);
-    resp_head.copy_from_slice(&c.resp_head[..RESP_HEAD_LEN]);
     RequestEvent {
         kind: EVENT_REQUEST,
         end_reason: END_PROCESS_EXIT,
@@ -43,8 +39,9 @@ fn orphan_request(tgid: u32, fd: u32, c: &wsgiscope_common::ConnState) -> Reques
         _pad: 0,
         end_ns: monotonic_ns(),
         agg: c.agg,
-        req_head,
-        resp_head,
+        // The kept part of the (twice as large) connection-state buffers.
+        req_head: c.req_head[..REQ_HEAD_LEN].try_into().expect("buffer holds the kept head"),
+        resp_head: c.resp_head[..RESP_HEAD_LEN].try_into().expect("buffer holds the kept head"),
     }
 }
 

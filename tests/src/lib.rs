@@ -398,11 +398,10 @@ pub fn get_keepalive(port: u16, paths: &[&str]) -> Result<Vec<Response>> {
                     conn = None;
                 }
             }
-            Err(e) => {
+            Err(_) => {
                 // The server closed without a response (e.g. uWSGI on an exception).
                 out.push(Response { status: 0, wire_bytes: 0, chunked: false });
                 conn = None;
-                let _ = e;
             }
         }
     }
