@@ -48,12 +48,12 @@ use crate::{
 /// exit tracepoint. This is the whole cost for untraced processes: one hash lookup.
 #[inline(always)]
 pub fn stash(ctx: &TracePointContext, op: u32) {
-    stash_fd(op, arg(ctx, 0), |tracing| if tracing { (arg(ctx, 1), requested(ctx, op)) } else { (0, 0) });
+    stash_fd(op, arg(ctx, 0), || (arg(ctx, 1), requested(ctx, op)));
 }
 
 /// `stash` for a known fd; `what` gives (buffer, requested length) once the fd is a connection.
 #[inline(always)]
-pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce(bool) -> (u64, u64)) {
+pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
     let (id, tgid) = pid_tgid();
     if root_of(tgid).is_none() {
         return;
@@ -62,7 +62,7 @@ pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce(bool) -> (u64, u64)) {
     if CONNS.get_ptr(&key).is_none() {
         return;
     }
-    let (buf, len) = what(true);
+    let (buf, len) = what();
     let p = Pending { key, buf, len, enter_ns: now(), op, _pad: 0 };
     if PENDING.insert(&id, &p, 0).is_err() {
         bump(STAT_PENDING_TABLE_FULL);

@@ -59,7 +59,7 @@ fn poll_enter(ctx: &TracePointContext) {
     }
     let Some(pfd) = read_user::<PollFd>(arg(ctx, 0)) else { return };
     if pfd.events & POLLOUT != 0 && pfd.fd >= 0 {
-        stash_fd(OP_POLL, pfd.fd as u64, |_| (0, 0));
+        stash_fd(OP_POLL, pfd.fd as u64, || (0, 0));
     }
 }
 
