@@ -48,26 +48,44 @@ impl Slots {
 /// Routes beyond this many distinct values per service are reported as `other`.
 pub const DEFAULT_MAX_ROUTES: usize = 500;
 
+/// What `wsgi_worker_info` says of a worker: how requests reach it.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Wire {
+    protocol: &'static str,
+    transport: &'static str,
+}
+
+const UNKNOWN_WIRE: Wire = Wire { protocol: "unknown", transport: "unknown" };
+
 pub struct Aggregator<'m> {
     metrics: &'m Metrics,
     service: String,
+    server: String,
     per_worker: bool,
     max_routes: usize,
     routes: HashSet<String>,
     slots: Slots,
+    /// The info series exported per slot: (pid, wire).
+    info: HashMap<usize, (u32, Wire)>,
+    /// How the last request reached a worker: what a worker that has not served yet is assumed
+    /// to speak (all workers of a server share its sockets).
+    wire: Wire,
     frontends: HashSet<u32>,
     kernel_seen: [u64; STAT_COUNT as usize],
 }
 
 impl<'m> Aggregator<'m> {
-    pub fn new(metrics: &'m Metrics, service: &str, per_worker: bool, max_routes: usize) -> Self {
+    pub fn new(metrics: &'m Metrics, service: &str, server: &str, per_worker: bool, max_routes: usize) -> Self {
         let a = Aggregator {
             metrics,
             service: service.to_string(),
+            server: server.to_string(),
             per_worker,
             max_routes,
             routes: HashSet::new(),
             slots: Slots::default(),
+            info: HashMap::new(),
+            wire: UNKNOWN_WIRE,
             frontends: HashSet::new(),
             kernel_seen: [0; STAT_COUNT as usize],
         };
@@ -88,6 +106,28 @@ impl<'m> Aggregator<'m> {
         vec![("service", self.service.clone()), ("worker", slot.to_string())]
     }
 
+    fn info_labels(&self, slot: usize, pid: u32, wire: Wire) -> Labels {
+        let mut l = self.worker_labels(slot);
+        l.extend([
+            ("pid", pid.to_string()),
+            ("server", self.server.clone()),
+            ("protocol", wire.protocol.to_string()),
+            ("transport", wire.transport.to_string()),
+        ]);
+        l
+    }
+
+    /// Exports `wsgi_worker_info` for `slot` (replacing what it said before).
+    fn set_info(&mut self, slot: usize, pid: u32, wire: Wire) {
+        if let Some((old_pid, old)) = self.info.insert(slot, (pid, wire)) {
+            if (old_pid, old) == (pid, wire) {
+                return;
+            }
+            self.metrics.worker_info.remove(&self.info_labels(slot, old_pid, old));
+        }
+        self.metrics.worker_info.get_or_create(&self.info_labels(slot, pid, wire)).set(1);
+    }
+
     /// A worker process appeared (found at attach, or forked).
     pub fn worker_started(&mut self, pid: u32) -> Option<usize> {
         if self.frontends.contains(&pid) {
@@ -95,9 +135,7 @@ impl<'m> Aggregator<'m> {
         }
         let (slot, new) = self.slots.assign(pid);
         if new {
-            let mut info = self.worker_labels(slot);
-            info.push(("pid", pid.to_string()));
-            self.metrics.worker_info.get_or_create(&info).set(1);
+            self.set_info(slot, pid, self.wire);
             // Per-worker counters exist from the start, at zero.
             let w = self.worker_labels(slot);
             let _ = self.metrics.worker_requests.get_or_create(&w);
@@ -113,9 +151,9 @@ impl<'m> Aggregator<'m> {
     pub fn worker_exited(&mut self, pid: u32) {
         self.frontends.remove(&pid);
         if let Some(slot) = self.slots.release(pid) {
-            let mut info = self.worker_labels(slot);
-            info.push(("pid", pid.to_string()));
-            self.metrics.worker_info.remove(&info);
+            if let Some((pid, wire)) = self.info.remove(&slot) {
+                self.metrics.worker_info.remove(&self.info_labels(slot, pid, wire));
+            }
             self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
         }
     }
@@ -134,6 +172,7 @@ impl<'m> Aggregator<'m> {
     pub fn record(&mut self, r: &Request) {
         // A request is served by a worker: a process not seen fork takes a slot now.
         let slot = self.worker_started(r.tgid).unwrap_or_default();
+        self.learn_wire(slot, r);
         let route = self.route(&r.path);
         let mut by_route: Labels =
             vec![("service", self.service.clone()), ("method", r.method.clone()), ("route", route)];
@@ -148,6 +187,7 @@ impl<'m> Aggregator<'m> {
         m.write_seconds.get_or_create(&by_route).observe(r.write_seconds);
         m.blocks.get_or_create(&by_route).observe(r.blocks as f64);
         m.write_calls.get_or_create(&by_route).inc_by(r.write_calls);
+        m.partial_writes.get_or_create(&by_route).inc_by(r.partial_writes);
         m.bytes.get_or_create(&by_route).observe(r.bytes as f64);
         let w = self.worker_labels(slot);
         m.worker_requests.get_or_create(&w).inc();
@@ -156,11 +196,34 @@ impl<'m> Aggregator<'m> {
         m.worker_write_seconds.get_or_create(&w).inc_by(r.write_seconds);
     }
 
-    /// A request relayed by a front-end process (counted where a worker serves it). The front
-    /// end is not a worker: it gives up its slot.
+    /// The request shows how requests reach its worker: correct that worker's info, and the
+    /// others' while they still say `unknown`.
+    fn learn_wire(&mut self, slot: usize, r: &Request) {
+        let wire = Wire { protocol: r.protocol.as_str(), transport: r.transport.as_str() };
+        if self.wire == UNKNOWN_WIRE {
+            let unknown: Vec<(usize, u32)> =
+                self.info.iter().filter(|(_, (_, w))| *w == UNKNOWN_WIRE).map(|(s, (p, _))| (*s, *p)).collect();
+            for (s, pid) in unknown {
+                self.set_info(s, pid, wire);
+            }
+        }
+        self.wire = wire;
+        if let Some(&(pid, old)) = self.info.get(&slot) {
+            if old != wire {
+                self.set_info(slot, pid, wire);
+            }
+        }
+    }
+
+    /// `pid` is a front end, not a worker: it holds no slot.
+    pub fn front_end(&mut self, pid: u32) {
+        self.worker_exited(pid);
+        self.frontends.insert(pid);
+    }
+
+    /// A request relayed by a front-end process (counted where a worker serves it).
     pub fn relayed(&mut self, tgid: u32) {
-        self.worker_exited(tgid);
-        self.frontends.insert(tgid);
+        self.front_end(tgid);
         self.metrics.relayed.get_or_create(&self.service_labels()).inc();
     }
 
@@ -210,6 +273,7 @@ mod tests {
         Request {
             tgid,
             protocol: crate::reconstruct::Protocol::Http,
+            transport: crate::reconstruct::Transport::Tcp,
             client: None,
             method: "GET".into(),
             path: path.into(),
@@ -217,6 +281,7 @@ mod tests {
             duration: 0.05,
             write_seconds: 0.001,
             write_calls: 3,
+            partial_writes: 0,
             blocks: 1,
             bytes: 100,
         }
@@ -225,7 +290,7 @@ mod tests {
     #[test]
     fn requests_feed_route_and_worker_series() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", false, 10);
+        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
         a.worker_started(7);
         a.record(&request("/a", 7));
         a.record(&request("/a", 7));
@@ -235,7 +300,11 @@ mod tests {
         assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/b"} 3"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="0"} 2"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="1"} 1"#));
-        assert!(text.contains(r#"wsgi_worker_info{service="app",worker="1",pid="8"} 1"#));
+        let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp"} 1"#;
+        assert!(text.contains(info), "{text}");
+        // Worker 0 was known before any request; the first request told how workers are reached.
+        assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp"} 1"#));
+        assert!(!text.contains("unknown"));
         assert!(text.contains(r#"wsgi_workers{service="app"} 2"#));
         a.worker_exited(8);
         let text = m.encode();
@@ -248,7 +317,7 @@ mod tests {
     #[test]
     fn routes_beyond_the_cap_are_other() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", false, 2);
+        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 2);
         for p in ["/1", "/2", "/3", "/4", "/1"] {
             a.record(&request(p, 1));
         }
@@ -261,7 +330,7 @@ mod tests {
     #[test]
     fn per_worker_option_adds_the_worker_label() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", true, 10);
+        let mut a = Aggregator::new(&m, "app", "gunicorn", true, 10);
         a.record(&request("/a", 5));
         assert!(m.encode().contains(r#"wsgi_requests_total{service="app",method="GET",route="/a",worker="0",status="200"} 1"#));
     }
@@ -269,7 +338,7 @@ mod tests {
     #[test]
     fn kernel_losses_are_counted_once() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", false, 10);
+        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
         a.kernel_stats([3, 0, 1]);
         a.kernel_stats([5, 0, 1]);
         let text = m.encode();

@@ -14,6 +14,8 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Every program in ebpf/ and the tracepoint it hooks (program name = tracepoint name).
 const SYSCALL_PROGRAMS: &[&str] = &[
+    "sys_enter_accept",
+    "sys_enter_accept4",
     "sys_exit_accept",
     "sys_exit_accept4",
     "sys_enter_read",

@@ -51,18 +51,33 @@ struct Session<'m> {
     /// HTTP requests are relays by a front end (uWSGI router): the workers count them.
     http_is_relay: bool,
     agg: Aggregator<'m>,
+    /// Children not yet known to be workers (a mod_wsgi daemon retitles itself after fork).
+    undecided: Vec<u32>,
     master_exited: bool,
 }
 
 impl Session<'_> {
+    /// Gives a slot to each undecided child that /proc now shows is a worker.
+    fn decide(&mut self) {
+        let kind = self.kind;
+        let (workers, rest): (Vec<u32>, Vec<u32>) =
+            self.undecided.drain(..).partition(|&p| discover::is_worker(kind, p));
+        self.undecided = rest;
+        for w in workers {
+            if let Some(slot) = self.agg.worker_started(w) {
+                info!("worker {w} started (slot {slot})");
+            }
+        }
+    }
+
     fn request(&mut self, ev: &RequestEvent) {
         let Some(r) = reconstruct::reconstruct(self.kind, ev) else {
             self.agg.unparsed();
             return;
         };
         match r.protocol {
-            // Workers that read uwsgi packets sit behind a front end.
-            Protocol::Uwsgi => self.http_is_relay = true,
+            // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
+            Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
             Protocol::Http if self.http_is_relay => {
                 self.agg.relayed(r.tgid);
                 return;
@@ -77,9 +92,8 @@ impl Session<'_> {
             Event::Request(ev) => self.request(&ev),
             Event::Fork { parent, child } => {
                 if parent == self.master && discover::is_process(child) {
-                    if let Some(slot) = self.agg.worker_started(child) {
-                        info!("worker {child} started (slot {slot})");
-                    }
+                    self.undecided.push(child);
+                    self.decide();
                 }
             }
             Event::Exit { tgid } => {
@@ -88,6 +102,7 @@ impl Session<'_> {
                         self.request(&orphan_request(tgid, fd, &c));
                     }
                 }
+                self.undecided.retain(|&p| p != tgid);
                 if tgid == self.master {
                     self.master_exited = true;
                 } else {
@@ -115,12 +130,19 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let mut session = Session {
         kind: target.kind,
         master: target.master,
-        http_is_relay: target.http_router,
-        agg: Aggregator::new(&metrics, &target.service, args.per_worker, args.max_routes),
+        http_is_relay: target.http_relayed,
+        agg: Aggregator::new(&metrics, &target.service, &target.kind.to_string(), args.per_worker, args.max_routes),
+        undecided: Vec::new(),
         master_exited: false,
     };
     // Rescanned after tracing began: a worker forked since discovery is among them.
     let mut workers = discover::children_of(target.master);
+    workers.retain(|&w| discover::is_worker(target.kind, w));
+    for f in &target.front_ends {
+        info!("process {f} is a front end (relays requests to the workers)");
+        session.agg.front_end(*f);
+    }
+    workers.retain(|w| !target.front_ends.contains(w));
     workers.sort_unstable();
     for w in &workers {
         session.agg.worker_started(*w);
@@ -160,7 +182,10 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
                     session.handle(ev, &mut probes);
                 }
             }
-            _ = tick.tick() => session.agg.kernel_stats(probes.stats()),
+            _ = tick.tick() => {
+                session.agg.kernel_stats(probes.stats());
+                session.decide();
+            }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
         }

@@ -29,9 +29,12 @@ pub struct Target {
     pub master: u32,
     pub kind: ServerKind,
     pub service: String,
-    /// A front end among the server's own processes relays HTTP to the workers (uWSGI `--http`
-    /// router): HTTP requests seen there are relays, counted by the workers.
-    pub http_router: bool,
+    /// Front ends among the server's own processes relay HTTP to the workers (the uWSGI `--http`
+    /// router, Apache children in front of mod_wsgi daemons): HTTP requests seen there are
+    /// relays, counted by the workers.
+    pub http_relayed: bool,
+    /// Children known at attach to be front ends, not workers (the uWSGI router).
+    pub front_ends: Vec<u32>,
 }
 
 /// Does a uWSGI command line start the HTTP router (`--http`, `--https`, not `--http-socket`)?
@@ -141,24 +144,18 @@ pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
     if !info.python {
         bail!(
             "process {pid} ({}) is not a Python process: neither its executable nor /proc/{pid}/maps \
-             holds a Python interpreter. Pass the PID of a gunicorn or uWSGI master or worker",
+             holds a Python interpreter. Pass the PID of a gunicorn, uWSGI or Apache (mod_wsgi) master or worker",
             info.comm
         );
     }
     let Some(kind) = server_kind(&info.comm, &info.cmdline) else {
         bail!(
             "process {pid} ({}) runs Python but is not a WSGI server wsgiscope knows \
-             (command line: {:?}). Pass the PID of a gunicorn or uWSGI master or worker",
+             (command line: {:?}). Pass the PID of a gunicorn, uWSGI or Apache (mod_wsgi) master or worker",
             info.comm,
             info.cmdline.join(" ")
         );
     };
-    if kind == ServerKind::ModWsgi {
-        bail!(
-            "process {pid} is a {kind} process; this version of wsgiscope attaches to gunicorn and \
-             uWSGI only (mod_wsgi support is planned)"
-        );
-    }
     // A worker's parent is the master: climb while the parent is the same server.
     let mut master = pid;
     let mut cmdline = info.cmdline;
@@ -173,9 +170,72 @@ pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
             _ => break,
         }
     }
-    let service = service.map_or_else(|| service_name(kind, &cmdline, master), str::to_string);
-    let http_router = kind == ServerKind::Uwsgi && has_http_router(&cmdline);
-    Ok(Target { master, kind, service, http_router })
+    let service = service.map(str::to_string).unwrap_or_else(|| match kind {
+        ServerKind::ModWsgi => daemon_group(master).unwrap_or_else(|| format!("{kind}-{master}")),
+        _ => service_name(kind, &cmdline, master),
+    });
+    let router = kind == ServerKind::Uwsgi && has_http_router(&cmdline);
+    let http_relayed = kind == ServerKind::ModWsgi || router;
+    let front_ends = if router { uwsgi_router(master, &cmdline).into_iter().collect() } else { Vec::new() };
+    Ok(Target { master, kind, service, http_relayed, front_ends })
+}
+
+/// The port of uWSGI's `--http` address (`--http :8000`, `--http=127.0.0.1:8000`).
+pub fn http_router_port(cmdline: &[String]) -> Option<u16> {
+    let addr = cmdline.iter().enumerate().find_map(|(i, a)| match a.split_once('=') {
+        Some(("--http", v)) => Some(v.to_string()),
+        None if a == "--http" => cmdline.get(i + 1).cloned(),
+        _ => None,
+    })?;
+    addr.rsplit(':').next()?.split(',').next()?.parse().ok()
+}
+
+/// uWSGI's HTTP router: the master's child that holds the socket listening on the `--http`
+/// port (the workers listen on an internal socket instead).
+fn uwsgi_router(master: u32, cmdline: &[String]) -> Option<u32> {
+    let port = http_router_port(cmdline)?;
+    let m = Process::new(master as i32).ok()?;
+    // The master's network namespace: the server may run in a container.
+    let listening: Vec<u64> = [m.tcp(), m.tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.state == procfs::net::TcpState::Listen && e.local_address.port() == port)
+        .map(|e| e.inode)
+        .collect();
+    children_of(master).into_iter().find(|&c| {
+        Process::new(c as i32).and_then(|p| p.fd()).is_ok_and(|fds| {
+            fds.flatten().any(|fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if listening.contains(&i)))
+        })
+    })
+}
+
+/// The mod_wsgi process group of a daemon's title `(wsgi:<group>)`; `None` when the title was
+/// cut to the length of Apache's argv[0] (no closing parenthesis).
+pub fn daemon_title_group(first_arg: &str) -> Option<&str> {
+    // mod_wsgi pads the title with spaces to the length of the argv it overwrites.
+    first_arg.trim_end().strip_prefix("(wsgi:")?.strip_suffix(')').filter(|g| !g.is_empty())
+}
+
+/// The process group of the first mod_wsgi daemon below the Apache parent.
+fn daemon_group(master: u32) -> Option<String> {
+    children_of(master).into_iter().find_map(|c| {
+        let cmdline = Process::new(c as i32).and_then(|p| p.cmdline()).ok()?;
+        daemon_title_group(cmdline.first()?).map(str::to_string)
+    })
+}
+
+/// Is this child of the master a worker (it runs the application), as far as /proc tells now?
+/// mod_wsgi daemons retitle themselves `(wsgi:<group>` just after fork; Apache's other children
+/// are front ends. gunicorn and uWSGI children are workers (the uWSGI router gives its slot up
+/// at its first relayed request).
+pub fn is_worker(kind: ServerKind, pid: u32) -> bool {
+    match kind {
+        ServerKind::ModWsgi => Process::new(pid as i32)
+            .and_then(|p| p.cmdline())
+            .is_ok_and(|c| c.first().is_some_and(|a| a.starts_with("(wsgi:"))),
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -213,11 +273,23 @@ mod tests {
     }
 
     #[test]
+    fn mod_wsgi_daemon_titles_name_the_process_group() {
+        assert_eq!(daemon_title_group("(wsgi:shop)"), Some("shop"));
+        assert_eq!(daemon_title_group("(wsgi:shop)    "), Some("shop"));
+        assert_eq!(daemon_title_group("(wsgi:sh"), None);
+        assert_eq!(daemon_title_group("apache2"), None);
+        assert_eq!(server_kind("apache2", &args("(wsgi:shop) -k start")), Some(ServerKind::ModWsgi));
+    }
+
+    #[test]
     fn uwsgi_http_router_is_recognised() {
         assert!(has_http_router(&args("uwsgi --plugin python3,http --http 127.0.0.1:80 --module a:b")));
         assert!(has_http_router(&args("uwsgi --http=:80 --module a:b")));
         assert!(!has_http_router(&args("uwsgi --http-socket :80 --module a:b")));
         assert!(!has_http_router(&args("uwsgi --http11-socket :80 --module a:b")));
+        assert_eq!(http_router_port(&args("uwsgi --http 127.0.0.1:8080 --module a:b")), Some(8080));
+        assert_eq!(http_router_port(&args("uwsgi --http=:80 --module a:b")), Some(80));
+        assert_eq!(http_router_port(&args("uwsgi --http-socket :80")), None);
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub write_seconds: Histograms,
     pub blocks: Histograms,
     pub write_calls: Family<Labels, Counter>,
+    pub partial_writes: Family<Labels, Counter>,
     pub bytes: Histograms,
     pub worker_requests: Family<Labels, Counter>,
     pub worker_blocks: Family<Labels, Counter>,
@@ -65,6 +66,7 @@ impl Metrics {
             write_seconds: Family::new_with_constructor(write_time),
             blocks: Family::new_with_constructor(blocks),
             write_calls: Family::default(),
+            partial_writes: Family::default(),
             bytes: Family::new_with_constructor(bytes),
             worker_requests: Family::default(),
             worker_blocks: Family::default(),
@@ -98,6 +100,11 @@ impl Metrics {
             "wsgi_response_write_calls",
             "Write-family syscalls on the client socket, headers and framing included",
             m.write_calls.clone(),
+        );
+        r.register(
+            "wsgi_response_partial_writes",
+            "Of the write calls, those that continued a partial write (the reader did not keep up)",
+            m.partial_writes.clone(),
         );
         r.register("wsgi_response_bytes", "Bytes written to the client socket per response", m.bytes.clone());
         r.register("wsgi_worker_requests", "Requests served by a worker slot", m.worker_requests.clone());

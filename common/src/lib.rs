@@ -46,6 +46,7 @@ pub const OP_WRITEV: u32 = 5; // writev
 pub const OP_SENDMSG: u32 = 6; // sendmsg
 pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
 pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
+pub const OP_ACCEPT: u32 = 9; // accept/accept4: buf is the peer sockaddr pointer (may be NULL)
 
 /// Key of the connection table: one entry per accepted socket of a traced process.
 #[inline(always)]
@@ -80,7 +81,10 @@ pub struct RequestAgg {
     pub last_write_prefix: [u8; 8],
     pub req_head_len: u32,
     pub resp_head_len: u32,
-    pub _pad: u32,
+    /// Address family of the accepted socket (AF_UNIX 1, AF_INET 2, AF_INET6 10; 0 unknown):
+    /// set at accept, kept across the requests of the connection.
+    pub family: u16,
+    pub _pad: u16,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.

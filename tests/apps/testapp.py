@@ -108,6 +108,9 @@ class Truth:
 
         def sr(status, headers, exc_info=None):
             rec["status"] = int(status.split()[0])
+            # The head as the app gave it: tests derive what each server frames around it.
+            rec["status_line"] = status
+            rec["headers"] = headers
             return start_response(status, headers, exc_info)
 
         try:

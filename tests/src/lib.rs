@@ -145,6 +145,40 @@ impl Server {
         Self::spawn(cmd, port, port, Some(dir))
     }
 
+    /// Apache 2.4 (mpm_event, one child) with mod_wsgi in daemon mode: `processes` daemons of
+    /// 4 threads in process group `testapp`, fed by Apache over UNIX sockets.
+    pub fn apache_modwsgi(processes: u32) -> Result<Self> {
+        let dir = TempDir::new("apache");
+        let d = dir.0.display().to_string();
+        // Daemons run as www-data: give them a copy of the app and a log they may write.
+        std::fs::copy(repo_root().join("tests/apps/testapp.py"), dir.0.join("testapp.py"))?;
+        let truth = dir.0.join("truth.jsonl");
+        std::fs::write(&truth, "")?;
+        std::fs::set_permissions(&truth, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        let port = free_port();
+        let conf = format!(
+            "ServerRoot /etc/apache2\nDefaultRuntimeDir {d}\nPidFile {d}/httpd.pid\nMutex file:{d} default\n\
+             ErrorLog {d}/error.log\nLogLevel warn\nListen 127.0.0.1:{port}\nServerName localhost\n\
+             User www-data\nGroup www-data\n\
+             LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so\n\
+             LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so\n\
+             LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so\n\
+             StartServers 1\nServerLimit 1\nThreadsPerChild 4\nMaxRequestWorkers 4\n\
+             WSGISocketPrefix {d}/wsgi\n\
+             WSGIDaemonProcess testapp processes={processes} threads=4 display-name=%{{GROUP}} python-path={d}\n\
+             WSGIScriptAlias / {d}/testapp.py process-group=testapp application-group=%{{GLOBAL}}\n\
+             WSGICallableObject app\n\
+             <Directory {d}>\n  Require all granted\n</Directory>\n"
+        );
+        std::fs::write(dir.0.join("httpd.conf"), conf)?;
+        if !Path::new("/usr/lib/apache2/modules/mod_wsgi.so").exists() {
+            bail!("mod_wsgi missing: run `cargo xtask setup` (it installs apache2 and libapache2-mod-wsgi-py3)");
+        }
+        let mut cmd = Command::new("/usr/sbin/apache2");
+        cmd.args(["-f", &format!("{d}/httpd.conf"), "-DFOREGROUND"]);
+        Self::spawn(cmd, port, port, Some(dir))
+    }
+
     fn spawn(mut cmd: Command, port: u16, wait_port: u16, dir: Option<TempDir>) -> Result<Self> {
         let dir = dir.unwrap_or_else(|| TempDir::new("server"));
         let truth_log = dir.0.join("truth.jsonl");
@@ -266,6 +300,9 @@ pub struct Truth {
     pub bytes: u64,
     pub elapsed: f64,
     pub pid: u32,
+    /// Status line and headers as the app passed them to start_response.
+    pub status_line: String,
+    pub headers: Vec<(String, String)>,
 }
 
 impl Truth {
@@ -279,7 +316,19 @@ impl Truth {
             bytes: num("bytes"),
             elapsed: v["elapsed"].as_f64().unwrap_or(0.0),
             pid: num("pid") as u32,
+            status_line: v["status_line"].as_str().unwrap_or_default().to_string(),
+            headers: v["headers"]
+                .as_array()
+                .map(|hs| hs.iter().map(|h| (h[0].as_str().unwrap_or("").into(), h[1].as_str().unwrap_or("").into())).collect())
+                .unwrap_or_default(),
         }
+    }
+
+    /// Length of the head in CGI form (`Status: 200 OK\r\nName: value\r\n…\r\n`), as mod_wsgi
+    /// daemons send it to Apache.
+    pub fn cgi_head_len(&self) -> u64 {
+        let fields: usize = self.headers.iter().map(|(k, v)| k.len() + 2 + v.len() + 2).sum();
+        ("Status: ".len() + self.status_line.len() + 2 + fields + 2) as u64
     }
 }
 

@@ -11,6 +11,7 @@ const ROUTES: &[(&str, usize)] =
 enum Kind {
     Gunicorn,
     Uwsgi,
+    ModWsgi,
 }
 
 struct Case {
@@ -19,7 +20,10 @@ struct Case {
     keepalive: bool,
     /// Where the response bytes the worker wrote can be read exactly.
     bytes_truth: BytesTruth,
+    /// A front end among the server's processes relays every request (uWSGI router, Apache).
     router: bool,
+    /// `wsgi_worker_info`'s protocol and transport.
+    wire: (&'static str, &'static str),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -30,6 +34,8 @@ enum BytesTruth {
     Nginx,
     /// A relay sits between: only a lower bound (the app's bytes).
     AtLeastApp,
+    /// mod_wsgi: the app's head in CGI form plus its bytes (the handshake is not response).
+    Cgi,
 }
 
 fn start(case: &Case) -> Server {
@@ -41,6 +47,7 @@ fn start(case: &Case) -> Server {
         "uwsgi-nginx-unix" => Server::uwsgi(UwsgiMode::BehindNginx, 2),
         "uwsgi-threads" => Server::uwsgi(UwsgiMode::Threads, 2),
         "uwsgi-http11" => Server::uwsgi(UwsgiMode::Http11, 2),
+        "apache-mod-wsgi-daemon" => Server::apache_modwsgi(2),
         other => panic!("unknown case {other}"),
     };
     s.unwrap_or_else(|e| panic!("{}: {e:#}", case.name))
@@ -49,10 +56,12 @@ fn start(case: &Case) -> Server {
 fn run(case: Case) {
     let _serial = serial();
     let server = start(&case);
-    // The uWSGI router is a child of the master too: workers + router.
+    // The uWSGI router and the Apache child are children of the master too.
     server.wait_workers(2 + usize::from(case.router)).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
     let name = case.name;
+    // Front ends (the uWSGI router, the Apache child) hold no worker slot, from the start.
+    assert_eq!(agent.metrics().sum("wsgi_workers", &[]), 2.0, "{name}: workers at attach");
 
     let mut sent: BTreeMap<&str, Vec<Response>> = BTreeMap::new();
     for &(path, n) in ROUTES {
@@ -82,28 +91,33 @@ fn run(case: Case) {
         // Status: what the worker answered (uWSGI closes silently on an exception).
         let status = match (case.kind, path) {
             (Kind::Uwsgi, "/error") => "none",
-            (Kind::Gunicorn, "/error") => "500",
+            (Kind::Gunicorn | Kind::ModWsgi, "/error") => "500",
             _ => "200",
         };
         assert_eq!(m.sum("wsgi_requests_total", &[("route", path), ("status", status)]) as u64, n, "{name} {path}: status {status}\n{}", m.text);
 
         // Write calls by each server's known framing.
         let calls = r(&m, "wsgi_response_write_calls_total", path);
+        // Non-blocking servers finish a large block in several calls when the reader lags.
+        let partial = r(&m, "wsgi_response_partial_writes_total", path);
+        if case.kind == Kind::Gunicorn || matches!(path, "/hello" | "/sleep" | "/bytes1" | "/error") {
+            assert_eq!(partial, 0, "{name} {path}: no partial writes (blocking sockets, or small blocks)");
+        }
         let responses = &sent[path];
         match case.kind {
             Kind::Gunicorn => {
                 let chunked = responses.iter().filter(|r| r.chunked).count() as u64;
-                assert_eq!(calls, app_blocks + n + chunked, "{name} {path}: header + blocks + terminator");
+                assert_eq!(calls, app_blocks + n + chunked + partial, "{name} {path}: header + blocks + terminator");
             }
             Kind::Uwsgi => {
-                // Headers ride with the first block, except before sendfile; partial writes of a
-                // large block add continuation calls.
+                // Headers ride with the first block, except before sendfile.
                 let headers_alone = if path == "/file" { n } else { 0 };
-                if matches!(path, "/hello" | "/sleep" | "/bytes1" | "/error") {
-                    assert_eq!(calls, app_blocks + headers_alone, "{name} {path}: write calls");
-                } else {
-                    assert!(calls >= app_blocks + headers_alone, "{name} {path}: write calls {calls}");
-                }
+                assert_eq!(calls, app_blocks + headers_alone + partial, "{name} {path}: write calls");
+            }
+            Kind::ModWsgi => {
+                // The handshake, then headers with the first block; the error marker alone.
+                let marker = if path == "/error" { n } else { 0 };
+                assert_eq!(calls, app_blocks + n + marker + partial, "{name} {path}: write calls");
             }
         }
 
@@ -115,6 +129,12 @@ fn run(case: Case) {
             }
             BytesTruth::Nginx => assert_eq!(bytes, upstream.get(path).copied().unwrap_or(0), "{name} {path}: nginx upstream bytes"),
             BytesTruth::AtLeastApp => assert!(bytes >= app_bytes, "{name} {path}: bytes {bytes} < app bytes {app_bytes}"),
+            BytesTruth::Cgi => {
+                const ERROR_MARKER: u64 = "Status: 200 Error\r\n\r\n".len() as u64;
+                let expected: u64 =
+                    t.iter().map(|t| if t.status_line.is_empty() { ERROR_MARKER } else { t.cgi_head_len() + t.bytes }).sum();
+                assert_eq!(bytes, expected, "{name} {path}: CGI head + app bytes");
+            }
         }
         if case.bytes_truth != BytesTruth::AtLeastApp {
             assert!(bytes >= app_bytes, "{name} {path}: bytes include the app's");
@@ -139,39 +159,60 @@ fn run(case: Case) {
     let info: std::collections::BTreeSet<u32> = m.series("wsgi_worker_info", &[]).map(|(l, _)| l["pid"].parse().unwrap()).collect();
     assert!(served.is_subset(&info), "{name}: workers that served {served:?} hold slots {info:?}");
     assert_eq!(m.sum("wsgi_workers", &[]), 2.0, "{name}: two workers");
+    let server_label = match case.kind {
+        Kind::Gunicorn => "gunicorn",
+        Kind::Uwsgi => "uwsgi",
+        Kind::ModWsgi => "mod_wsgi",
+    };
+    for (labels, _) in m.series("wsgi_worker_info", &[]) {
+        let got = (labels["server"].as_str(), labels["protocol"].as_str(), labels["transport"].as_str());
+        assert_eq!(got, (server_label, case.wire.0, case.wire.1), "{name}: worker info {labels:?}");
+    }
 }
 
 #[test]
 fn gunicorn_sync_on_debian_python() {
-    run(Case { name: "gunicorn-sync-debian-python", kind: Kind::Gunicorn, keepalive: false, bytes_truth: BytesTruth::Client, router: false });
+    run(Case { name: "gunicorn-sync-debian-python", kind: Kind::Gunicorn, keepalive: false, bytes_truth: BytesTruth::Client, router: false, wire: ("http", "tcp") });
 }
 
 #[test]
 fn gunicorn_gthread_keepalive() {
-    run(Case { name: "gunicorn-gthread", kind: Kind::Gunicorn, keepalive: true, bytes_truth: BytesTruth::Client, router: false });
+    run(Case { name: "gunicorn-gthread", kind: Kind::Gunicorn, keepalive: true, bytes_truth: BytesTruth::Client, router: false, wire: ("http", "tcp") });
 }
 
 #[test]
 fn uwsgi_http_socket() {
-    run(Case { name: "uwsgi-http-socket", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Client, router: false });
+    run(Case { name: "uwsgi-http-socket", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Client, router: false, wire: ("http", "tcp") });
 }
 
 #[test]
 fn uwsgi_threads() {
-    run(Case { name: "uwsgi-threads", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Client, router: false });
+    run(Case { name: "uwsgi-threads", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Client, router: false, wire: ("http", "tcp") });
 }
 
 #[test]
 fn uwsgi_http11_keepalive() {
-    run(Case { name: "uwsgi-http11", kind: Kind::Uwsgi, keepalive: true, bytes_truth: BytesTruth::Client, router: false });
+    run(Case { name: "uwsgi-http11", kind: Kind::Uwsgi, keepalive: true, bytes_truth: BytesTruth::Client, router: false, wire: ("http", "tcp") });
 }
 
 #[test]
 fn uwsgi_behind_nginx_on_a_unix_socket() {
-    run(Case { name: "uwsgi-nginx-unix", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Nginx, router: false });
+    run(Case { name: "uwsgi-nginx-unix", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::Nginx, router: false, wire: ("uwsgi", "unix") });
 }
 
 #[test]
 fn uwsgi_http_router() {
-    run(Case { name: "uwsgi-router", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::AtLeastApp, router: true });
+    run(Case { name: "uwsgi-router", kind: Kind::Uwsgi, keepalive: false, bytes_truth: BytesTruth::AtLeastApp, router: true, wire: ("uwsgi", "tcp") });
+}
+
+#[test]
+fn apache_mod_wsgi_daemon_mode() {
+    run(Case {
+        name: "apache-mod-wsgi-daemon",
+        kind: Kind::ModWsgi,
+        keepalive: false,
+        bytes_truth: BytesTruth::Cgi,
+        router: true,
+        wire: ("modwsgi", "unix"),
+    });
 }

@@ -19,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "uwsgi-core",
     "uwsgi-plugin-python3",
     "nginx-light",
+    "apache2",
+    "libapache2-mod-wsgi-py3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";

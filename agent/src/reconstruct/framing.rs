@@ -2,6 +2,7 @@
 //! WSGI application yielded (see shared/research/wsgi-server-syscalls.md).
 use wsgiscope_common::RequestAgg;
 
+use super::modwsgi;
 use crate::discover::ServerKind;
 
 /// gunicorn's chunked-encoding terminator, always its own `sendto`.
@@ -16,6 +17,8 @@ fn headers_alone_first(agg: &RequestAgg, resp_head: &[u8]) -> bool {
 /// gunicorn writes the status line and headers in a separate call, then one call per block,
 /// then (chunked responses) the terminator. Its own error page is one call: zero app blocks.
 /// uWSGI coalesces the headers with the first block (one writev), except before a sendfile.
+/// mod_wsgi writes its handshake first, then coalesces the headers with the first block; a
+/// response with no body (or its error marker) is headers alone.
 pub fn app_blocks(kind: ServerKind, agg: &RequestAgg, resp_head: &[u8]) -> u64 {
     // Continuations of partial writes are the same block, not new ones.
     let calls = agg.write_calls.saturating_sub(agg.continuations) as u64;
@@ -26,8 +29,13 @@ pub fn app_blocks(kind: ServerKind, agg: &RequestAgg, resp_head: &[u8]) -> u64 {
             calls.saturating_sub(1 + u64::from(terminator && calls > 1))
         }
         ServerKind::Uwsgi => calls.saturating_sub(u64::from(headers_alone_first(agg, resp_head))),
-        // Not yet attachable (refused in discover): count every write as a block.
-        ServerKind::ModWsgi => calls,
+        ServerKind::ModWsgi => {
+            let handshake = resp_head.starts_with(modwsgi::HANDSHAKE);
+            let skip = if handshake { modwsgi::HANDSHAKE.len() } else { 0 };
+            let bodyless = modwsgi::header_len(&resp_head[skip..])
+                .is_some_and(|h| agg.write_bytes == (skip + h) as u64);
+            calls.saturating_sub(u64::from(handshake) + u64::from(bodyless))
+        }
     }
 }
 
@@ -83,6 +91,20 @@ mod tests {
         a.first_write_len = 65536;
         a.continuations = 3;
         assert_eq!(blocks(ServerKind::Uwsgi, &a), 1);
+    }
+
+    #[test]
+    fn mod_wsgi_handshake_and_headers_are_no_blocks() {
+        let head: &[u8] = b"Status: 200 Continue\r\n\r\nStatus: 200 OK\r\nContent-Type: text/plain\r\n\r\nHello World!";
+        // handshake, [headers, block], 999 blocks
+        let mut a = agg(1001, b"bbbbbbbb");
+        a.write_bytes = 24 + 44 + 128_000;
+        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, head), 1000);
+        // handshake + error marker
+        let err: &[u8] = b"Status: 200 Continue\r\n\r\nStatus: 200 Error\r\n\r\n";
+        let mut a = agg(2, b"Status: ");
+        a.write_bytes = err.len() as u64;
+        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, err), 0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! status, latency, write time, write calls, application blocks, bytes.
 pub mod framing;
 pub mod http;
+pub mod modwsgi;
 pub mod uwsgi;
 
 use wsgiscope_common::{ProcessEvent, RequestEvent, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
@@ -42,6 +43,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 pub enum Protocol {
     Http,
     Uwsgi,
+    ModWsgi,
 }
 
 impl Protocol {
@@ -49,20 +51,81 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Uwsgi => "uwsgi",
+            Protocol::ModWsgi => "modwsgi",
+        }
+    }
+}
+
+/// The socket a request arrived on, from its address family at accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Unix,
+    Unknown,
+}
+
+impl Transport {
+    pub fn from_family(family: u16) -> Self {
+        match family as i32 {
+            libc::AF_INET | libc::AF_INET6 => Transport::Tcp,
+            libc::AF_UNIX => Transport::Unix,
+            _ => Transport::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Unix => "unix",
+            Transport::Unknown => "unknown",
+        }
+    }
+}
+
+/// CGI request vars a front end passes (uwsgi packets, mod_wsgi requests): those wsgiscope uses.
+#[derive(Debug, Default, PartialEq)]
+pub struct Vars {
+    pub method: Option<String>,
+    pub script_name: Option<String>,
+    pub path_info: Option<String>,
+    pub request_uri: Option<String>,
+    pub remote_addr: Option<String>,
+}
+
+impl Vars {
+    pub fn set(&mut self, key: &str, val: String) {
+        let slot = match key {
+            "REQUEST_METHOD" => &mut self.method,
+            "SCRIPT_NAME" => &mut self.script_name,
+            "PATH_INFO" => &mut self.path_info,
+            "REQUEST_URI" => &mut self.request_uri,
+            "REMOTE_ADDR" => &mut self.remote_addr,
+            _ => return,
+        };
+        *slot = Some(val);
+    }
+
+    /// The path the application sees (SCRIPT_NAME + PATH_INFO), else REQUEST_URI without query.
+    fn path(&self) -> Option<String> {
+        match &self.path_info {
+            Some(p) => Some(format!("{}{p}", self.script_name.as_deref().unwrap_or(""))),
+            None => self.request_uri.as_ref().map(|u| u.split(['?', '#']).next().unwrap_or("").to_string()),
         }
     }
 }
 
 /// Protocol, method, path (no query) and, behind a front end, the client address.
 pub fn parse_request_head(head: &[u8]) -> Option<(Protocol, String, String, Option<String>)> {
-    if uwsgi::is_packet(head) {
-        let v = uwsgi::parse(head)?;
-        let path = v.path_info.or_else(|| v.request_uri.map(|u| u.split(['?', '#']).next().unwrap_or("").to_string()))?;
-        let method = http::normalise_method(&v.method?);
-        return Some((Protocol::Uwsgi, method, path, v.remote_addr));
-    }
-    let (method, path) = http::parse_request(head)?;
-    Some((Protocol::Http, method, path, None))
+    let (protocol, vars) = if modwsgi::is_request(head) {
+        (Protocol::ModWsgi, modwsgi::parse(head)?)
+    } else if uwsgi::is_packet(head) {
+        (Protocol::Uwsgi, uwsgi::parse(head)?)
+    } else {
+        let (method, path) = http::parse_request(head)?;
+        return Some((Protocol::Http, method, path, None));
+    };
+    let path = vars.path()?;
+    Some((protocol, http::normalise_method(vars.method.as_deref()?), path, vars.remote_addr))
 }
 
 /// One reconstructed request.
@@ -70,6 +133,7 @@ pub fn parse_request_head(head: &[u8]) -> Option<(Protocol, String, String, Opti
 pub struct Request {
     pub tgid: u32,
     pub protocol: Protocol,
+    pub transport: Transport,
     /// REMOTE_ADDR passed by a front end (never exported as a label).
     pub client: Option<String>,
     pub method: String,
@@ -82,6 +146,8 @@ pub struct Request {
     /// Time inside write-family syscalls (seconds).
     pub write_seconds: f64,
     pub write_calls: u64,
+    /// Of the write calls, continuations of a partial write (same block).
+    pub partial_writes: u64,
     pub blocks: u64,
     pub bytes: u64,
 }
@@ -92,7 +158,17 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let req_head = &ev.req_head[..(a.req_head_len as usize).min(REQ_HEAD_LEN)];
     let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(RESP_HEAD_LEN)];
     let (protocol, method, path, client) = parse_request_head(req_head)?;
-    let status = match http::parse_status(resp_head) {
+    // mod_wsgi's handshake precedes the response and is not part of it.
+    let handshake = if protocol == Protocol::ModWsgi && resp_head.starts_with(modwsgi::HANDSHAKE) {
+        modwsgi::HANDSHAKE.len()
+    } else {
+        0
+    };
+    let code = match protocol {
+        Protocol::ModWsgi => modwsgi::parse_status(&resp_head[handshake..]),
+        _ => http::parse_status(resp_head),
+    };
+    let status = match code {
         Some(code) => code.to_string(),
         None if a.write_calls == 0 => "none".to_string(),
         None => "unknown".to_string(),
@@ -102,6 +178,7 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     Some(Request {
         tgid: ev.tgid,
         protocol,
+        transport: Transport::from_family(a.family),
         client,
         method,
         path,
@@ -109,8 +186,9 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         duration: end.saturating_sub(a.start_ns) as f64 / 1e9,
         write_seconds: a.write_ns as f64 / 1e9,
         write_calls: a.write_calls as u64,
+        partial_writes: a.continuations as u64,
         blocks: framing::app_blocks(kind, a, resp_head),
-        bytes: a.write_bytes,
+        bytes: a.write_bytes.saturating_sub(handshake as u64),
     })
 }
 

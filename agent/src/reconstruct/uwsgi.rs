@@ -1,14 +1,7 @@
 //! uwsgi packets (what nginx `uwsgi_pass` and the uWSGI `--http` router send to workers):
 //! `u8 modifier1, u16 LE datasize, u8 modifier2`, then `u16 LE keylen, key, u16 LE vallen, val`…
 
-/// Request vars of interest; the head may be truncated, so parsing stops at the first cut var.
-#[derive(Debug, Default, PartialEq)]
-pub struct Vars {
-    pub method: Option<String>,
-    pub path_info: Option<String>,
-    pub request_uri: Option<String>,
-    pub remote_addr: Option<String>,
-}
+use super::Vars;
 
 /// Is this the header of a uwsgi packet for a WSGI request (modifier1 0, modifier2 0)?
 pub fn is_packet(head: &[u8]) -> bool {
@@ -17,6 +10,7 @@ pub fn is_packet(head: &[u8]) -> bool {
         && head.get(6).is_some_and(|c| c.is_ascii_uppercase())
 }
 
+/// The vars of a packet; the head may be truncated, so parsing stops at the first var cut short.
 pub fn parse(head: &[u8]) -> Option<Vars> {
     if !is_packet(head) {
         return None;
@@ -33,13 +27,7 @@ pub fn parse(head: &[u8]) -> Option<Vars> {
     };
     while let Some(key) = take(&mut rest) {
         let Some(val) = take(&mut rest) else { break };
-        match key.as_str() {
-            "REQUEST_METHOD" => vars.method = Some(val),
-            "PATH_INFO" => vars.path_info = Some(val),
-            "REQUEST_URI" => vars.request_uri = Some(val),
-            "REMOTE_ADDR" => vars.remote_addr = Some(val),
-            _ => {}
-        }
+        vars.set(&key, val);
     }
     Some(vars)
 }
