@@ -2,6 +2,8 @@
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
 use std::collections::{HashMap, HashSet};
 
+use log::warn;
+
 use wsgiscope_common::{STAT_CONN_TABLE_FULL, STAT_COUNT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL};
 
 use crate::{
@@ -43,6 +45,72 @@ impl Slots {
     pub fn in_use(&self) -> usize {
         self.by_pid.len()
     }
+
+    pub fn slot_of(&self, pid: u32) -> Option<usize> {
+        self.by_pid.get(&pid).copied()
+    }
+}
+
+/// Block pathology: at least this many blocks in one response…
+pub const SMALL_BLOCK_MIN_BLOCKS: u64 = 64;
+/// …of fewer bytes than this on average.
+pub const SMALL_BLOCK_MAX_MEAN: f64 = 16.0;
+/// Slow client: write time above half the duration, and at least this much (a 1 MiB response
+/// over loopback is all writing, but nobody waited).
+const SLOW_CLIENT_MIN_WRITE: f64 = 0.001;
+/// A keep-alive connection holds its request open until the next one: after this long without
+/// a write, a request that has written is no longer counted as active.
+const ACTIVE_AFTER_LAST_WRITE_NS: u64 = 1_000_000_000;
+
+/// A request in progress, as the kernel's connection table shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct InProgress {
+    pub tgid: u32,
+    pub fd: u32,
+    pub start_ns: u64,
+    pub write_calls: u32,
+    pub last_write_ns: u64,
+}
+
+/// Identifies a request while it runs and when its record arrives: (tgid, fd, start).
+type RequestKey = (u32, u32, u64);
+
+/// Why a worker exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Exited cleanly (exit 0, or stopped by SIGTERM/SIGINT/SIGQUIT/SIGHUP): max-requests, reload.
+    Recycled,
+    /// SIGKILL or SIGABRT from outside: gunicorn `--timeout`, uWSGI harakiri, the OOM killer.
+    Killed,
+    /// Non-zero exit or a fatal signal of its own (SIGSEGV, …).
+    Crashed,
+}
+
+impl ExitReason {
+    pub const ALL: [ExitReason; 3] = [ExitReason::Recycled, ExitReason::Killed, ExitReason::Crashed];
+
+    /// From the wait status the master reaped, and whether SIGKILL/SIGABRT was sent to it.
+    pub fn classify(status: i32, kill_signal_sent: bool) -> Self {
+        if kill_signal_sent {
+            return ExitReason::Killed;
+        }
+        if libc::WIFEXITED(status) {
+            return if libc::WEXITSTATUS(status) == 0 { ExitReason::Recycled } else { ExitReason::Crashed };
+        }
+        match libc::WTERMSIG(status) {
+            libc::SIGKILL => ExitReason::Killed,
+            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT | libc::SIGHUP => ExitReason::Recycled,
+            _ => ExitReason::Crashed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Recycled => "recycled",
+            ExitReason::Killed => "killed",
+            ExitReason::Crashed => "crashed",
+        }
+    }
 }
 
 /// Routes beyond this many distinct values per service are reported as `other`.
@@ -72,6 +140,12 @@ pub struct Aggregator<'m> {
     wire: Wire,
     frontends: HashSet<u32>,
     kernel_seen: [u64; STAT_COUNT as usize],
+    /// Busy seconds already credited to requests still in progress.
+    busy_credited: HashMap<RequestKey, f64>,
+    /// Requests in progress at the last scan.
+    busy_seen: HashSet<RequestKey>,
+    /// Routes whose small-block pathology was already logged.
+    warned_routes: HashSet<String>,
 }
 
 impl<'m> Aggregator<'m> {
@@ -88,7 +162,15 @@ impl<'m> Aggregator<'m> {
             wire: UNKNOWN_WIRE,
             frontends: HashSet::new(),
             kernel_seen: [0; STAT_COUNT as usize],
+            busy_credited: HashMap::new(),
+            busy_seen: HashSet::new(),
+            warned_routes: HashSet::new(),
         };
+        for reason in ExitReason::ALL {
+            let mut l = a.service_labels();
+            l.push(("reason", reason.as_str().to_string()));
+            let _ = a.metrics.worker_exits.get_or_create(&l);
+        }
         a.metrics.workers.get_or_create(&a.service_labels()).set(0);
         for reason in ["ringbuf_full", "conn_table_full", "pending_table_full"] {
             let _ = a.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]);
@@ -142,20 +224,26 @@ impl<'m> Aggregator<'m> {
             let _ = self.metrics.worker_blocks.get_or_create(&w);
             let _ = self.metrics.worker_bytes.get_or_create(&w);
             let _ = self.metrics.worker_write_seconds.get_or_create(&w);
+            let _ = self.metrics.worker_busy.get_or_create(&w);
+            self.metrics.worker_active.get_or_create(&w).set(0);
+            self.metrics.worker_oldest.get_or_create(&w).set(0.0);
             self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
         }
         Some(slot)
     }
 
-    /// A worker process exited: its slot is free for the next worker.
-    pub fn worker_exited(&mut self, pid: u32) {
+    /// A worker process exited: its slot is free for the next worker. `true` if it held one.
+    pub fn worker_exited(&mut self, pid: u32) -> bool {
         self.frontends.remove(&pid);
-        if let Some(slot) = self.slots.release(pid) {
-            if let Some((pid, wire)) = self.info.remove(&slot) {
-                self.metrics.worker_info.remove(&self.info_labels(slot, pid, wire));
-            }
-            self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
+        let Some(slot) = self.slots.release(pid) else { return false };
+        if let Some((pid, wire)) = self.info.remove(&slot) {
+            self.metrics.worker_info.remove(&self.info_labels(slot, pid, wire));
         }
+        let w = self.worker_labels(slot);
+        self.metrics.worker_active.get_or_create(&w).set(0);
+        self.metrics.worker_oldest.get_or_create(&w).set(0.0);
+        self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
+        true
     }
 
     fn route(&mut self, path: &str) -> String {
@@ -194,6 +282,77 @@ impl<'m> Aggregator<'m> {
         m.worker_blocks.get_or_create(&w).inc_by(r.blocks);
         m.worker_bytes.get_or_create(&w).inc_by(r.bytes);
         m.worker_write_seconds.get_or_create(&w).inc_by(r.write_seconds);
+        // Busy time: what the scans of requests in progress did not credit yet.
+        let credited = self.busy_credited.remove(&(r.tgid, r.fd, r.start_ns)).unwrap_or(0.0);
+        if r.duration > credited {
+            m.worker_busy.get_or_create(&w).inc_by(r.duration - credited);
+        }
+        if let Some(wait) = r.accept_wait {
+            m.accept_wait.get_or_create(&self.service_labels()).observe(wait);
+        }
+        let route_only: Labels = vec![("service", self.service.clone()), ("route", by_status[2].1.clone())];
+        if r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN {
+            m.small_blocks.get_or_create(&route_only).inc();
+            if self.warned_routes.insert(route_only[1].1.clone()) {
+                warn!(
+                    "route {} answered in {} blocks of {:.1} bytes on average: the application likely returns a \
+                     str/bytes object as the response iterable (iterated one byte at a time) or a generator \
+                     yielding tiny pieces; each block costs a write syscall. Return a list holding one bytes \
+                     object (`return [body]`) or join the pieces before yielding",
+                    route_only[1].1,
+                    r.blocks,
+                    r.bytes as f64 / r.blocks as f64
+                );
+            }
+        }
+        if r.write_seconds > r.duration / 2.0 && r.write_seconds >= SLOW_CLIENT_MIN_WRITE {
+            m.slow_clients.get_or_create(&route_only).inc();
+        }
+    }
+
+    /// The requests in progress now (a scan of the kernel's connection table): credits their
+    /// busy time so far and sets the active-request and oldest-request gauges per worker.
+    pub fn in_progress(&mut self, now_ns: u64, requests: &[InProgress]) {
+        let mut active: HashMap<usize, (i64, f64)> = HashMap::new();
+        let mut seen = HashSet::new();
+        for r in requests {
+            let Some(slot) = self.slots.slot_of(r.tgid) else { continue };
+            let key = (r.tgid, r.fd, r.start_ns);
+            seen.insert(key);
+            // Busy until now while the app computes; until the last write once it has written
+            // (a keep-alive request looks open until the next one).
+            let end = if r.write_calls == 0 { now_ns } else { r.last_write_ns };
+            let so_far = end.saturating_sub(r.start_ns) as f64 / 1e9;
+            let w = self.worker_labels(slot);
+            let credited = self.busy_credited.entry(key).or_insert(0.0);
+            if so_far > *credited {
+                self.metrics.worker_busy.get_or_create(&w).inc_by(so_far - *credited);
+                *credited = so_far;
+            }
+            if r.write_calls == 0 || now_ns.saturating_sub(r.last_write_ns) < ACTIVE_AFTER_LAST_WRITE_NS {
+                let (n, oldest) = active.entry(slot).or_default();
+                *n += 1;
+                *oldest = oldest.max(now_ns.saturating_sub(r.start_ns) as f64 / 1e9);
+            }
+        }
+        // A request gone from two scans in a row without its record (lost) is forgotten.
+        let previous = std::mem::replace(&mut self.busy_seen, seen);
+        let current = &self.busy_seen;
+        self.busy_credited.retain(|k, _| current.contains(k) || previous.contains(k));
+        let slots: Vec<usize> = self.info.keys().copied().collect();
+        for slot in slots {
+            let (n, oldest) = active.get(&slot).copied().unwrap_or_default();
+            let w = self.worker_labels(slot);
+            self.metrics.worker_active.get_or_create(&w).set(n);
+            self.metrics.worker_oldest.get_or_create(&w).set(oldest);
+        }
+    }
+
+    /// A worker exited and its master reaped it.
+    pub fn worker_exit(&mut self, reason: ExitReason) {
+        let mut l = self.service_labels();
+        l.push(("reason", reason.as_str().to_string()));
+        self.metrics.worker_exits.get_or_create(&l).inc();
     }
 
     /// The request shows how requests reach its worker: correct that worker's info, and the
@@ -217,7 +376,7 @@ impl<'m> Aggregator<'m> {
 
     /// `pid` is a front end, not a worker: it holds no slot.
     pub fn front_end(&mut self, pid: u32) {
-        self.worker_exited(pid);
+        let _ = self.worker_exited(pid);
         self.frontends.insert(pid);
     }
 
@@ -272,12 +431,15 @@ mod tests {
     fn request(path: &str, tgid: u32) -> Request {
         Request {
             tgid,
+            fd: 9,
+            start_ns: 1_000_000_000,
             protocol: crate::reconstruct::Protocol::Http,
             transport: crate::reconstruct::Transport::Tcp,
             client: None,
             method: "GET".into(),
             path: path.into(),
             status: "200".into(),
+            accept_wait: None,
             duration: 0.05,
             write_seconds: 0.001,
             write_calls: 3,
@@ -345,5 +507,67 @@ mod tests {
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="ringbuf_full"} 5"#), "{text}");
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="pending_table_full"} 1"#));
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="conn_table_full"} 0"#));
+    }
+
+    #[test]
+    fn busy_time_is_credited_while_in_progress_and_completed_at_the_record() {
+        let m = Metrics::new();
+        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
+        a.worker_started(7);
+        let ip = |start_ns, write_calls, last_write_ns| InProgress { tgid: 7, fd: 9, start_ns, write_calls, last_write_ns };
+        // Computing for 20 ms, then 30 ms: credited as it goes, the gauges show it.
+        a.in_progress(1_020_000_000, &[ip(1_000_000_000, 0, 0)]);
+        a.in_progress(1_030_000_000, &[ip(1_000_000_000, 0, 0)]);
+        let text = m.encode();
+        assert!(text.contains(r#"wsgi_worker_busy_seconds_total{service="app",worker="0"} 0.03"#), "{text}");
+        assert!(text.contains(r#"wsgi_worker_active_requests{service="app",worker="0"} 1"#));
+        assert!(text.contains(r#"wsgi_worker_oldest_request_seconds{service="app",worker="0"} 0.03"#));
+        // The record completes it to its duration (50 ms), never counting twice.
+        a.record(&request("/a", 7));
+        a.in_progress(1_100_000_000, &[]);
+        let text = m.encode();
+        let busy = Metrics::value(&text, r#"wsgi_worker_busy_seconds_total{service="app",worker="0"}"#);
+        assert!((busy - 0.05).abs() < 1e-9, "{busy}");
+        assert!(text.contains(r#"wsgi_worker_active_requests{service="app",worker="0"} 0"#));
+        // The next keep-alive request wrote its response in 10 ms and the connection went idle:
+        // busy only until its last write.
+        a.in_progress(3_500_000_000, &[ip(2_000_000_000, 3, 2_010_000_000)]);
+        let text = m.encode();
+        let busy = Metrics::value(&text, r#"wsgi_worker_busy_seconds_total{service="app",worker="0"}"#);
+        assert!((busy - 0.06).abs() < 1e-9, "busy {busy}: 10 ms more, not the idle second");
+        assert!(text.contains(r#"wsgi_worker_active_requests{service="app",worker="0"} 0"#), "idle after its last write");
+    }
+
+    #[test]
+    fn exit_reasons_from_wait_status_and_signals() {
+        let exited = |code: i32| code << 8;
+        assert_eq!(ExitReason::classify(exited(0), false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(exited(1), false), ExitReason::Crashed);
+        assert_eq!(ExitReason::classify(exited(1), true), ExitReason::Killed); // gunicorn on SIGABRT
+        assert_eq!(ExitReason::classify(libc::SIGKILL, false), ExitReason::Killed);
+        assert_eq!(ExitReason::classify(libc::SIGTERM, false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(libc::SIGSEGV | 0x80, false), ExitReason::Crashed);
+    }
+
+    #[test]
+    fn tiny_blocks_and_slow_writes_are_flagged() {
+        let m = Metrics::new();
+        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
+        let mut r = request("/bytes1", 7);
+        r.blocks = 102_400;
+        r.bytes = 6 * 102_400 + 100; // chunk framing around one-byte blocks
+        a.record(&r);
+        let mut r = request("/blocks", 7);
+        r.blocks = 1000;
+        r.bytes = 135_000;
+        a.record(&r);
+        let mut r = request("/slow", 7);
+        r.write_seconds = 0.04; // of 0.05
+        a.record(&r);
+        let text = m.encode();
+        assert!(text.contains(r#"wsgi_small_block_responses_total{service="app",route="/bytes1"} 1"#), "{text}");
+        assert!(!text.contains(r#"wsgi_small_block_responses_total{service="app",route="/blocks"}"#));
+        assert!(text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/slow"} 1"#));
+        assert!(!text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/bytes1"}"#));
     }
 }

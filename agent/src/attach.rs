@@ -8,7 +8,9 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use wsgiscope_common::{conn_key, ConnState, STAT_COUNT};
+use wsgiscope_common::{conn_key, ConnState, CONN_IN_REQUEST, STAT_COUNT};
+
+use crate::aggregate::InProgress;
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -42,8 +44,35 @@ const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_exit_ppoll",
     "sys_enter_close",
     "sys_enter_shutdown",
+    "sys_enter_wait4",
+    "sys_exit_wait4",
 ];
 const SCHED_PROGRAMS: &[&str] = &["sched_process_fork", "sched_process_exit"];
+
+/// Tracepoints whose record layout the kernel programs read at fixed offsets: (category, name,
+/// [(field, offset)]). Checked against tracefs; a mismatch leaves that feature off, with a warning.
+const FIXED_LAYOUT_PROGRAMS: &[(&str, &str, &[(&str, u32)], &str)] = &[
+    (
+        "sock",
+        "inet_sock_set_state",
+        &[
+            ("oldstate", 16),
+            ("newstate", 20),
+            ("dport", 26),
+            ("family", 28),
+            ("protocol", 30),
+            ("daddr", 36),
+            ("daddr_v6", 56),
+        ],
+        "the accept-queue wait (wsgi_accept_wait_seconds)",
+    ),
+    (
+        "signal",
+        "signal_generate",
+        &[("sig", 8), ("pid", 36)],
+        "telling killed workers from crashed ones (wsgi_worker_exits_total)",
+    ),
+];
 
 /// The loaded and attached kernel side, with the maps the agent reads.
 pub struct Probes {
@@ -83,7 +112,8 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?;
         let (decl, rest) = decl.split_once(';')?;
-        let name = decl.split_whitespace().last()?.trim_start_matches('*');
+        // `__u8 daddr[4]` declares `daddr`.
+        let name = decl.split_whitespace().last()?.trim_start_matches('*').split('[').next()?;
         if name != field {
             return None;
         }
@@ -96,6 +126,23 @@ fn sched_format(event: &str) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| {
         format!("cannot read {path}: this kernel lacks the sched tracepoints wsgiscope needs")
     })
+}
+
+/// Attaches a program that reads its tracepoint at fixed offsets, after checking them.
+fn attach_fixed_layout(ebpf: &mut Ebpf, category: &str, name: &str, fields: &[(&str, u32)]) -> Result<()> {
+    let path = format!("{TRACEFS}/events/{category}/{name}/format");
+    let format = std::fs::read_to_string(&path).with_context(|| format!("this kernel has no {path}"))?;
+    for (field, want) in fields {
+        let got = field_offset(&format, field);
+        if got != Some(*want) {
+            bail!("field {field} is at {got:?} in {path}, the kernel program expects {want}");
+        }
+    }
+    let prog: &mut TracePoint =
+        ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?.try_into()?;
+    prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+    prog.attach(category, name).with_context(|| format!("attaching tracepoint {category}/{name} failed"))?;
+    Ok(())
 }
 
 /// Effective capabilities of this process (bit n = capability n).
@@ -163,6 +210,11 @@ impl Probes {
                 })?;
             }
         }
+        for (category, name, fields, feature) in FIXED_LAYOUT_PROGRAMS {
+            if let Err(e) = attach_fixed_layout(&mut ebpf, category, name, fields) {
+                log::warn!("{category}/{name} unavailable, so {feature} is not measured: {e:#}");
+            }
+        }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
@@ -196,6 +248,23 @@ impl Probes {
         out
     }
 
+    /// The requests in progress: connections of traced processes with a request started and
+    /// not yet ended.
+    pub fn in_progress(&self) -> Vec<InProgress> {
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.flags & CONN_IN_REQUEST != 0)
+            .map(|(k, c)| InProgress {
+                tgid: (k >> 32) as u32,
+                fd: k as u32,
+                start_ns: c.agg.start_ns,
+                write_calls: c.agg.write_calls,
+                last_write_ns: c.agg.last_write_ns,
+            })
+            .collect()
+    }
+
     /// Kernel-side counters (`STAT_*`), summed over CPUs.
     pub fn stats(&self) -> [u64; STAT_COUNT as usize] {
         let mut out = [0u64; STAT_COUNT as usize];
@@ -227,5 +296,8 @@ format:
         assert_eq!(field_offset(FORK, "parent_pid"), Some(12));
         assert_eq!(field_offset(FORK, "child_comm"), Some(16));
         assert_eq!(field_offset(FORK, "group_dead"), None);
+        let sock = "\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;\n\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;\n";
+        assert_eq!(field_offset(sock, "daddr"), Some(36));
+        assert_eq!(field_offset(sock, "protocol"), Some(30));
     }
 }

@@ -1,6 +1,9 @@
 //! The attached session: read the kernel's records and carry each through reconstruct and
 //! aggregate, follow workers as they fork and exit, keep /metrics up until told to stop.
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
 use log::{info, warn};
@@ -12,7 +15,7 @@ use tokio::{
 use wsgiscope_common::{RequestEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::{
-    aggregate::Aggregator,
+    aggregate::{Aggregator, ExitReason},
     attach::Probes,
     cli::AttachArgs,
     discover::{self, ServerKind, Target},
@@ -53,6 +56,10 @@ struct Session<'m> {
     agg: Aggregator<'m>,
     /// Children not yet known to be workers (a mod_wsgi daemon retitles itself after fork).
     undecided: Vec<u32>,
+    /// Processes SIGKILL or SIGABRT was sent to, and when.
+    kill_signalled: HashMap<u32, u64>,
+    /// Workers that exited, until their master reaps them (the wait status tells why).
+    exited_workers: HashSet<u32>,
     master_exited: bool,
 }
 
@@ -71,10 +78,18 @@ impl Session<'_> {
     }
 
     fn request(&mut self, ev: &RequestEvent) {
-        let Some(r) = reconstruct::reconstruct(self.kind, ev) else {
+        let Some(mut r) = reconstruct::reconstruct(self.kind, ev) else {
             self.agg.unparsed();
             return;
         };
+        // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
+        // wrote after (gunicorn's error page on its --timeout), the request was aborted.
+        if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {
+            let end = r.start_ns + (r.duration * 1e9) as u64;
+            if r.start_ns <= killed_at && killed_at <= end {
+                r.status = "aborted".to_string();
+            }
+        }
         match r.protocol {
             // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
             Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
@@ -105,12 +120,36 @@ impl Session<'_> {
                 self.undecided.retain(|&p| p != tgid);
                 if tgid == self.master {
                     self.master_exited = true;
-                } else {
-                    self.agg.worker_exited(tgid);
+                } else if self.agg.worker_exited(tgid) {
+                    self.exited_workers.insert(tgid);
+                }
+            }
+            Event::Signal { tgid, sig, ts_ns } => {
+                info!("process {tgid} was sent signal {sig}");
+                self.kill_signalled.entry(tgid).or_insert(ts_ns);
+            }
+            Event::Reap { parent: _, child, status } => {
+                let signalled = self.kill_signalled.remove(&child).is_some();
+                if self.exited_workers.remove(&child) {
+                    let reason = ExitReason::classify(status, signalled);
+                    info!("worker {child} exited: {} (wait status {status:#x})", reason.as_str());
+                    self.agg.worker_exit(reason);
                 }
             }
         }
     }
+}
+
+/// Every record waiting in the ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        match reconstruct::decode(item.as_ref()) {
+            Some(ev) => batch.push(ev),
+            None => warn!("ignored a malformed kernel record of {} bytes", item.len()),
+        }
+    }
+    batch
 }
 
 /// `wsgiscope attach`: runs until SIGINT/SIGTERM or until the server's master exits.
@@ -133,6 +172,8 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
         http_is_relay: target.http_relayed,
         agg: Aggregator::new(&metrics, &target.service, &target.kind.to_string(), args.per_worker, args.max_routes),
         undecided: Vec::new(),
+        kill_signalled: HashMap::new(),
+        exited_workers: HashSet::new(),
         master_exited: false,
     };
     // Rescanned after tracing began: a worker forked since discovery is among them.
@@ -169,20 +210,18 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                let mut batch = Vec::new();
-                while let Some(item) = ring.next() {
-                    match reconstruct::decode(item.as_ref()) {
-                        Some(ev) => batch.push(ev),
-                        None => warn!("ignored a malformed kernel record of {} bytes", item.len()),
-                    }
-                }
+                let batch = drain(guard.get_inner_mut());
                 guard.clear_ready();
                 for ev in batch {
                     session.handle(ev, &mut probes);
                 }
             }
             _ = tick.tick() => {
+                // Records first, so a request that just ended is not also seen in progress.
+                for ev in drain(events.get_mut()) {
+                    session.handle(ev, &mut probes);
+                }
+                session.agg.in_progress(monotonic_ns(), &probes.in_progress());
                 session.agg.kernel_stats(probes.stats());
                 session.decide();
             }

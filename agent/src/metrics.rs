@@ -17,6 +17,8 @@ const WRITE_BUCKETS: &[f64] =
 const BLOCK_BUCKETS: &[f64] =
     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0];
 const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+const ACCEPT_WAIT_BUCKETS: &[f64] =
+    &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 fn latency() -> Histogram {
     Histogram::new(LATENCY_BUCKETS.iter().copied())
@@ -29,6 +31,9 @@ fn blocks() -> Histogram {
 }
 fn bytes() -> Histogram {
     Histogram::new(BYTE_BUCKETS.iter().copied())
+}
+fn accept_wait() -> Histogram {
+    Histogram::new(ACCEPT_WAIT_BUCKETS.iter().copied())
 }
 
 pub struct Metrics {
@@ -46,6 +51,13 @@ pub struct Metrics {
     pub worker_write_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     pub worker_info: Family<Labels, Gauge>,
     pub workers: Family<Labels, Gauge>,
+    pub worker_busy: Family<Labels, Counter<f64, AtomicU64>>,
+    pub worker_active: Family<Labels, Gauge>,
+    pub worker_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub worker_exits: Family<Labels, Counter>,
+    pub accept_wait: Histograms,
+    pub small_blocks: Family<Labels, Counter>,
+    pub slow_clients: Family<Labels, Counter>,
     pub lost_events: Family<Labels, Counter>,
     pub unparsed: Family<Labels, Counter>,
     pub relayed: Family<Labels, Counter>,
@@ -74,6 +86,13 @@ impl Metrics {
             worker_write_seconds: Family::default(),
             worker_info: Family::default(),
             workers: Family::default(),
+            worker_busy: Family::default(),
+            worker_active: Family::default(),
+            worker_oldest: Family::default(),
+            worker_exits: Family::default(),
+            accept_wait: Family::new_with_constructor(accept_wait),
+            small_blocks: Family::default(),
+            slow_clients: Family::default(),
             lost_events: Family::default(),
             unparsed: Family::default(),
             relayed: Family::default(),
@@ -126,6 +145,37 @@ impl Metrics {
         r.register("wsgi_worker_info", "Process currently holding a worker slot (value 1)", m.worker_info.clone());
         r.register("wsgi_workers", "Worker processes alive", m.workers.clone());
         r.register(
+            "wsgi_worker_busy_seconds",
+            "Time a worker slot had a request in progress (summed over threads); rate() is utilization",
+            m.worker_busy.clone(),
+        );
+        r.register("wsgi_worker_active_requests", "Requests in progress on a worker slot", m.worker_active.clone());
+        r.register(
+            "wsgi_worker_oldest_request_seconds",
+            "Age of the oldest request in progress on a worker slot (0 when idle)",
+            m.worker_oldest.clone(),
+        );
+        r.register(
+            "wsgi_worker_exits",
+            "Worker exits by cause: recycled (clean exit), killed (SIGKILL/SIGABRT, e.g. a timeout), crashed",
+            m.worker_exits.clone(),
+        );
+        r.register(
+            "wsgi_accept_wait_seconds",
+            "TCP connection established to accepted by a worker: time queued waiting for a free worker",
+            m.accept_wait.clone(),
+        );
+        r.register(
+            "wsgi_small_block_responses",
+            "Responses of many tiny blocks (a str/bytes returned as the iterable, or tiny yields)",
+            m.small_blocks.clone(),
+        );
+        r.register(
+            "wsgi_slow_client_responses",
+            "Responses whose write time was more than half their duration (the reader was slow)",
+            m.slow_clients.clone(),
+        );
+        r.register(
             "wsgiscope_lost_events",
             "Requests the kernel side could not record (ring buffer or connection table full)",
             m.lost_events.clone(),
@@ -141,6 +191,13 @@ impl Metrics {
             m.relayed.clone(),
         );
         Metrics { registry: r, ..m }
+    }
+
+    /// The value of one series in exposition `text` (0 when absent): for tests and logs.
+    pub fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// The exposition text (OpenMetrics).

@@ -17,6 +17,10 @@ pub const RESP_HEAD_LEN: usize = 256;
 pub const EVENT_REQUEST: u32 = 1;
 pub const EVENT_FORK: u32 = 2;
 pub const EVENT_EXIT: u32 = 3;
+/// SIGKILL or SIGABRT generated for a traced process (`ProcessEvent::child` = signal).
+pub const EVENT_SIGNAL: u32 = 4;
+/// A traced process reaped a child (`ProcessEvent::child` = reaped pid, `status` = wait status).
+pub const EVENT_REAP: u32 = 5;
 
 /// Why a request record was emitted.
 pub const END_NEXT_REQUEST: u32 = 1;
@@ -30,6 +34,11 @@ pub const END_FD_REUSED: u32 = 5;
 pub const CONN_IN_REQUEST: u32 = 1;
 /// The server shut its side down: later reads are drains, not requests.
 pub const CONN_SHUT: u32 = 2;
+/// A request already started on this connection (a keep-alive request has no accept wait).
+pub const CONN_SERVED: u32 = 4;
+
+/// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
+pub const AGG_ACCEPT_WAIT: u16 = 1;
 
 /// Indices of the per-CPU `STATS` counters.
 pub const STAT_RINGBUF_FULL: u32 = 0;
@@ -47,6 +56,7 @@ pub const OP_SENDMSG: u32 = 6; // sendmsg
 pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
 pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
 pub const OP_ACCEPT: u32 = 9; // accept/accept4: buf is the peer sockaddr pointer (may be NULL)
+pub const OP_WAIT: u32 = 10; // wait4: buf is the status pointer (may be NULL)
 
 /// Key of the connection table: one entry per accepted socket of a traced process.
 #[inline(always)]
@@ -84,7 +94,10 @@ pub struct RequestAgg {
     /// Address family of the accepted socket (AF_UNIX 1, AF_INET 2, AF_INET6 10; 0 unknown):
     /// set at accept, kept across the requests of the connection.
     pub family: u16,
-    pub _pad: u16,
+    /// `AGG_*` bits.
+    pub flags: u16,
+    /// First request of a connection: TCP connection established → accepted by the worker.
+    pub accept_wait_ns: u64,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
@@ -138,9 +151,12 @@ pub struct ProcessEvent {
     pub kind: u32,
     /// Forking process, or exiting process.
     pub tgid: u32,
-    /// New task id (fork only).
+    /// New task id (fork), signal number (signal), reaped pid (reap).
     pub child: u32,
     pub root: u32,
+    /// Wait status (reap only).
+    pub status: i32,
+    pub _pad: u32,
     pub ts_ns: u64,
 }
 

@@ -1,13 +1,32 @@
 //! Accepted sockets of traced processes become connections, with their address family
 //! (the transport: TCP or a UNIX socket).
 use aya_ebpf::programs::TracePointContext;
-use wsgiscope_common::{conn_key, Pending, END_FD_REUSED, OP_ACCEPT, STAT_CONN_TABLE_FULL, STAT_PENDING_TABLE_FULL};
+use wsgiscope_common::{
+    conn_key, Pending, AGG_ACCEPT_WAIT, END_FD_REUSED, OP_ACCEPT, STAT_CONN_TABLE_FULL, STAT_PENDING_TABLE_FULL,
+};
 
 use crate::{
     conn::{finish_request, now},
-    maps::{bump, root_of, CONNS, PENDING, SCRATCH},
+    maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, PENDING, SCRATCH},
     syscall::{arg, pid_tgid, programs, read_user, ret, take},
 };
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The peer of an accepted TCP socket, from the sockaddr accept filled in.
+#[inline(always)]
+fn peer(family: u16, addr: u64) -> Option<PeerKey> {
+    let mut key = PeerKey { addr: [0; 16], port: 0, _pad: 0 };
+    let port = read_user::<[u8; 2]>(addr + 2)?;
+    key.port = u16::from_be_bytes(port) as u32;
+    match family {
+        AF_INET => key.addr[..4].copy_from_slice(&read_user::<[u8; 4]>(addr + 4)?),
+        AF_INET6 => key.addr = read_user::<[u8; 16]>(addr + 8)?,
+        _ => return None,
+    }
+    Some(key)
+}
 
 /// Remembers where accept will write the peer address: its first field is the family.
 #[inline(always)]
@@ -24,8 +43,8 @@ fn accept_enter(ctx: &TracePointContext) {
 
 #[inline(always)]
 fn accepted(ctx: &TracePointContext) {
-    let family = match take() {
-        Some(p) if p.op == OP_ACCEPT && p.buf != 0 => read_user::<u16>(p.buf).unwrap_or(0),
+    let addr = match take() {
+        Some(p) if p.op == OP_ACCEPT => p.buf,
         _ => 0,
     };
     let (_, tgid) = pid_tgid();
@@ -34,10 +53,21 @@ fn accepted(ctx: &TracePointContext) {
     if fd < 0 {
         return;
     }
+    let ts = now();
+    let family = if addr != 0 { read_user::<u16>(addr).unwrap_or(0) } else { 0 };
+    // How long the connection waited in the listen queue for a worker.
+    let mut wait = None;
+    if let Some(k) = peer(family, addr) {
+        // SAFETY: u64 value copied out at once.
+        if let Some(est) = unsafe { ESTABLISHED.get(&k) }.copied() {
+            wait = Some(ts.saturating_sub(est));
+            let _ = ESTABLISHED.remove(&k);
+        }
+    }
     let key = conn_key(tgid, fd as u32);
     if let Some(old) = CONNS.get_ptr_mut(&key) {
         // SAFETY: map value pointer valid for this program run.
-        finish_request(unsafe { &mut *old }, key, END_FD_REUSED, now());
+        finish_request(unsafe { &mut *old }, key, END_FD_REUSED, ts);
     }
     let Some(fresh) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch; only root, flags and family matter until a request starts.
@@ -48,6 +78,8 @@ fn accepted(ctx: &TracePointContext) {
         (*fresh).agg.req_head_len = 0;
         (*fresh).agg.resp_head_len = 0;
         (*fresh).agg.family = family;
+        (*fresh).agg.flags = if wait.is_some() { AGG_ACCEPT_WAIT } else { 0 };
+        (*fresh).agg.accept_wait_ns = wait.unwrap_or(0);
         if CONNS.insert(&key, &*fresh, 0).is_err() {
             bump(STAT_CONN_TABLE_FULL);
         }

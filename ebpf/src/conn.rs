@@ -4,8 +4,8 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use wsgiscope_common::{
-    ConnState, RequestEvent, CONN_IN_REQUEST, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN,
-    STAT_RINGBUF_FULL,
+    ConnState, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_SERVED, EVENT_REQUEST, REQ_HEAD_LEN,
+    RESP_HEAD_LEN, STAT_RINGBUF_FULL,
 };
 
 use crate::maps::{bump, EVENTS};
@@ -53,6 +53,12 @@ pub fn start_request(c: &mut ConnState, ts: u64, src: u64, n: u64) {
     a.req_head_len = 0;
     a.resp_head_len = 0;
     c.partial_left = 0;
+    // Only a connection's first request waited for accept.
+    if c.flags & CONN_SERVED != 0 {
+        a.flags &= !AGG_ACCEPT_WAIT;
+        a.accept_wait_ns = 0;
+    }
+    c.flags |= CONN_SERVED;
     append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, n);
     c.flags |= CONN_IN_REQUEST;
 }

@@ -3,7 +3,8 @@
 //!
 //! Modules follow the hook families: `process` (fork/exit: which processes are traced),
 //! `accept` (which sockets are connections), `read` (request start and request bytes),
-//! `write` (response writes), `close` (close and shutdown end a request).
+//! `write` (response writes), `close` (close and shutdown end a request), `tcp` (handshakes
+//! completed, for the accept-queue wait), `signal` (workers killed from outside).
 //! `conn` holds the connection-state helpers they share, `maps` the maps.
 #![no_std]
 #![no_main]
@@ -14,7 +15,9 @@ mod conn;
 mod maps;
 mod process;
 mod read;
+mod signal;
 mod syscall;
+mod tcp;
 mod write;
 
 #[cfg(not(test))]

@@ -1,7 +1,7 @@
 //! The maps shared by all hook families (and read by the agent).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use wsgiscope_common::{ConnState, Pending, STAT_COUNT};
 
@@ -25,6 +25,20 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 /// Per-CPU counters of what could not be recorded (`STAT_*`).
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// A TCP peer as the server sees it: address (IPv4 in the first 4 bytes) and port (host order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerKey {
+    pub addr: [u8; 16],
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// TCP connections established on this node, not yet accepted: peer → time (ns). LRU, because
+/// most are accepted by processes wsgiscope does not trace and never taken out.
+#[map]
+pub static ESTABLISHED: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Room to build a `ConnState` (too large for the 512-byte BPF stack).
 #[map]

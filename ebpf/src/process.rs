@@ -1,12 +1,14 @@
 //! Which processes are traced: the attached master and every descendant, followed on fork in
 //! the kernel (a worker forked between two agent polls keeps its first request).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{ProcessEvent, EVENT_EXIT, EVENT_FORK, STAT_RINGBUF_FULL};
+use wsgiscope_common::{
+    Pending, ProcessEvent, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL,
+};
 
 use crate::{
     conn::now,
     maps::{bump, root_of, EVENTS, PENDING, TRACED},
-    syscall::pid_tgid,
+    syscall::{arg, pid_tgid, programs, read_user, ret, take},
 };
 
 /// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs.
@@ -16,8 +18,8 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 #[unsafe(no_mangle)]
 static EXIT_GROUP_DEAD_OFFSET: u32 = 32;
 
-fn emit(kind: u32, tgid: u32, child: u32, root: u32) {
-    let ev = ProcessEvent { kind, tgid, child, root, ts_ns: now() };
+pub fn emit(kind: u32, tgid: u32, child: u32, root: u32, status: i32) {
+    let ev = ProcessEvent { kind, tgid, child, root, status, _pad: 0, ts_ns: now() };
     if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
         bump(STAT_RINGBUF_FULL);
     }
@@ -32,7 +34,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let Ok(child) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
     // The child may be a thread; its tid in TRACED is harmless and removed when it exits.
     let _ = TRACED.insert(&child, &root, 0);
-    emit(EVENT_FORK, parent, child, root);
+    emit(EVENT_FORK, parent, child, root, 0);
     0
 }
 
@@ -54,7 +56,37 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead {
         // The agent ends requests still open on this process's sockets.
         let _ = TRACED.remove(&tgid);
-        emit(EVENT_EXIT, tgid, 0, root);
+        emit(EVENT_EXIT, tgid, 0, root, 0);
     }
     0
 }
+
+/// The master reaping a worker tells how it ended (exit code or signal): wait4's status.
+#[inline(always)]
+fn wait_enter(ctx: &TracePointContext) {
+    let (id, tgid) = pid_tgid();
+    if root_of(tgid).is_none() {
+        return;
+    }
+    let p = Pending { key: 0, buf: arg(ctx, 1), len: 0, enter_ns: 0, op: OP_WAIT, _pad: 0 };
+    if PENDING.insert(&id, &p, 0).is_err() {
+        bump(STAT_PENDING_TABLE_FULL);
+    }
+}
+
+#[inline(always)]
+fn wait_done(ctx: &TracePointContext) {
+    let Some(p) = take() else { return };
+    let reaped = ret(ctx);
+    if p.op != OP_WAIT || p.buf == 0 || reaped <= 0 {
+        return;
+    }
+    let (_, tgid) = pid_tgid();
+    let Some(root) = root_of(tgid) else { return };
+    if let Some(status) = read_user::<i32>(p.buf) {
+        emit(EVENT_REAP, tgid, reaped as u32, root, status);
+    }
+}
+
+programs!(sys_enter_wait4 => |ctx| wait_enter(&ctx));
+programs!(sys_exit_wait4 => |ctx| wait_done(&ctx));

@@ -29,9 +29,12 @@ def hello(environ, start_response):
 
 
 def sleep(environ, start_response):
-    time.sleep(0.05)
+    # /sleep?ms=N sleeps N ms (default 50).
+    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    ms = int(query.get("ms", "50"))
+    time.sleep(ms / 1000)
     start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"slept 50 ms"]
+    return [b"slept %d ms" % ms]
 
 
 def hang(environ, start_response):

@@ -382,6 +382,10 @@ impl Agent {
         last
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM and wait: returns the exit code.
     pub fn stop(&mut self) -> i32 {
         signal(self.child.id(), libc::SIGTERM);
@@ -564,18 +568,30 @@ impl Metrics {
 }
 
 /// Tracepoint programs held open by any process (the agent's go when it exits: they are not pinned).
-pub fn loaded_tracepoint_programs() -> Vec<String> {
+/// IDs of the tracepoint programs process `pid` holds open.
+pub fn tracepoint_program_ids(pid: u32) -> Vec<u32> {
     const BPF_PROG_TYPE_TRACEPOINT: &str = "prog_type:\t5\n";
-    let mut found = Vec::new();
-    for pid in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for fd in fds.filter_map(|e| e.ok()) {
-            let is_prog = std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf-prog");
-            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-            if is_prog && std::fs::read_to_string(info).unwrap_or_default().contains(BPF_PROG_TYPE_TRACEPOINT) {
-                found.push(format!("pid {pid} fd {}", fd.file_name().to_string_lossy()));
-            }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let mut ids = Vec::new();
+    for fd in fds.filter_map(|e| e.ok()) {
+        let is_prog = std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf-prog");
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+            .unwrap_or_default();
+        if is_prog && info.contains(BPF_PROG_TYPE_TRACEPOINT) {
+            ids.extend(info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse::<u32>().ok()));
         }
     }
-    found
+    ids
+}
+
+/// Is a BPF program with this ID still loaded anywhere in the kernel (BPF_PROG_GET_FD_BY_ID)?
+pub fn bpf_program_exists(id: u32) -> bool {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    let attr: [u32; 4] = [id, 0, 0, 0];
+    // SAFETY: bpf(2) reads `attr` (prog_id, next_id, open_flags) and returns an fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_ptr(), size_of_val(&attr)) };
+    if fd >= 0 {
+        unsafe { libc::close(fd as i32) };
+    }
+    fd >= 0
 }

@@ -2,7 +2,7 @@
 //! middleware and the bytes the client received.
 use std::collections::{BTreeMap, BTreeSet};
 
-use wsgiscope_integration::{get, loaded_tracepoint_programs, serial, Agent, Metrics, Server};
+use wsgiscope_integration::{bpf_program_exists, get, serial, tracepoint_program_ids, Agent, Metrics, Server};
 
 
 /// Routes of tests/apps/testapp.py and how many requests each gets.
@@ -27,9 +27,10 @@ fn gunicorn_sync_exact_per_request_records() {
     let _serial = serial();
     let mut server = Server::gunicorn(&["-w", "2", "-k", "sync"]).unwrap();
     server.wait_workers(2).unwrap();
-    let programs_before = loaded_tracepoint_programs();
     let mut agent = Agent::attach(server.master(), &[]).unwrap();
-    assert!(loaded_tracepoint_programs().len() > programs_before.len(), "the agent's programs are seen");
+    let programs = tracepoint_program_ids(agent.pid());
+    assert!(programs.len() >= 30, "the agent's tracepoint programs: {programs:?}");
+    assert!(programs.iter().all(|&id| bpf_program_exists(id)));
     assert!(agent.log_text().contains("2 workers"), "summary line: {}", agent.log_text());
 
     let mut sent: BTreeMap<&str, Sent> = BTreeMap::new();
@@ -99,9 +100,10 @@ fn gunicorn_sync_exact_per_request_records() {
     assert_eq!(m.sum("wsgiscope_lost_events_total", &[]), 0.0);
     assert_eq!(m.sum("wsgiscope_unparsed_requests_total", &[]), 0.0);
 
-    // Clean detach on SIGTERM: exit 0 and no tracepoint program left in the kernel.
+    // Clean detach on SIGTERM: exit 0 and none of its programs left in the kernel.
     assert_eq!(agent.stop(), 0, "agent log: {}", agent.log_text());
-    assert_eq!(loaded_tracepoint_programs(), programs_before);
+    let left: Vec<u32> = programs.into_iter().filter(|&id| bpf_program_exists(id)).collect();
+    assert!(left.is_empty(), "programs still loaded after detach: {left:?}");
     server.stop();
 }
 
@@ -135,6 +137,13 @@ fn recycled_workers_are_followed_and_slots_reused() {
         pids == server.workers() && m.sum("wsgi_workers", &[]) == 2.0
     });
     assert_eq!(m.series("wsgi_worker_info", &[]).count(), 2);
+
+    // Every worker that is gone exited by itself after its 5 requests: recycled.
+    let alive = server.workers();
+    let exited = pids.iter().filter(|p| !alive.contains(p)).count() as f64;
+    let m = agent.metrics_when("the recycled exits", |m| m.sum("wsgi_worker_exits_total", &[]) >= exited);
+    assert_eq!(m.sum("wsgi_worker_exits_total", &[("reason", "recycled")]), exited, "{}", m.text);
+    assert_eq!(m.sum("wsgi_worker_exits_total", &[]), exited);
 }
 
 #[test]
@@ -151,10 +160,15 @@ fn worker_killed_mid_request_is_recorded_once_and_replaced() {
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     assert!(client.join().unwrap().is_err(), "the client saw the connection die");
 
-    // The open request is ended by the process exit: one record, no response.
-    let m = agent.metrics_when("the killed request", |m| m.sum("wsgi_requests_total", &[("route", "/hang")]) >= 1.0);
-    assert_eq!(m.sum("wsgi_requests_total", &[("route", "/hang"), ("status", "none")]), 1.0);
+    // The open request is ended by the process exit: one record, aborted, no response; the
+    // master reaps the worker, which was killed.
+    let m = agent.metrics_when("the killed request and worker", |m| {
+        m.sum("wsgi_requests_total", &[("route", "/hang")]) >= 1.0 && m.sum("wsgi_worker_exits_total", &[]) >= 1.0
+    });
+    assert_eq!(m.sum("wsgi_requests_total", &[("route", "/hang"), ("status", "aborted")]), 1.0);
     assert_eq!(m.sum("wsgi_response_write_calls_total", &[("route", "/hang")]), 0.0);
+    assert_eq!(m.sum("wsgi_worker_exits_total", &[("reason", "killed")]), 1.0, "{}", m.text);
+    assert_eq!(m.sum("wsgi_worker_exits_total", &[]), 1.0);
 
     // gunicorn forks a replacement; it takes the freed slot 0 and its requests count.
     server.wait_workers(1).unwrap();

@@ -5,7 +5,10 @@ pub mod http;
 pub mod modwsgi;
 pub mod uwsgi;
 
-use wsgiscope_common::{ProcessEvent, RequestEvent, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{
+    ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXIT, EVENT_FORK, EVENT_REAP, EVENT_REQUEST,
+    EVENT_SIGNAL, REQ_HEAD_LEN, RESP_HEAD_LEN,
+};
 
 use crate::discover::ServerKind;
 
@@ -14,6 +17,10 @@ pub enum Event {
     Request(Box<RequestEvent>),
     Fork { parent: u32, child: u32 },
     Exit { tgid: u32 },
+    /// SIGKILL or SIGABRT generated for a traced process, at `ts_ns`.
+    Signal { tgid: u32, sig: i32, ts_ns: u64 },
+    /// `parent` reaped `child`; `status` as wait4 gives it.
+    Reap { parent: u32, child: u32, status: i32 },
 }
 
 /// Decodes one ring-buffer record; `None` for a record of unknown kind or size.
@@ -25,13 +32,14 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
             let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RequestEvent>()) };
             Some(Event::Request(Box::new(ev)))
         }
-        EVENT_FORK | EVENT_EXIT if bytes.len() >= size_of::<ProcessEvent>() => {
+        EVENT_FORK | EVENT_EXIT | EVENT_SIGNAL | EVENT_REAP if bytes.len() >= size_of::<ProcessEvent>() => {
             // SAFETY: as above.
             let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
-            Some(if kind == EVENT_FORK {
-                Event::Fork { parent: ev.tgid, child: ev.child }
-            } else {
-                Event::Exit { tgid: ev.tgid }
+            Some(match kind {
+                EVENT_FORK => Event::Fork { parent: ev.tgid, child: ev.child },
+                EVENT_EXIT => Event::Exit { tgid: ev.tgid },
+                EVENT_SIGNAL => Event::Signal { tgid: ev.tgid, sig: ev.child as i32, ts_ns: ev.ts_ns },
+                _ => Event::Reap { parent: ev.tgid, child: ev.child, status: ev.status },
             })
         }
         _ => None,
@@ -132,6 +140,9 @@ pub fn parse_request_head(head: &[u8]) -> Option<(Protocol, String, String, Opti
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     pub tgid: u32,
+    /// The connection and start time: identify the request while it is in progress.
+    pub fd: u32,
+    pub start_ns: u64,
     pub protocol: Protocol,
     pub transport: Transport,
     /// REMOTE_ADDR passed by a front end (never exported as a label).
@@ -139,8 +150,10 @@ pub struct Request {
     pub method: String,
     /// Path without query string.
     pub path: String,
-    /// Status code, or `none` when nothing was written.
+    /// Status code; `none` when nothing was written; `aborted` when the worker died during it.
     pub status: String,
+    /// First request of a TCP connection: established → accepted (seconds).
+    pub accept_wait: Option<f64>,
     /// First request byte read → last response byte written (seconds).
     pub duration: f64,
     /// Time inside write-family syscalls (seconds).
@@ -169,6 +182,8 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         _ => http::parse_status(resp_head),
     };
     let status = match code {
+        // The worker died with the request open (killed, crashed): whatever it had written.
+        _ if ev.end_reason == END_PROCESS_EXIT => "aborted".to_string(),
         Some(code) => code.to_string(),
         None if a.write_calls == 0 => "none".to_string(),
         None => "unknown".to_string(),
@@ -177,12 +192,15 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let end = if a.write_calls > 0 { a.last_write_ns } else { ev.end_ns };
     Some(Request {
         tgid: ev.tgid,
+        fd: ev.fd,
+        start_ns: a.start_ns,
         protocol,
         transport: Transport::from_family(a.family),
         client,
         method,
         path,
         status,
+        accept_wait: (a.flags & AGG_ACCEPT_WAIT != 0).then(|| a.accept_wait_ns as f64 / 1e9),
         duration: end.saturating_sub(a.start_ns) as f64 / 1e9,
         write_seconds: a.write_ns as f64 / 1e9,
         write_calls: a.write_calls as u64,

@@ -1,0 +1,28 @@
+//! Signals that end a worker from outside: SIGKILL (gunicorn after its graceful timeout, uWSGI
+//! harakiri, the OOM killer, an operator) and SIGABRT (gunicorn's `--timeout`). The exit status
+//! alone cannot tell them apart from a crash: gunicorn workers exit(1) on SIGABRT.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::EVENT_SIGNAL;
+
+use crate::{maps::root_of, process::emit};
+
+/// signal:signal_generate field offsets (stable since 4.x; the agent checks them in tracefs).
+const SIG_OFFSET: usize = 8;
+const PID_OFFSET: usize = 36;
+
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    const SIGABRT: i32 = 6;
+    const SIGKILL: i32 = 9;
+    // SAFETY: in-bounds fields of the record.
+    let (Ok(sig), Ok(pid)) = (unsafe { ctx.read_at::<i32>(SIG_OFFSET) }, unsafe { ctx.read_at::<u32>(PID_OFFSET) }) else {
+        return 0;
+    };
+    if sig != SIGKILL && sig != SIGABRT {
+        return 0;
+    }
+    if let Some(root) = root_of(pid) {
+        emit(EVENT_SIGNAL, pid, sig as u32, root, 0);
+    }
+    0
+}
