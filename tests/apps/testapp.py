@@ -23,6 +23,10 @@ def _file():
     return _file_path
 
 
+def _query(environ):
+    return dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+
+
 def hello(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"Hello World!"]
@@ -30,8 +34,7 @@ def hello(environ, start_response):
 
 def sleep(environ, start_response):
     # /sleep?ms=N sleeps N ms (default 50).
-    query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
-    ms = int(query.get("ms", "50"))
+    ms = int(_query(environ).get("ms", "50"))
     time.sleep(ms / 1000)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"slept %d ms" % ms]
@@ -61,8 +64,9 @@ def bytes1(environ, start_response):
 
 
 def big(environ, start_response):
+    # One block of /big?mb=N MiB (default 1).
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    return [b"B" * (1024 * 1024)]
+    return [b"B" * (int(_query(environ).get("mb", "1")) * 1024 * 1024)]
 
 
 def error(environ, start_response):

@@ -135,3 +135,26 @@ fn one_byte_blocks_trip_the_small_block_pathology_and_128_byte_blocks_do_not() {
     assert_eq!(log.matches("route /bytes1 answered in 102400 blocks").count(), 1, "{log}");
     assert!(log.contains("str/bytes object as the response iterable"), "{log}");
 }
+
+#[test]
+fn a_client_that_reads_late_is_a_slow_client() {
+    let _serial = serial();
+    let server = Server::gunicorn(&["-w", "1"]).unwrap();
+    server.wait_workers(1).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    // 64 MiB do not fit the socket buffers of a reader that waits 500 ms before reading: the
+    // worker blocks in sendto for most of the request.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    write!(s, "GET /big?mb=64 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert!(raw.len() > 64 << 20);
+    // A prompt reader of the same response is not slow.
+    assert_eq!(get(server.port, "/hello").unwrap().status, 200);
+    let m = agent.metrics_when("2 requests", |m| m.sum("wsgi_requests_total", &[]) >= 2.0);
+    assert_eq!(m.sum("wsgi_slow_client_responses_total", &[("route", "/big")]), 1.0, "{}", m.text);
+    assert_eq!(m.sum("wsgi_slow_client_responses_total", &[]), 1.0);
+    let write = m.sum("wsgi_response_write_seconds_sum", &[("route", "/big")]);
+    assert!(write >= 0.3, "the worker waited on the reader: {write} s");
+}
