@@ -9,6 +9,7 @@ use wsgiscope_common::{STAT_CONN_TABLE_FULL, STAT_COUNT, STAT_PENDING_TABLE_FULL
 use crate::{
     metrics::{Labels, Metrics},
     reconstruct::Request,
+    route::{route_of, Templates},
 };
 
 /// Stable worker slots: a new worker takes the lowest free slot; an exiting one frees it.
@@ -72,6 +73,39 @@ pub struct InProgress {
     pub last_write_ns: u64,
 }
 
+/// The kernel's loss counters (monotonic per-CPU totals), folded into
+/// `wsgiscope_lost_events_total`: one for the whole agent.
+pub struct KernelStats<'m> {
+    metrics: &'m Metrics,
+    seen: [u64; STAT_COUNT as usize],
+}
+
+impl<'m> KernelStats<'m> {
+    const REASONS: [(u32, &'static str); 3] = [
+        (STAT_RINGBUF_FULL, "ringbuf_full"),
+        (STAT_CONN_TABLE_FULL, "conn_table_full"),
+        (STAT_PENDING_TABLE_FULL, "pending_table_full"),
+    ];
+
+    pub fn new(metrics: &'m Metrics) -> Self {
+        for (_, reason) in Self::REASONS {
+            let _ = metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]);
+        }
+        KernelStats { metrics, seen: [0; STAT_COUNT as usize] }
+    }
+
+    pub fn update(&mut self, totals: [u64; STAT_COUNT as usize]) {
+        for (stat, reason) in Self::REASONS {
+            let i = stat as usize;
+            let delta = totals[i].saturating_sub(self.seen[i]);
+            self.seen[i] = totals[i].max(self.seen[i]);
+            if delta > 0 {
+                self.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]).inc_by(delta);
+            }
+        }
+    }
+}
+
 /// Identifies a request while it runs and when its record arrives: (tgid, fd, start).
 type RequestKey = (u32, u32, u64);
 
@@ -125,12 +159,29 @@ struct Wire {
 
 const UNKNOWN_WIRE: Wire = Wire { protocol: "unknown", transport: "unknown" };
 
+/// How requests are counted: the same for every server the agent watches.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Add the worker slot to the per-request series.
+    pub per_worker: bool,
+    /// Distinct routes per service; the rest are `route="other"`.
+    pub max_routes: usize,
+    pub templates: Templates,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { per_worker: false, max_routes: DEFAULT_MAX_ROUTES, templates: Templates::default() }
+    }
+}
+
 pub struct Aggregator<'m> {
     metrics: &'m Metrics,
-    service: String,
+    /// `service` and, for a server in a Kubernetes pod, `namespace`, `pod`, `container`: the
+    /// labels every series of this server starts with.
+    base: Labels,
     server: String,
-    per_worker: bool,
-    max_routes: usize,
+    options: Options,
     routes: HashSet<String>,
     slots: Slots,
     /// The info series exported per slot: (pid, wire).
@@ -139,7 +190,6 @@ pub struct Aggregator<'m> {
     /// to speak (all workers of a server share its sockets).
     wire: Wire,
     frontends: HashSet<u32>,
-    kernel_seen: [u64; STAT_COUNT as usize],
     /// Busy seconds already credited to requests still in progress.
     busy_credited: HashMap<RequestKey, f64>,
     /// Requests in progress at the last scan.
@@ -149,19 +199,18 @@ pub struct Aggregator<'m> {
 }
 
 impl<'m> Aggregator<'m> {
-    pub fn new(metrics: &'m Metrics, service: &str, server: &str, per_worker: bool, max_routes: usize) -> Self {
+    /// `base`: the labels that identify the server (`service` first).
+    pub fn new(metrics: &'m Metrics, base: Labels, server: &str, options: Options) -> Self {
         let a = Aggregator {
             metrics,
-            service: service.to_string(),
+            base,
             server: server.to_string(),
-            per_worker,
-            max_routes,
+            options,
             routes: HashSet::new(),
             slots: Slots::default(),
             info: HashMap::new(),
             wire: UNKNOWN_WIRE,
             frontends: HashSet::new(),
-            kernel_seen: [0; STAT_COUNT as usize],
             busy_credited: HashMap::new(),
             busy_seen: HashSet::new(),
             warned_routes: HashSet::new(),
@@ -172,20 +221,24 @@ impl<'m> Aggregator<'m> {
             let _ = a.metrics.worker_exits.get_or_create(&l);
         }
         a.metrics.workers.get_or_create(&a.service_labels()).set(0);
-        for reason in ["ringbuf_full", "conn_table_full", "pending_table_full"] {
-            let _ = a.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]);
-        }
+        let _ = a.metrics.route_overflow.get_or_create(&a.service_labels());
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
         let _ = a.metrics.relayed.get_or_create(&a.service_labels());
         a
     }
 
+    pub fn service(&self) -> &str {
+        &self.base[0].1
+    }
+
     fn service_labels(&self) -> Labels {
-        vec![("service", self.service.clone())]
+        self.base.clone()
     }
 
     fn worker_labels(&self, slot: usize) -> Labels {
-        vec![("service", self.service.clone()), ("worker", slot.to_string())]
+        let mut l = self.base.clone();
+        l.push(("worker", slot.to_string()));
+        l
     }
 
     fn info_labels(&self, slot: usize, pid: u32, wire: Wire) -> Labels {
@@ -246,15 +299,18 @@ impl<'m> Aggregator<'m> {
         true
     }
 
+    /// The route label: normalised or templated, then capped per service.
     fn route(&mut self, path: &str) -> String {
-        if self.routes.contains(path) {
-            return path.to_string();
+        let route = route_of(path, &self.options.templates);
+        if self.routes.contains(&route) {
+            return route;
         }
-        if self.routes.len() >= self.max_routes {
+        if self.routes.len() >= self.options.max_routes {
+            self.metrics.route_overflow.get_or_create(&self.service_labels()).inc();
             return "other".to_string();
         }
-        self.routes.insert(path.to_string());
-        path.to_string()
+        self.routes.insert(route.clone());
+        route
     }
 
     pub fn record(&mut self, r: &Request) {
@@ -262,9 +318,9 @@ impl<'m> Aggregator<'m> {
         let slot = self.worker_started(r.tgid).unwrap_or_default();
         self.learn_wire(slot, r);
         let route = self.route(&r.path);
-        let mut by_route: Labels =
-            vec![("service", self.service.clone()), ("method", r.method.clone()), ("route", route)];
-        if self.per_worker {
+        let mut by_route = self.service_labels();
+        by_route.extend([("method", r.method.clone()), ("route", route.clone())]);
+        if self.options.per_worker {
             by_route.push(("worker", slot.to_string()));
         }
         let mut by_status = by_route.clone();
@@ -290,16 +346,17 @@ impl<'m> Aggregator<'m> {
         if let Some(wait) = r.accept_wait {
             m.accept_wait.get_or_create(&self.service_labels()).observe(wait);
         }
-        let route_only: Labels = vec![("service", self.service.clone()), ("route", by_status[2].1.clone())];
+        let mut route_only = self.service_labels();
+        route_only.push(("route", route.clone()));
         if r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN {
             m.small_blocks.get_or_create(&route_only).inc();
-            if self.warned_routes.insert(route_only[1].1.clone()) {
+            if self.warned_routes.insert(route.clone()) {
                 warn!(
                     "route {} answered in {} blocks of {:.1} bytes on average: the application likely returns a \
                      str/bytes object as the response iterable (iterated one byte at a time) or a generator \
                      yielding tiny pieces; each block costs a write syscall. Return a list holding one bytes \
                      object (`return [body]`) or join the pieces before yielding",
-                    route_only[1].1,
+                    route,
                     r.blocks,
                     r.bytes as f64 / r.blocks as f64
                 );
@@ -390,22 +447,6 @@ impl<'m> Aggregator<'m> {
     pub fn unparsed(&mut self) {
         self.metrics.unparsed.get_or_create(&self.service_labels()).inc();
     }
-
-    /// Folds the kernel's loss counters (monotonic totals) into `wsgiscope_lost_events_total`.
-    pub fn kernel_stats(&mut self, totals: [u64; STAT_COUNT as usize]) {
-        for (stat, reason) in [
-            (STAT_RINGBUF_FULL, "ringbuf_full"),
-            (STAT_CONN_TABLE_FULL, "conn_table_full"),
-            (STAT_PENDING_TABLE_FULL, "pending_table_full"),
-        ] {
-            let i = stat as usize;
-            let delta = totals[i].saturating_sub(self.kernel_seen[i]);
-            self.kernel_seen[i] = totals[i].max(self.kernel_seen[i]);
-            if delta > 0 {
-                self.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]).inc_by(delta);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -426,6 +467,14 @@ mod tests {
         assert_eq!(s.assign(104), (1, true));
         assert_eq!(s.assign(105), (3, true));
         assert_eq!(s.in_use(), 4);
+    }
+
+    fn base(service: &str) -> Labels {
+        vec![("service", service.to_string())]
+    }
+
+    fn opts(per_worker: bool, max_routes: usize) -> Options {
+        Options { per_worker, max_routes, ..Options::default() }
     }
 
     fn request(path: &str, tgid: u32) -> Request {
@@ -452,7 +501,7 @@ mod tests {
     #[test]
     fn requests_feed_route_and_worker_series() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
         a.worker_started(7);
         a.record(&request("/a", 7));
         a.record(&request("/a", 7));
@@ -479,20 +528,22 @@ mod tests {
     #[test]
     fn routes_beyond_the_cap_are_other() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 2);
-        for p in ["/1", "/2", "/3", "/4", "/1"] {
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 2));
+        for p in ["/a", "/users/1", "/c", "/d", "/a", "/users/2"] {
             a.record(&request(p, 1));
         }
         let text = m.encode();
-        assert!(text.contains(r#"route="/1",status="200"} 2"#), "{text}");
+        assert!(text.contains(r#"route="/a",status="200"} 2"#), "{text}");
+        assert!(text.contains(r#"route="/users/{id}",status="200"} 2"#), "ids are one route");
         assert!(text.contains(r#"route="other",status="200"} 2"#));
-        assert!(!text.contains(r#"route="/3""#));
+        assert!(!text.contains(r#"route="/c""#));
+        assert!(text.contains(r#"wsgiscope_route_overflow_total{service="app"} 2"#));
     }
 
     #[test]
     fn per_worker_option_adds_the_worker_label() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", true, 10);
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(true, 10));
         a.record(&request("/a", 5));
         assert!(m.encode().contains(r#"wsgi_requests_total{service="app",method="GET",route="/a",worker="0",status="200"} 1"#));
     }
@@ -500,9 +551,9 @@ mod tests {
     #[test]
     fn kernel_losses_are_counted_once() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
-        a.kernel_stats([3, 0, 1]);
-        a.kernel_stats([5, 0, 1]);
+        let mut k = KernelStats::new(&m);
+        k.update([3, 0, 1]);
+        k.update([5, 0, 1]);
         let text = m.encode();
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="ringbuf_full"} 5"#), "{text}");
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="pending_table_full"} 1"#));
@@ -512,7 +563,7 @@ mod tests {
     #[test]
     fn busy_time_is_credited_while_in_progress_and_completed_at_the_record() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
         a.worker_started(7);
         let ip = |start_ns, write_calls, last_write_ns| InProgress { tgid: 7, fd: 9, start_ns, write_calls, last_write_ns };
         // Computing for 20 ms, then 30 ms: credited as it goes, the gauges show it.
@@ -552,7 +603,7 @@ mod tests {
     #[test]
     fn tiny_blocks_and_slow_writes_are_flagged() {
         let m = Metrics::new();
-        let mut a = Aggregator::new(&m, "app", "gunicorn", false, 10);
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
         let mut r = request("/bytes1", 7);
         r.blocks = 102_400;
         r.bytes = 6 * 102_400 + 100; // chunk framing around one-byte blocks

@@ -47,7 +47,7 @@ const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_enter_wait4",
     "sys_exit_wait4",
 ];
-const SCHED_PROGRAMS: &[&str] = &["sched_process_fork", "sched_process_exit"];
+const SCHED_PROGRAMS: &[&str] = &["sched_process_fork", "sched_process_exit", "sched_process_exec"];
 
 /// Tracepoints whose record layout the kernel programs read at fixed offsets: (category, name,
 /// [(field, offset)]). Checked against tracefs; a mismatch leaves that feature off, with a warning.
@@ -183,7 +183,8 @@ pub fn check_capabilities() -> Result<()> {
 impl Probes {
     /// Loads the kernel programs and attaches every tracepoint.
     /// Returns the probes and, apart, the ring buffer their records arrive on.
-    pub fn load() -> Result<(Self, RingBuf<MapData>)> {
+    /// `watch_execs` (daemon): the kernel traces every process that execs a WSGI server name.
+    pub fn load(watch_execs: bool) -> Result<(Self, RingBuf<MapData>)> {
         check_capabilities()?;
         ensure_tracefs()?;
         let fork = sched_format("sched_process_fork")?;
@@ -195,6 +196,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &child_off, true)
             .override_global("EXIT_GROUP_DEAD_OFFSET", &group_dead_off, true)
+            .override_global("WATCH_EXECS", &u32::from(watch_execs), true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
             .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
 
@@ -250,19 +252,33 @@ impl Probes {
 
     /// The requests in progress: connections of traced processes with a request started and
     /// not yet ended.
-    pub fn in_progress(&self) -> Vec<InProgress> {
+    /// Each with the root (master) of its process.
+    pub fn in_progress(&self) -> Vec<(u32, InProgress)> {
         self.conns
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, c)| c.flags & CONN_IN_REQUEST != 0)
-            .map(|(k, c)| InProgress {
-                tgid: (k >> 32) as u32,
-                fd: k as u32,
-                start_ns: c.agg.start_ns,
-                write_calls: c.agg.write_calls,
-                last_write_ns: c.agg.last_write_ns,
+            .map(|(k, c)| {
+                let r = InProgress {
+                    tgid: (k >> 32) as u32,
+                    fd: k as u32,
+                    start_ns: c.agg.start_ns,
+                    write_calls: c.agg.write_calls,
+                    last_write_ns: c.agg.last_write_ns,
+                };
+                (c.root, r)
             })
             .collect()
+    }
+
+    /// Stops tracing every process traced on behalf of `root` (a process that turned out not
+    /// to be a WSGI server).
+    pub fn untrace_root(&mut self, root: u32) {
+        let tasks: Vec<u32> =
+            self.traced.iter().filter_map(Result::ok).filter(|(_, r)| *r == root).map(|(t, _)| t).collect();
+        for t in tasks {
+            let _ = self.traced.remove(&t);
+        }
     }
 
     /// Kernel-side counters (`STAT_*`), summed over CPUs.

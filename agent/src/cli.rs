@@ -1,9 +1,14 @@
 //! Command line.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::aggregate::DEFAULT_MAX_ROUTES;
+use crate::{
+    aggregate::{Options, DEFAULT_MAX_ROUTES},
+    metrics::{BucketConfig, BLOCK_BUCKETS, BYTE_BUCKETS, LATENCY_BUCKETS},
+    route::Templates,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "wsgiscope", version, about = "eBPF profiler for pre-forked Python WSGI servers")]
@@ -16,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Attach to a running server (master or worker PID) and export its requests to Prometheus.
     Attach(AttachArgs),
+    /// Start a server with wsgiscope attached before its first request; exit with its exit code.
+    Run(RunArgs),
+    /// Node-wide: discover every WSGI server running now or started later, attach to each.
+    Daemon(DaemonArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -23,16 +32,110 @@ pub struct AttachArgs {
     /// PID of the server's master or of one of its workers.
     #[arg(long)]
     pub pid: u32,
-    /// Address for the Prometheus endpoint (/metrics).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub listen: SocketAddr,
     /// Value of the `service` label (default: the app module from the master's command line).
     #[arg(long)]
     pub service: Option<String>,
+    #[command(flatten)]
+    pub export: ExportArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Value of the `service` label (default: the app module from the server's command line).
+    #[arg(long)]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub export: ExportArgs,
+    /// The server command, after `--`: e.g. `-- gunicorn -w 4 myapp.wsgi:application`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub export: ExportArgs,
+}
+
+/// How the requests are exported: the same options for every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Address for the Prometheus endpoint (/metrics).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
     /// Also label the per-request series with the worker slot (more series).
     #[arg(long)]
     pub per_worker: bool,
     /// Distinct routes kept per service; the rest are reported as route="other".
     #[arg(long, default_value_t = DEFAULT_MAX_ROUTES)]
     pub max_routes: usize,
+    /// Route templates, one per line (e.g. `/users/{id}/posts`); they take precedence over the
+    /// automatic normalisation of ids, UUIDs and tokens.
+    #[arg(long, value_name = "FILE")]
+    pub routes: Option<PathBuf>,
+    /// Upper bounds of the latency buckets in seconds, comma-separated.
+    #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
+    pub latency_buckets: Option<Vec<f64>>,
+    /// Upper bounds of the blocks-per-response buckets, comma-separated.
+    #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
+    pub blocks_buckets: Option<Vec<f64>>,
+    /// Upper bounds of the bytes-per-response buckets, comma-separated.
+    #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
+    pub bytes_buckets: Option<Vec<f64>>,
+}
+
+impl ExportArgs {
+    pub fn options(&self) -> Result<Options> {
+        let templates = match &self.routes {
+            Some(path) => Templates::load(path)?,
+            None => Templates::default(),
+        };
+        Ok(Options { per_worker: self.per_worker, max_routes: self.max_routes, templates })
+    }
+
+    pub fn buckets(&self) -> BucketConfig {
+        let pick = |v: &Option<Vec<f64>>, default: &[f64]| v.clone().unwrap_or_else(|| default.to_vec());
+        BucketConfig {
+            latency: pick(&self.latency_buckets, LATENCY_BUCKETS),
+            blocks: pick(&self.blocks_buckets, BLOCK_BUCKETS),
+            bytes: pick(&self.bytes_buckets, BYTE_BUCKETS),
+        }
+    }
+}
+
+/// `0.005,0.01,0.1` → increasing positive bucket bounds.
+fn parse_buckets(s: &str) -> Result<Vec<f64>> {
+    let bounds: Vec<f64> = s
+        .split(',')
+        .map(|b| b.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("{b:?} is not a number")))
+        .collect::<Result<_>>()?;
+    if bounds.is_empty() || bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
+        bail!("bucket bounds must be positive numbers, e.g. 0.005,0.05,0.5");
+    }
+    if bounds.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("bucket bounds must increase, e.g. 0.005,0.05,0.5");
+    }
+    Ok(bounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_lists_are_checked() {
+        assert_eq!(parse_buckets("0.005, 0.05,1").unwrap(), vec![0.005, 0.05, 1.0]);
+        assert!(parse_buckets("0.1,0.05").is_err());
+        assert!(parse_buckets("a,b").is_err());
+        assert!(parse_buckets("0,1").is_err());
+    }
+
+    #[test]
+    fn run_takes_the_server_command_after_dashes() {
+        let cli = Cli::try_parse_from(["wsgiscope", "run", "--service", "shop", "--", "gunicorn", "-w", "2", "app:app"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.command, ["gunicorn", "-w", "2", "app:app"]);
+        assert_eq!(run.service.as_deref(), Some("shop"));
+        assert!(Cli::try_parse_from(["wsgiscope", "run"]).is_err());
+    }
 }

@@ -1,28 +1,40 @@
-//! The attached session: read the kernel's records and carry each through reconstruct and
-//! aggregate, follow workers as they fork and exit, keep /metrics up until told to stop.
+//! Collect: read the kernel's records and route each to the session of the server it belongs
+//! to (its root master), follow servers as they start and stop, keep /metrics up. The three
+//! ways to run wsgiscope (`attach`, `run`, `daemon`) share this loop.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
+    path::Path,
     sync::Arc,
+    time::{Duration as StdDuration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use log::{info, warn};
 use tokio::{
     io::unix::AsyncFd,
+    net::TcpListener,
     signal::unix::{signal, SignalKind},
     time::{interval, Duration},
 };
-use wsgiscope_common::{RequestEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::CONN_IN_REQUEST;
 
 use crate::{
-    aggregate::{Aggregator, ExitReason},
+    aggregate::{Aggregator, InProgress, KernelStats, Options},
     attach::Probes,
-    cli::AttachArgs,
-    discover::{self, ServerKind, Target},
-    export,
+    cli::{AttachArgs, DaemonArgs, ExportArgs, RunArgs},
+    discover::{self, Target},
+    export, k8s,
     metrics::Metrics,
-    reconstruct::{self, Event, Protocol},
+    reconstruct::{self, Event},
+    session::{orphan_request, Session},
 };
+
+/// A process that exec'd a server name stays a candidate this long while it is not yet
+/// recognisable (uWSGI and Apache load Python after exec).
+const CANDIDATE_PATIENCE: StdDuration = StdDuration::from_secs(10);
+/// `daemon`: how often /proc is rescanned for servers the exec tracepoint cannot see (started
+/// as `python -m gunicorn`, or daemonized away from their exec'd parent).
+const RESCAN_EVERY: StdDuration = StdDuration::from_secs(5);
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -31,109 +43,164 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A request still open on a socket of a process that exited, as a kernel record would carry it.
-fn orphan_request(tgid: u32, fd: u32, c: &wsgiscope_common::ConnState) -> RequestEvent {
-    RequestEvent {
-        kind: EVENT_REQUEST,
-        end_reason: END_PROCESS_EXIT,
-        tgid,
-        fd,
-        root: c.root,
-        _pad: 0,
-        end_ns: monotonic_ns(),
-        agg: c.agg,
-        // The kept part of the (twice as large) connection-state buffers.
-        req_head: c.req_head[..REQ_HEAD_LEN].try_into().expect("buffer holds the kept head"),
-        resp_head: c.resp_head[..RESP_HEAD_LEN].try_into().expect("buffer holds the kept head"),
-    }
+pub struct Collector<'m> {
+    metrics: &'m Metrics,
+    probes: Probes,
+    options: Options,
+    /// Watched servers by master PID (the kernel's root).
+    sessions: HashMap<u32, Session<'m>>,
+    kernel: KernelStats<'m>,
+    /// `daemon`: processes that exec'd a server name, until they show as WSGI masters.
+    candidates: HashMap<u32, Instant>,
+    /// Masters that exited since the loop last looked.
+    ended: Vec<u32>,
 }
 
-struct Session<'m> {
-    kind: ServerKind,
-    master: u32,
-    /// HTTP requests are relays by a front end (uWSGI router): the workers count them.
-    http_is_relay: bool,
-    agg: Aggregator<'m>,
-    /// Children not yet known to be workers (a mod_wsgi daemon retitles itself after fork).
-    undecided: Vec<u32>,
-    /// Processes SIGKILL or SIGABRT was sent to, and when.
-    kill_signalled: HashMap<u32, u64>,
-    /// Workers that exited, until their master reaps them (the wait status tells why).
-    exited_workers: HashSet<u32>,
-    master_exited: bool,
-}
-
-impl Session<'_> {
-    /// Gives a slot to each undecided child that /proc now shows is a worker.
-    fn decide(&mut self) {
-        let kind = self.kind;
-        let (workers, rest): (Vec<u32>, Vec<u32>) =
-            self.undecided.drain(..).partition(|&p| discover::is_worker(kind, p));
-        self.undecided = rest;
-        for w in workers {
-            if let Some(slot) = self.agg.worker_started(w) {
-                info!("worker {w} started (slot {slot})");
-            }
+impl<'m> Collector<'m> {
+    fn new(metrics: &'m Metrics, probes: Probes, options: Options) -> Self {
+        Collector {
+            metrics,
+            probes,
+            options,
+            sessions: HashMap::new(),
+            kernel: KernelStats::new(metrics),
+            candidates: HashMap::new(),
+            ended: Vec::new(),
         }
     }
 
-    fn request(&mut self, ev: &RequestEvent) {
-        let Some(mut r) = reconstruct::reconstruct(self.kind, ev) else {
-            self.agg.unparsed();
-            return;
-        };
-        // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
-        // wrote after (gunicorn's error page on its --timeout), the request was aborted.
-        if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {
-            let end = r.start_ns + (r.duration * 1e9) as u64;
-            if r.start_ns <= killed_at && killed_at <= end {
-                r.status = "aborted".to_string();
-            }
+    /// Starts watching a server: traces it and every process below it, gives its workers slots.
+    fn watch(&mut self, target: Target) -> Result<()> {
+        let master = target.master;
+        // Master first: from here on the kernel follows every fork; then those forked before.
+        self.probes.trace(master, master)?;
+        for pid in discover::descendants_of(master) {
+            self.probes.trace(pid, master)?;
         }
-        match r.protocol {
-            // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
-            Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
-            Protocol::Http if self.http_is_relay => {
-                self.agg.relayed(r.tgid);
-                return;
-            }
-            Protocol::Http => {}
+        // Two servers of one app on a node (outside Kubernetes) keep apart by master PID.
+        let mut service = target.service.clone();
+        if self.sessions.values().any(|s| s.agg.service() == service) {
+            service = format!("{service}-{master}");
         }
-        self.agg.record(&r);
+        let mut base = vec![("service", service.clone())];
+        base.extend(k8s::labels(Path::new("/proc"), master));
+        let agg = Aggregator::new(self.metrics, base.clone(), &target.kind.to_string(), self.options.clone());
+        let mut session = Session::new(target.kind, master, target.http_relayed, agg);
+        for f in &target.front_ends {
+            info!("{service}: process {f} is a front end (relays requests to the workers)");
+            session.agg.front_end(*f);
+        }
+        // Rescanned after tracing began: a worker forked since discovery is among them.
+        let mut workers = discover::children_of(master);
+        workers.retain(|w| discover::is_worker(target.kind, *w) && !target.front_ends.contains(w));
+        workers.sort_unstable();
+        for w in &workers {
+            session.agg.worker_started(*w);
+        }
+        info!(
+            "attached to {} master {master} (service \"{service}\"{}): {} workers {workers:?}",
+            target.kind,
+            base.iter().skip(1).map(|(k, v)| format!(", {k} \"{v}\"")).collect::<String>(),
+            workers.len(),
+        );
+        self.sessions.insert(master, session);
+        Ok(())
     }
 
-    fn handle(&mut self, event: Event, probes: &mut Probes) {
+    fn handle(&mut self, event: Event) {
         match event {
-            Event::Request(ev) => self.request(&ev),
-            Event::Fork { parent, child } => {
-                if parent == self.master && discover::is_process(child) {
-                    self.undecided.push(child);
-                    self.decide();
+            Event::Request(ev) => {
+                if let Some(s) = self.sessions.get_mut(&ev.root) {
+                    s.request(&ev);
                 }
             }
-            Event::Exit { tgid } => {
-                for (fd, c) in probes.take_connections(tgid) {
-                    if c.flags & CONN_IN_REQUEST != 0 {
-                        self.request(&orphan_request(tgid, fd, &c));
+            Event::Fork { parent, child, root } => {
+                if let Some(s) = self.sessions.get_mut(&root) {
+                    s.forked(parent, child);
+                }
+            }
+            Event::Exit { tgid, root } => {
+                let now = monotonic_ns();
+                let orphans: Vec<_> = self
+                    .probes
+                    .take_connections(tgid)
+                    .into_iter()
+                    .filter(|(_, c)| c.flags & CONN_IN_REQUEST != 0)
+                    .map(|(fd, c)| orphan_request(tgid, fd, &c, now))
+                    .collect();
+                self.candidates.remove(&tgid);
+                let Some(s) = self.sessions.get_mut(&root) else { return };
+                s.exited(tgid, &orphans);
+                if tgid == root {
+                    info!("{}: master {root} exited", s.agg.service());
+                    self.sessions.remove(&root);
+                    self.ended.push(root);
+                }
+            }
+            Event::Signal { tgid, sig, ts_ns, root } => {
+                if let Some(s) = self.sessions.get_mut(&root) {
+                    s.signalled(tgid, sig, ts_ns);
+                }
+            }
+            Event::Reap { child, status, root, .. } => {
+                if let Some(s) = self.sessions.get_mut(&root) {
+                    s.reaped(child, status);
+                }
+            }
+            Event::Exec { pid } => {
+                self.candidates.insert(pid, Instant::now());
+            }
+        }
+    }
+
+    /// Every 500 ms: requests in progress, kernel loss counters, workers to recognise, and
+    /// (daemon) servers to start watching.
+    fn tick(&mut self) {
+        let mut running: HashMap<u32, Vec<InProgress>> = HashMap::new();
+        for (root, r) in self.probes.in_progress() {
+            running.entry(root).or_default().push(r);
+        }
+        let now = monotonic_ns();
+        for (root, s) in &mut self.sessions {
+            s.agg.in_progress(now, running.get(root).map(Vec::as_slice).unwrap_or_default());
+            s.decide();
+        }
+        self.kernel.update(self.probes.stats());
+        self.check_candidates();
+    }
+
+    /// Exec'd processes that now look like WSGI masters are watched; the rest given up.
+    fn check_candidates(&mut self) {
+        let pids: Vec<(u32, Instant)> = self.candidates.iter().map(|(p, t)| (*p, *t)).collect();
+        for (pid, since) in pids {
+            match discover::find_target(pid, None) {
+                Ok(t) if self.sessions.contains_key(&t.master) => {
+                    self.candidates.remove(&pid);
+                }
+                Ok(t) => {
+                    self.candidates.remove(&pid);
+                    if t.master != pid {
+                        self.probes.untrace_root(pid);
+                    }
+                    if let Err(e) = self.watch(t) {
+                        warn!("cannot watch the server of process {pid}: {e:#}");
                     }
                 }
-                self.undecided.retain(|&p| p != tgid);
-                if tgid == self.master {
-                    self.master_exited = true;
-                } else if self.agg.worker_exited(tgid) {
-                    self.exited_workers.insert(tgid);
+                Err(_) if since.elapsed() < CANDIDATE_PATIENCE && discover::is_process(pid) => {}
+                Err(_) => {
+                    self.candidates.remove(&pid);
+                    self.probes.untrace_root(pid);
                 }
             }
-            Event::Signal { tgid, sig, ts_ns } => {
-                info!("process {tgid} was sent signal {sig}");
-                self.kill_signalled.entry(tgid).or_insert(ts_ns);
-            }
-            Event::Reap { parent: _, child, status } => {
-                let signalled = self.kill_signalled.remove(&child).is_some();
-                if self.exited_workers.remove(&child) {
-                    let reason = ExitReason::classify(status, signalled);
-                    info!("worker {child} exited: {} (wait status {status:#x})", reason.as_str());
-                    self.agg.worker_exit(reason);
+        }
+    }
+
+    /// `daemon`: every WSGI master on the node not watched yet.
+    fn rescan(&mut self) {
+        for t in discover::find_masters() {
+            if !self.sessions.contains_key(&t.master) {
+                if let Err(e) = self.watch(t) {
+                    warn!("cannot watch a server: {e:#}");
                 }
             }
         }
@@ -152,53 +219,32 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
     batch
 }
 
-/// `wsgiscope attach`: runs until SIGINT/SIGTERM or until the server's master exits.
-pub async fn attach(args: AttachArgs) -> Result<()> {
-    let target: Target = discover::find_target(args.pid, args.service.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
-        format!("cannot listen on {} for /metrics: choose another address with --listen", args.listen)
-    })?;
-    let (mut probes, events) = Probes::load()?;
-    // Master first: from here on the kernel follows every fork; then those forked before.
-    probes.trace(target.master, target.master)?;
-    for pid in discover::descendants_of(target.master) {
-        probes.trace(pid, target.master)?;
-    }
+async fn bind(export: &ExportArgs) -> Result<TcpListener> {
+    TcpListener::bind(export.listen).await.with_context(|| {
+        format!("cannot listen on {} for /metrics: choose another address with --listen", export.listen)
+    })
+}
 
-    let metrics = Arc::new(Metrics::new());
-    let mut session = Session {
-        kind: target.kind,
-        master: target.master,
-        http_is_relay: target.http_relayed,
-        agg: Aggregator::new(&metrics, &target.service, &target.kind.to_string(), args.per_worker, args.max_routes),
-        undecided: Vec::new(),
-        kill_signalled: HashMap::new(),
-        exited_workers: HashSet::new(),
-        master_exited: false,
-    };
-    // Rescanned after tracing began: a worker forked since discovery is among them.
-    let mut workers = discover::children_of(target.master);
-    workers.retain(|&w| discover::is_worker(target.kind, w));
-    for f in &target.front_ends {
-        info!("process {f} is a front end (relays requests to the workers)");
-        session.agg.front_end(*f);
-    }
-    workers.retain(|w| !target.front_ends.contains(w));
-    workers.sort_unstable();
-    for w in &workers {
-        session.agg.worker_started(*w);
-    }
-    info!(
-        "attached to {} master {} (service \"{}\"): {} workers {:?}; metrics on http://{}/metrics",
-        target.kind,
-        target.master,
-        target.service,
-        workers.len(),
-        workers,
-        listener.local_addr()?
-    );
+/// How the loop ends.
+enum Until {
+    /// `attach`: the master exits, or SIGINT/SIGTERM.
+    MasterExits,
+    /// `run`: the server exits; SIGINT/SIGTERM are passed on to it.
+    ChildExits(u32),
+    /// `daemon`: SIGINT/SIGTERM only.
+    Signal,
+}
 
-    let server = tokio::spawn(export::serve(listener, metrics.clone()));
+/// The shared loop: serve /metrics, read records, tick every 500 ms.
+async fn collect(
+    mut c: Collector<'_>,
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    until: Until,
+) -> Result<()> {
+    info!("metrics on http://{}/metrics", listener.local_addr()?);
+    let server = tokio::spawn(export::serve(listener, metrics));
     // SAFETY: the ring buffer owns its fd and lives as long as the AsyncFd.
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| e.into_parts().1)
@@ -206,6 +252,13 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_millis(500));
+    let mut last_scan = Instant::now();
+    let forward = |sig: i32| {
+        if let Until::ChildExits(pid) = until {
+            // SAFETY: plain kill(2) to our own child.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    };
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -213,28 +266,118 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
                 let batch = drain(guard.get_inner_mut());
                 guard.clear_ready();
                 for ev in batch {
-                    session.handle(ev, &mut probes);
+                    c.handle(ev);
                 }
             }
             _ = tick.tick() => {
                 // Records first, so a request that just ended is not also seen in progress.
                 for ev in drain(events.get_mut()) {
-                    session.handle(ev, &mut probes);
+                    c.handle(ev);
                 }
-                session.agg.in_progress(monotonic_ns(), &probes.in_progress());
-                session.agg.kernel_stats(probes.stats());
-                session.decide();
+                c.tick();
+                if matches!(until, Until::Signal) && last_scan.elapsed() >= RESCAN_EVERY {
+                    c.rescan();
+                    last_scan = Instant::now();
+                }
             }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = sigint.recv() => {
+                if matches!(until, Until::ChildExits(_)) { forward(libc::SIGINT); } else { info!("SIGINT: detaching"); break; }
+            }
+            _ = sigterm.recv() => {
+                if matches!(until, Until::ChildExits(_)) { forward(libc::SIGTERM); } else { info!("SIGTERM: detaching"); break; }
+            }
         }
-        if session.master_exited {
-            info!("master {} exited: detaching", target.master);
+        if !c.ended.is_empty() && !matches!(until, Until::Signal) {
             break;
         }
+        c.ended.clear();
     }
-    session.agg.kernel_stats(probes.stats());
+    for ev in drain(events.get_mut()) {
+        c.handle(ev);
+    }
+    c.kernel.update(c.probes.stats());
     server.abort();
-    drop(probes);
     Ok(())
+}
+
+/// `wsgiscope attach`: runs until SIGINT/SIGTERM or until the server's master exits.
+pub async fn attach(args: AttachArgs) -> Result<()> {
+    let options = args.export.options()?;
+    let target = discover::find_target(args.pid, args.service.as_deref())?;
+    let listener = bind(&args.export).await?;
+    let (probes, events) = Probes::load(false)?;
+    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
+    let mut c = Collector::new(&metrics, probes, options);
+    c.watch(target)?;
+    collect(c, events, listener, metrics.clone(), Until::MasterExits).await
+}
+
+/// `wsgiscope daemon`: every WSGI server on the node, now and later, until SIGINT/SIGTERM.
+pub async fn daemon(args: DaemonArgs) -> Result<()> {
+    let options = args.export.options()?;
+    let listener = bind(&args.export).await?;
+    let (probes, events) = Probes::load(true)?;
+    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
+    let mut c = Collector::new(&metrics, probes, options);
+    c.rescan();
+    info!("daemon: watching {} servers; new ones are found at exec and by a /proc rescan every {RESCAN_EVERY:?}", c.sessions.len());
+    collect(c, events, listener, metrics.clone(), Until::Signal).await
+}
+
+/// `wsgiscope run -- SERVER…`: starts the server held at a gate (a shell waiting on a pipe)
+/// until its PID is traced, so its very first fork and request are seen; returns its exit code.
+pub async fn run(args: RunArgs) -> Result<i32> {
+    let options = args.export.options()?;
+    let argv0 = args.command.first().ok_or_else(|| anyhow!("no server command given after --"))?;
+    let comm: String = argv0.rsplit('/').next().unwrap_or(argv0).chars().take(15).collect();
+    let Some(kind) = discover::server_kind(&comm, &args.command) else {
+        bail!(
+            "`{}` is not a server wsgiscope knows: `wsgiscope run` starts gunicorn, uWSGI or Apache \
+             (e.g. `wsgiscope run -- gunicorn -w 4 app:app`). To watch another process, use \
+             `wsgiscope attach --pid`",
+            args.command.join(" ")
+        );
+    };
+    let listener = bind(&args.export).await?;
+    let (probes, events) = Probes::load(false)?;
+
+    let mut gate = [0i32; 2];
+    // SAFETY: pipe2 fills the two fds.
+    if unsafe { libc::pipe2(gate.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
+    }
+    let [gate_r, gate_w] = gate;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", "read -r _ <&3 && exec \"$@\" 3<&-", "wsgiscope-run"]).args(&args.command);
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if gate_r == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(gate_r, 3) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", args.command.join(" ")))?;
+    let pid = child.id().ok_or_else(|| anyhow!("the server exited at once"))?;
+    // SAFETY: our end of the gate's read side is not needed any more.
+    unsafe { libc::close(gate_r) };
+
+    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
+    let mut c = Collector::new(&metrics, probes, options);
+    let service = args.service.clone().unwrap_or_else(|| discover::service_name(kind, &args.command, pid));
+    let http_relayed = kind == discover::ServerKind::ModWsgi
+        || kind == discover::ServerKind::Uwsgi && discover::has_http_router(&args.command);
+    c.watch(Target { master: pid, kind, service, http_relayed, front_ends: Vec::new() })?;
+    // Traced: open the gate.
+    // SAFETY: writes one byte to our pipe, then closes it.
+    unsafe {
+        libc::write(gate_w, b"\n".as_ptr().cast(), 1);
+        libc::close(gate_w);
+    }
+    collect(c, events, listener, metrics.clone(), Until::ChildExits(pid)).await?;
+    let status = child.wait().await.context("waiting for the server")?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }

@@ -107,6 +107,25 @@ pub fn service_name(kind: ServerKind, cmdline: &[String], master: u32) -> String
     }
 }
 
+/// Every WSGI master running on the node (`wsgiscope daemon`), found from /proc.
+pub fn find_masters() -> Vec<Target> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    let mut masters: Vec<Target> = Vec::new();
+    for p in all.filter_map(Result::ok) {
+        let (Ok(stat), Ok(cmdline)) = (p.stat(), p.cmdline()) else { continue };
+        // Cheap filter before find_target reads more of /proc.
+        if server_kind(&stat.comm, &cmdline).is_none() {
+            continue;
+        }
+        if let Ok(t) = find_target(stat.pid as u32, None) {
+            if !masters.iter().any(|m| m.master == t.master) {
+                masters.push(t);
+            }
+        }
+    }
+    masters
+}
+
 /// All processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let Ok(all) = procfs::process::all_processes() else { return Vec::new() };

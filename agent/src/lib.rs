@@ -3,12 +3,17 @@
 //! One request's way, module by module: the kernel programs (ebpf/) aggregate it per
 //! connection and emit one record; `collect` reads the record, `reconstruct` parses it into a
 //! request, `aggregate` updates the series defined in `metrics`, `export` serves them.
-//! `discover` finds the server and its workers, `attach` loads and attaches the probes.
+//! `discover` finds the server and its workers, `attach` loads and attaches the probes,
+//! `session` keeps the state of one watched server, `route` normalises paths, `k8s` finds pod
+//! labels.
 pub mod aggregate;
 pub mod attach;
 pub mod cli;
 pub mod collect;
 pub mod discover;
 pub mod export;
+pub mod k8s;
 pub mod metrics;
 pub mod reconstruct;
+pub mod route;
+pub mod session;

@@ -8,12 +8,17 @@ fn main() {
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match cli.command {
-                Command::Attach(args) => wsgiscope::collect::attach(args).await,
+                Command::Attach(args) => wsgiscope::collect::attach(args).await.map(|()| 0),
+                Command::Run(args) => wsgiscope::collect::run(args).await,
+                Command::Daemon(args) => wsgiscope::collect::daemon(args).await.map(|()| 0),
             }
         })
     });
-    if let Err(err) = result {
-        eprintln!("wsgiscope: error: {err:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("wsgiscope: error: {err:#}");
+            std::process::exit(1);
+        }
     }
 }

@@ -1,39 +1,60 @@
 //! The metric contract: names, help texts, label sets and buckets of everything wsgiscope exports.
 use std::sync::atomic::AtomicU64;
 
+use std::sync::Arc;
+
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
 /// Label sets are built per series; keys are fixed strings, values come from reconstruction.
 pub type Labels = Vec<(&'static str, String)>;
-type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+type Histograms = Family<Labels, Histogram, Buckets>;
 
-const LATENCY_BUCKETS: &[f64] =
+pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const WRITE_BUCKETS: &[f64] =
     &[0.00001, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
-const BLOCK_BUCKETS: &[f64] =
+pub const BLOCK_BUCKETS: &[f64] =
     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0];
-const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+pub const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 const ACCEPT_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-fn latency() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS.iter().copied())
+/// Upper bounds of a histogram family's buckets.
+#[derive(Clone, Debug)]
+pub struct Buckets(Arc<[f64]>);
+
+impl Buckets {
+    pub fn new(bounds: &[f64]) -> Self {
+        Buckets(bounds.into())
+    }
 }
-fn write_time() -> Histogram {
-    Histogram::new(WRITE_BUCKETS.iter().copied())
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
 }
-fn blocks() -> Histogram {
-    Histogram::new(BLOCK_BUCKETS.iter().copied())
+
+/// The configurable bucket sets (`--latency-buckets`, `--blocks-buckets`, `--bytes-buckets`).
+#[derive(Clone, Debug)]
+pub struct BucketConfig {
+    pub latency: Vec<f64>,
+    pub blocks: Vec<f64>,
+    pub bytes: Vec<f64>,
 }
-fn bytes() -> Histogram {
-    Histogram::new(BYTE_BUCKETS.iter().copied())
-}
-fn accept_wait() -> Histogram {
-    Histogram::new(ACCEPT_WAIT_BUCKETS.iter().copied())
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        BucketConfig { latency: LATENCY_BUCKETS.to_vec(), blocks: BLOCK_BUCKETS.to_vec(), bytes: BYTE_BUCKETS.to_vec() }
+    }
 }
 
 pub struct Metrics {
@@ -57,6 +78,7 @@ pub struct Metrics {
     pub worker_exits: Family<Labels, Counter>,
     pub accept_wait: Histograms,
     pub small_blocks: Family<Labels, Counter>,
+    pub route_overflow: Family<Labels, Counter>,
     pub slow_clients: Family<Labels, Counter>,
     pub lost_events: Family<Labels, Counter>,
     pub unparsed: Family<Labels, Counter>,
@@ -71,15 +93,20 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_buckets(&BucketConfig::default())
+    }
+
+    pub fn with_buckets(b: &BucketConfig) -> Self {
+        let latency = Buckets::new(&b.latency);
         let m = Metrics {
             registry: Registry::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(latency),
-            write_seconds: Family::new_with_constructor(write_time),
-            blocks: Family::new_with_constructor(blocks),
+            write_seconds: Family::new_with_constructor(Buckets::new(WRITE_BUCKETS)),
+            blocks: Family::new_with_constructor(Buckets::new(&b.blocks)),
             write_calls: Family::default(),
             partial_writes: Family::default(),
-            bytes: Family::new_with_constructor(bytes),
+            bytes: Family::new_with_constructor(Buckets::new(&b.bytes)),
             worker_requests: Family::default(),
             worker_blocks: Family::default(),
             worker_bytes: Family::default(),
@@ -90,8 +117,9 @@ impl Metrics {
             worker_active: Family::default(),
             worker_oldest: Family::default(),
             worker_exits: Family::default(),
-            accept_wait: Family::new_with_constructor(accept_wait),
+            accept_wait: Family::new_with_constructor(Buckets::new(ACCEPT_WAIT_BUCKETS)),
             small_blocks: Family::default(),
+            route_overflow: Family::default(),
             slow_clients: Family::default(),
             lost_events: Family::default(),
             unparsed: Family::default(),
@@ -184,6 +212,11 @@ impl Metrics {
             "wsgiscope_unparsed_requests",
             "Traffic on a server socket that was not an HTTP request",
             m.unparsed.clone(),
+        );
+        r.register(
+            "wsgiscope_route_overflow",
+            "Requests counted as route=\"other\" because the service reached its route cap (--max-routes)",
+            m.route_overflow.clone(),
         );
         r.register(
             "wsgiscope_relayed_requests",

@@ -21,6 +21,8 @@ pub const EVENT_EXIT: u32 = 3;
 pub const EVENT_SIGNAL: u32 = 4;
 /// A traced process reaped a child (`ProcessEvent::child` = reaped pid, `status` = wait status).
 pub const EVENT_REAP: u32 = 5;
+/// A process exec'd a known WSGI server name (`wsgiscope daemon`); the kernel traces it already.
+pub const EVENT_EXEC: u32 = 6;
 
 /// Why a request record was emitted.
 pub const END_NEXT_REQUEST: u32 = 1;

@@ -1,8 +1,9 @@
 //! Which processes are traced: the attached master and every descendant, followed on fork in
 //! the kernel (a worker forked between two agent polls keeps its first request).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::helpers::bpf_get_current_comm;
 use wsgiscope_common::{
-    Pending, ProcessEvent, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL,
+    Pending, ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL,
 };
 
 use crate::{
@@ -17,6 +18,10 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 /// 0 when the kernel's sched_process_exit has no `group_dead` field.
 #[unsafe(no_mangle)]
 static EXIT_GROUP_DEAD_OFFSET: u32 = 32;
+
+/// Set by `wsgiscope daemon`: trace every process that execs a WSGI server, from its exec on.
+#[unsafe(no_mangle)]
+static WATCH_EXECS: u32 = 0;
 
 pub fn emit(kind: u32, tgid: u32, child: u32, root: u32, status: i32) {
     let ev = ProcessEvent { kind, tgid, child, root, status, _pad: 0, ts_ns: now() };
@@ -90,3 +95,25 @@ fn wait_done(ctx: &TracePointContext) {
 
 programs!(sys_enter_wait4 => |ctx| wait_enter(&ctx));
 programs!(sys_exit_wait4 => |ctx| wait_done(&ctx));
+
+/// `wsgiscope daemon`: a process that execs a WSGI server is traced from that moment, so not
+/// one fork of its workers is missed; the agent checks it and gives it up if it is not one.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    // SAFETY: volatile read of a global the loader may have rewritten.
+    if unsafe { core::ptr::read_volatile(&WATCH_EXECS) } == 0 {
+        return 0;
+    }
+    let Ok(comm) = bpf_get_current_comm() else { return 0 };
+    let name_is = |n: &[u8]| comm.starts_with(n) && comm.get(n.len()) == Some(&0);
+    if !(name_is(b"gunicorn") || name_is(b"uwsgi") || name_is(b"apache2") || name_is(b"httpd")) {
+        return 0;
+    }
+    let (_, tgid) = pid_tgid();
+    if root_of(tgid).is_some() {
+        return 0; // already followed, as a descendant of a watched server
+    }
+    let _ = TRACED.insert(&tgid, &tgid, 0);
+    emit(EVENT_EXEC, tgid, 0, tgid, 0);
+    0
+}

@@ -6,7 +6,7 @@ pub mod modwsgi;
 pub mod uwsgi;
 
 use wsgiscope_common::{
-    ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXIT, EVENT_FORK, EVENT_REAP, EVENT_REQUEST,
+    ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, EVENT_REQUEST,
     EVENT_SIGNAL, REQ_HEAD_LEN, RESP_HEAD_LEN,
 };
 
@@ -15,12 +15,15 @@ use crate::discover::ServerKind;
 /// A record read from the ring buffer.
 pub enum Event {
     Request(Box<RequestEvent>),
-    Fork { parent: u32, child: u32 },
-    Exit { tgid: u32 },
+    /// `root`: the master the processes descend from (which server they belong to).
+    Fork { parent: u32, child: u32, root: u32 },
+    Exit { tgid: u32, root: u32 },
     /// SIGKILL or SIGABRT generated for a traced process, at `ts_ns`.
-    Signal { tgid: u32, sig: i32, ts_ns: u64 },
+    Signal { tgid: u32, sig: i32, ts_ns: u64, root: u32 },
     /// `parent` reaped `child`; `status` as wait4 gives it.
-    Reap { parent: u32, child: u32, status: i32 },
+    Reap { parent: u32, child: u32, status: i32, root: u32 },
+    /// `wsgiscope daemon`: a process exec'd a WSGI server name and is traced from now on.
+    Exec { pid: u32 },
 }
 
 /// Decodes one ring-buffer record; `None` for a record of unknown kind or size.
@@ -32,14 +35,16 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
             let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RequestEvent>()) };
             Some(Event::Request(Box::new(ev)))
         }
-        EVENT_FORK | EVENT_EXIT | EVENT_SIGNAL | EVENT_REAP if bytes.len() >= size_of::<ProcessEvent>() => {
+        EVENT_FORK | EVENT_EXIT | EVENT_SIGNAL | EVENT_REAP | EVENT_EXEC if bytes.len() >= size_of::<ProcessEvent>() => {
             // SAFETY: as above.
             let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
+            let root = ev.root;
             Some(match kind {
-                EVENT_FORK => Event::Fork { parent: ev.tgid, child: ev.child },
-                EVENT_EXIT => Event::Exit { tgid: ev.tgid },
-                EVENT_SIGNAL => Event::Signal { tgid: ev.tgid, sig: ev.child as i32, ts_ns: ev.ts_ns },
-                _ => Event::Reap { parent: ev.tgid, child: ev.child, status: ev.status },
+                EVENT_FORK => Event::Fork { parent: ev.tgid, child: ev.child, root },
+                EVENT_EXIT => Event::Exit { tgid: ev.tgid, root },
+                EVENT_SIGNAL => Event::Signal { tgid: ev.tgid, sig: ev.child as i32, ts_ns: ev.ts_ns, root },
+                EVENT_REAP => Event::Reap { parent: ev.tgid, child: ev.child, status: ev.status, root },
+                _ => Event::Exec { pid: ev.tgid },
             })
         }
         _ => None,

@@ -1,0 +1,136 @@
+//! Routes: the label a request path is counted under. Paths are normalised with no
+//! configuration (ids, UUIDs, hex and random tokens become `{id}`), or matched against route
+//! templates (`--routes FILE`, e.g. `/users/{id}/posts`), which take precedence.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Route templates, in file order: the first match wins.
+#[derive(Debug, Default, Clone)]
+pub struct Templates(Vec<Vec<Segment>>);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Literal(String),
+    /// `{name}`: any one segment.
+    Param(String),
+}
+
+impl Templates {
+    /// One template per line; blank lines and `#` comments are skipped.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if !line.starts_with('/') {
+                bail!("line {}: route template {line:?} must start with '/'", i + 1);
+            }
+            let segments = split(line)
+                .map(|s| {
+                    if s.starts_with('{') && s.ends_with('}') {
+                        Segment::Param(s.to_string())
+                    } else {
+                        Segment::Literal(s.to_string())
+                    }
+                })
+                .collect();
+            out.push(segments);
+        }
+        Ok(Templates(out))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read route templates from {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// The template `path` matches, as written in the file.
+    fn matching(&self, path: &str) -> Option<String> {
+        let parts: Vec<&str> = split(path).collect();
+        let t = self.0.iter().find(|t| {
+            t.len() == parts.len()
+                && t.iter().zip(&parts).all(|(seg, part)| match seg {
+                    Segment::Param(_) => !part.is_empty(),
+                    Segment::Literal(l) => l == part,
+                })
+        })?;
+        Some(join(t.iter().map(|s| match s {
+            Segment::Literal(l) | Segment::Param(l) => l.clone(),
+        })))
+    }
+}
+
+fn split(path: &str) -> impl Iterator<Item = &str> {
+    path.strip_prefix('/').unwrap_or(path).split('/')
+}
+
+fn join(segments: impl Iterator<Item = String>) -> String {
+    let mut out = String::new();
+    for s in segments {
+        out.push('/');
+        out.push_str(&s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// Does a path segment look like an identifier rather than a name?
+fn is_id(s: &str) -> bool {
+    let digits = s.bytes().filter(u8::is_ascii_digit).count();
+    let hex = s.bytes().all(|c| c.is_ascii_hexdigit());
+    let uuid = s.len() == 36
+        && s.bytes().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == b'-' } else { c.is_ascii_hexdigit() });
+    let token = s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+    !s.is_empty()
+        && (digits == s.len()                              // 42
+            || uuid                                        // 123e4567-e89b-12d3-a456-426614174000
+            || (hex && s.len() >= 8 && digits > 0)         // deadbeef01, a git sha
+            || (token && s.len() >= 16 && digits > 0 && digits < s.len())) // random tokens, base64url
+}
+
+/// The route label of a request path (no query string): a matching template, else the path
+/// with identifier-like segments replaced by `{id}`.
+pub fn route_of(path: &str, templates: &Templates) -> String {
+    if let Some(t) = templates.matching(path) {
+        return t;
+    }
+    join(split(path).map(|s| if is_id(s) { "{id}".to_string() } else { s.to_string() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_become_id() {
+        let none = Templates::default();
+        assert_eq!(route_of("/users/42/posts", &none), "/users/{id}/posts");
+        assert_eq!(route_of("/orders/123e4567-e89b-12d3-a456-426614174000", &none), "/orders/{id}");
+        assert_eq!(route_of("/commits/9fceb02d0ae598e95dc970b74767f19372d61af8", &none), "/commits/{id}");
+        assert_eq!(route_of("/reset/Xk3pQ9zLm2Vt8RwY4n", &none), "/reset/{id}");
+        assert_eq!(route_of("/blog/2024/hello-world", &none), "/blog/{id}/hello-world");
+    }
+
+    #[test]
+    fn names_stay() {
+        let none = Templates::default();
+        for p in ["/", "/hello", "/api/v2/users", "/static/app.css", "/deadbeef", "/cafe", "/a-very-long-page-name-here"] {
+            assert_eq!(route_of(p, &none), p);
+        }
+    }
+
+    #[test]
+    fn templates_take_precedence() {
+        let t = Templates::parse("# API\n/users/{user}/posts\n\n/files/{name}\n").unwrap();
+        assert_eq!(route_of("/users/alice/posts", &t), "/users/{user}/posts");
+        assert_eq!(route_of("/files/report.pdf", &t), "/files/{name}");
+        assert_eq!(route_of("/files/a/b", &t), "/files/a/b");
+        assert!(Templates::parse("users/{id}").is_err());
+    }
+}

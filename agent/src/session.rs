@@ -1,0 +1,127 @@
+//! One watched server: its master, its workers and front ends, and the aggregator its requests
+//! go to. The collector routes each kernel record to the session of the master it descends from.
+use std::collections::{HashMap, HashSet};
+
+use log::info;
+use wsgiscope_common::{ConnState, RequestEvent, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
+
+use crate::{
+    aggregate::{Aggregator, ExitReason},
+    discover::{self, ServerKind},
+    reconstruct::{self, Protocol},
+};
+
+pub struct Session<'m> {
+    pub kind: ServerKind,
+    pub master: u32,
+    /// HTTP requests are relays by a front end (uWSGI router, Apache child): the workers count them.
+    http_is_relay: bool,
+    pub agg: Aggregator<'m>,
+    /// Children not yet known to be workers (a mod_wsgi daemon retitles itself after fork).
+    undecided: Vec<u32>,
+    /// Processes SIGKILL or SIGABRT was sent to, and when.
+    kill_signalled: HashMap<u32, u64>,
+    /// Workers that exited, until their master reaps them (the wait status tells why).
+    exited_workers: HashSet<u32>,
+}
+
+/// A request still open on a socket of a process that exited, as a kernel record would carry it.
+pub fn orphan_request(tgid: u32, fd: u32, c: &ConnState, now_ns: u64) -> RequestEvent {
+    RequestEvent {
+        kind: EVENT_REQUEST,
+        end_reason: END_PROCESS_EXIT,
+        tgid,
+        fd,
+        root: c.root,
+        _pad: 0,
+        end_ns: now_ns,
+        agg: c.agg,
+        // The kept part of the (twice as large) connection-state buffers.
+        req_head: c.req_head[..REQ_HEAD_LEN].try_into().expect("buffer holds the kept head"),
+        resp_head: c.resp_head[..RESP_HEAD_LEN].try_into().expect("buffer holds the kept head"),
+    }
+}
+
+impl<'m> Session<'m> {
+    pub fn new(kind: ServerKind, master: u32, http_is_relay: bool, agg: Aggregator<'m>) -> Self {
+        Session {
+            kind,
+            master,
+            http_is_relay,
+            agg,
+            undecided: Vec::new(),
+            kill_signalled: HashMap::new(),
+            exited_workers: HashSet::new(),
+        }
+    }
+
+    /// Gives a slot to each undecided child that /proc now shows is a worker.
+    pub fn decide(&mut self) {
+        let kind = self.kind;
+        let (workers, rest): (Vec<u32>, Vec<u32>) =
+            self.undecided.drain(..).partition(|&p| discover::is_worker(kind, p));
+        self.undecided = rest;
+        for w in workers {
+            if let Some(slot) = self.agg.worker_started(w) {
+                info!("{}: worker {w} started (slot {slot})", self.agg.service());
+            }
+        }
+    }
+
+    pub fn request(&mut self, ev: &RequestEvent) {
+        let Some(mut r) = reconstruct::reconstruct(self.kind, ev) else {
+            self.agg.unparsed();
+            return;
+        };
+        // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
+        // wrote after (gunicorn's error page on its --timeout), the request was aborted.
+        if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {
+            let end = r.start_ns + (r.duration * 1e9) as u64;
+            if r.start_ns <= killed_at && killed_at <= end {
+                r.status = "aborted".to_string();
+            }
+        }
+        match r.protocol {
+            // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
+            Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
+            Protocol::Http if self.http_is_relay => {
+                self.agg.relayed(r.tgid);
+                return;
+            }
+            Protocol::Http => {}
+        }
+        self.agg.record(&r);
+    }
+
+    pub fn forked(&mut self, parent: u32, child: u32) {
+        if parent == self.master && discover::is_process(child) {
+            self.undecided.push(child);
+            self.decide();
+        }
+    }
+
+    /// A process of this server exited; `orphans` are the requests still open on its sockets.
+    pub fn exited(&mut self, tgid: u32, orphans: &[RequestEvent]) {
+        for ev in orphans {
+            self.request(ev);
+        }
+        self.undecided.retain(|&p| p != tgid);
+        if tgid != self.master && self.agg.worker_exited(tgid) {
+            self.exited_workers.insert(tgid);
+        }
+    }
+
+    pub fn signalled(&mut self, tgid: u32, sig: i32, ts_ns: u64) {
+        info!("{}: process {tgid} was sent signal {sig}", self.agg.service());
+        self.kill_signalled.entry(tgid).or_insert(ts_ns);
+    }
+
+    pub fn reaped(&mut self, child: u32, status: i32) {
+        let signalled = self.kill_signalled.remove(&child).is_some();
+        if self.exited_workers.remove(&child) {
+            let reason = ExitReason::classify(status, signalled);
+            info!("{}: worker {child} exited: {} (wait status {status:#x})", self.agg.service(), reason.as_str());
+            self.agg.worker_exit(reason);
+        }
+    }
+}
