@@ -52,8 +52,23 @@ pub struct Collector<'m> {
     kernel: KernelStats<'m>,
     /// `daemon`: processes that exec'd a server name, until they show as WSGI masters.
     candidates: HashMap<u32, Instant>,
+    /// Records of candidates, kept until they are recognised (then replayed) or given up:
+    /// a server's first requests can come before it looks like one in /proc.
+    held: HashMap<u32, Vec<Event>>,
     /// Masters that exited since the loop last looked.
     ended: Vec<u32>,
+}
+
+/// Records held per candidate at most (a busy server that never gets recognised).
+const HELD_MAX: usize = 100_000;
+
+/// The server (root master) a record belongs to.
+fn root_of(event: &Event) -> u32 {
+    match event {
+        Event::Request(ev) => ev.root,
+        Event::Fork { root, .. } | Event::Exit { root, .. } | Event::Signal { root, .. } | Event::Reap { root, .. } => *root,
+        Event::Exec { pid } => *pid,
+    }
 }
 
 impl<'m> Collector<'m> {
@@ -65,6 +80,7 @@ impl<'m> Collector<'m> {
             sessions: HashMap::new(),
             kernel: KernelStats::new(metrics),
             candidates: HashMap::new(),
+            held: HashMap::new(),
             ended: Vec::new(),
         }
     }
@@ -108,6 +124,14 @@ impl<'m> Collector<'m> {
     }
 
     fn handle(&mut self, event: Event) {
+        let root = root_of(&event);
+        if !matches!(event, Event::Exec { .. }) && !self.sessions.contains_key(&root) && self.candidates.contains_key(&root) {
+            let held = self.held.entry(root).or_default();
+            if held.len() < HELD_MAX {
+                held.push(event);
+            }
+            return;
+        }
         match event {
             Event::Request(ev) => {
                 if let Some(s) = self.sessions.get_mut(&ev.root) {
@@ -176,19 +200,28 @@ impl<'m> Collector<'m> {
             match discover::find_target(pid, None) {
                 Ok(t) if self.sessions.contains_key(&t.master) => {
                     self.candidates.remove(&pid);
+                    self.held.remove(&pid);
                 }
                 Ok(t) => {
                     self.candidates.remove(&pid);
-                    if t.master != pid {
+                    let held = self.held.remove(&pid).unwrap_or_default();
+                    let master = t.master;
+                    if master != pid {
                         self.probes.untrace_root(pid);
                     }
                     if let Err(e) = self.watch(t) {
                         warn!("cannot watch the server of process {pid}: {e:#}");
+                    } else if master == pid {
+                        // Traced since its exec: what it did before it was recognised counts.
+                        for ev in held {
+                            self.handle(ev);
+                        }
                     }
                 }
                 Err(_) if since.elapsed() < CANDIDATE_PATIENCE && discover::is_process(pid) => {}
                 Err(_) => {
                     self.candidates.remove(&pid);
+                    self.held.remove(&pid);
                     self.probes.untrace_root(pid);
                 }
             }

@@ -103,6 +103,31 @@ impl Server {
         Self::gunicorn_in(".venv", args)
     }
 
+    /// gunicorn serving a copy of the test app as module `name` (so its service is `name`).
+    pub fn gunicorn_named(name: &str, args: &[&str]) -> Result<Self> {
+        let dir = TempDir::new("gunicorn");
+        std::fs::copy(repo_root().join("tests/apps/testapp.py"), dir.0.join(format!("{name}.py")))?;
+        let port = free_port();
+        let mut cmd = Command::new(repo_root().join(".venv/bin/gunicorn"));
+        cmd.args(["--no-control-socket", "-b", &format!("127.0.0.1:{port}")])
+            .args(["--chdir", dir.0.to_str().unwrap()])
+            .args(args)
+            .arg(format!("{name}:app"));
+        Self::spawn(cmd, port, port, Some(dir))
+    }
+
+    /// uWSGI `--http-socket` serving a copy of the test app as module `name`.
+    pub fn uwsgi_named(name: &str, processes: u32) -> Result<Self> {
+        let dir = TempDir::new("uwsgi");
+        std::fs::copy(repo_root().join("tests/apps/testapp.py"), dir.0.join(format!("{name}.py")))?;
+        let port = free_port();
+        let mut cmd = Command::new("uwsgi");
+        cmd.args(["--plugin", "python3", "--http-socket", &format!("127.0.0.1:{port}")])
+            .args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", &format!("{name}:app")])
+            .args(["--processes", &processes.to_string(), "--chdir", dir.0.to_str().unwrap()]);
+        Self::spawn(cmd, port, port, Some(dir))
+    }
+
     /// gunicorn from the venv `venv` under the repository (`.venv-debian`: Debian's python3.11).
     pub fn gunicorn_in(venv: &str, args: &[&str]) -> Result<Self> {
         let gunicorn = repo_root().join(venv).join("bin/gunicorn");
@@ -148,6 +173,11 @@ impl Server {
     /// Apache 2.4 (mpm_event, one child) with mod_wsgi in daemon mode: `processes` daemons of
     /// 4 threads in process group `testapp`, fed by Apache over UNIX sockets.
     pub fn apache_modwsgi(processes: u32) -> Result<Self> {
+        Self::apache_modwsgi_named("testapp", processes)
+    }
+
+    /// Apache + mod_wsgi with daemon process group `group` (the service name).
+    pub fn apache_modwsgi_named(group: &str, processes: u32) -> Result<Self> {
         let dir = TempDir::new("apache");
         let d = dir.0.display().to_string();
         // Daemons run as www-data: give them a copy of the app and a log they may write.
@@ -165,8 +195,8 @@ impl Server {
              LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so\n\
              StartServers 1\nServerLimit 1\nThreadsPerChild 4\nMaxRequestWorkers 4\n\
              WSGISocketPrefix {d}/wsgi\n\
-             WSGIDaemonProcess testapp processes={processes} threads=4 display-name=%{{GROUP}} python-path={d}\n\
-             WSGIScriptAlias / {d}/testapp.py process-group=testapp application-group=%{{GLOBAL}}\n\
+             WSGIDaemonProcess {group} processes={processes} threads=4 display-name=%{{GROUP}} python-path={d}\n\
+             WSGIScriptAlias / {d}/testapp.py process-group={group} application-group=%{{GLOBAL}}\n\
              WSGICallableObject app\n\
              <Directory {d}>\n  Require all granted\n</Directory>\n"
         );
@@ -342,12 +372,24 @@ pub struct Agent {
 
 impl Agent {
     pub fn attach(pid: u32, extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["attach", "--pid"];
+        let pid = pid.to_string();
+        args.push(&pid);
+        args.extend(extra);
+        Self::start(&args, &[], &[])
+    }
+
+    /// `wsgiscope <args> --listen 127.0.0.1:<free port> <trailing>` with extra environment
+    /// (`run` passes it on to the server), once its /metrics answers.
+    pub fn start(args: &[&str], trailing: &[&str], env: &[(&str, &Path)]) -> Result<Self> {
         let dir = TempDir::new("agent");
         let log = dir.0.join("agent.log");
         let port = free_port();
         let child = Command::new(agent_bin())
-            .args(["attach", "--pid", &pid.to_string(), "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(trailing)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
@@ -384,6 +426,18 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the agent to exit by itself: its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGTERM and wait: returns the exit code.
