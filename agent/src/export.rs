@@ -1,15 +1,34 @@
-//! Export: serve the metrics over HTTP at /metrics (OpenMetrics text, which Prometheus scrapes).
+//! Export: serve the metrics over HTTP at /metrics. OpenMetrics text when the scraper asks for
+//! it (Prometheus does), else the classic Prometheus text format (same samples, no `# EOF`).
 use std::sync::Arc;
 
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::State,
+    http::{header, HeaderMap},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, OPENMETRICS)], m.encode())
+/// The body and content type for a scraper's `Accept` header.
+pub fn negotiate(accept: Option<&str>, openmetrics_body: String) -> (&'static str, String) {
+    if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+        return (OPENMETRICS, openmetrics_body);
+    }
+    let body = openmetrics_body.strip_suffix("# EOF\n").map(str::to_string).unwrap_or(openmetrics_body);
+    (PROMETHEUS_TEXT, body)
+}
+
+async fn scrape(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = negotiate(accept, m.encode());
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn index() -> &'static str {
@@ -20,4 +39,18 @@ async fn index() -> &'static str {
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let app = Router::new().route("/metrics", get(scrape)).route("/", get(index)).with_state(metrics);
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked() {
+        let body = "# TYPE x counter\nx_total 1\n# EOF\n".to_string();
+        let prom = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(prom), body.clone()), (OPENMETRICS, body.clone()));
+        assert_eq!(negotiate(None, body.clone()), (PROMETHEUS_TEXT, "# TYPE x counter\nx_total 1\n".to_string()));
+        assert_eq!(negotiate(Some("text/plain"), body).0, PROMETHEUS_TEXT);
+    }
 }
