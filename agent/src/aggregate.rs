@@ -181,6 +181,8 @@ pub struct Aggregator<'m> {
     /// labels every series of this server starts with.
     base: Labels,
     server: String,
+    /// `python_version` and `usdt` of `wsgi_worker_info`.
+    python: (String, bool),
     options: Options,
     routes: HashSet<String>,
     slots: Slots,
@@ -205,6 +207,7 @@ impl<'m> Aggregator<'m> {
             metrics,
             base,
             server: server.to_string(),
+            python: ("unknown".to_string(), false),
             options,
             routes: HashSet::new(),
             slots: Slots::default(),
@@ -248,8 +251,25 @@ impl<'m> Aggregator<'m> {
             ("server", self.server.clone()),
             ("protocol", wire.protocol.to_string()),
             ("transport", wire.transport.to_string()),
+            ("python_version", self.python.0.clone()),
+            ("usdt", self.python.1.to_string()),
         ]);
         l
+    }
+
+    /// The server's CPython version and whether its binary has USDT notes (before its workers
+    /// are known: the info series carry it).
+    pub fn set_python(&mut self, version: &str, usdt: bool) {
+        self.python = (version.to_string(), usdt);
+    }
+
+    /// A garbage collection in a worker.
+    pub fn gc_pause(&mut self, tgid: u32, generation: i32, seconds: f64) {
+        let Some(slot) = self.slots.slot_of(tgid) else { return };
+        let mut l = self.worker_labels(slot);
+        let generation = if generation >= 0 { generation.to_string() } else { "unknown".to_string() };
+        l.push(("generation", generation));
+        self.metrics.gc_pause.get_or_create(&l).observe(seconds);
     }
 
     /// Exports `wsgi_worker_info` for `slot` (replacing what it said before).
@@ -333,6 +353,7 @@ impl<'m> Aggregator<'m> {
         m.write_calls.get_or_create(&by_route).inc_by(r.write_calls);
         m.partial_writes.get_or_create(&by_route).inc_by(r.partial_writes);
         m.bytes.get_or_create(&by_route).observe(r.bytes as f64);
+        m.request_gc.get_or_create(&by_route).observe(r.gc_seconds);
         let w = self.worker_labels(slot);
         m.worker_requests.get_or_create(&w).inc();
         m.worker_blocks.get_or_create(&w).inc_by(r.blocks);
@@ -495,6 +516,7 @@ mod tests {
             partial_writes: 0,
             blocks: 1,
             bytes: 100,
+            gc_seconds: 0.0,
         }
     }
 
@@ -511,7 +533,7 @@ mod tests {
         assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/b"} 3"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="0"} 2"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="1"} 1"#));
-        let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp"} 1"#;
+        let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp",python_version="unknown",usdt="false"} 1"#;
         assert!(text.contains(info), "{text}");
         // Worker 0 was known before any request; the first request told how workers are reached.
         assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp"} 1"#));

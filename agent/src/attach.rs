@@ -3,14 +3,26 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+};
+
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{conn_key, ConnState, CONN_IN_REQUEST, STAT_COUNT};
 
-use crate::aggregate::InProgress;
+use crate::{
+    aggregate::InProgress,
+    python::{self, GcProbes, Runtime},
+};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -77,10 +89,81 @@ const FIXED_LAYOUT_PROGRAMS: &[(&str, &str, &[(&str, u32)], &str)] = &[
 /// The loaded and attached kernel side, with the maps the agent reads.
 pub struct Probes {
     // Owns the programs and their links: dropping it detaches.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// USDT probes attached by hand (perf event + BPF link): closing them detaches and
+    /// releases the semaphores.
+    usdt_links: Vec<(OwnedFd, OwnedFd)>,
+    /// Interpreter binaries whose GC probes are attached, by (device, inode).
+    gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, u64, ConnState>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+/// The uprobe programs of ebpf/src/python.rs.
+const GC_PROGRAMS: &[&str] = &["gc_start", "gc_done", "gc_return"];
+
+/// perf_event_attr, as much of it as a uprobe needs (the kernel takes the size we give).
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+    config2: u64,
+    rest: [u64; 7],
+}
+
+/// A uprobe on `path` at file `offset`, with the kernel counting the USDT semaphore at file
+/// offset `semaphore` up while attached (aya 0.14 cannot set `ref_ctr_offset`).
+fn usdt_perf_event(path: &std::path::Path, offset: u64, semaphore: u64) -> Result<OwnedFd> {
+    let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")
+        .context("this kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe/type)")?
+        .trim()
+        .parse()?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let attr = PerfEventAttr {
+        kind: pmu,
+        size: size_of::<PerfEventAttr>() as u32,
+        // ref_ctr_offset lives in config bits 32–63 of the uprobe PMU.
+        config: semaphore << 32,
+        config1: cpath.as_ptr() as u64,
+        config2: offset,
+        ..Default::default()
+    };
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+    // SAFETY: attr and the path outlive the call; pid -1 / cpu 0 is "any process" for uprobes.
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
+    if fd < 0 {
+        bail!("perf_event_open(uprobe {}:{offset:#x}): {}", path.display(), std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches a loaded program to a perf event through a BPF link carrying `cookie`.
+fn link_with_cookie(prog_fd: i32, perf_fd: &OwnedFd, cookie: u64) -> Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PERF_EVENT: u32 = 41;
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(perf_fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_PERF_EVENT.to_ne_bytes());
+    attr[16..24].copy_from_slice(&cookie.to_ne_bytes());
+    // SAFETY: bpf(2) reads the attr buffer we pass with its size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!("BPF_LINK_CREATE for a USDT probe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Mounts tracefs if it is not mounted (a fresh host often has it unmounted).
@@ -224,7 +307,56 @@ impl Probes {
         let traced = HashMap::try_from(take(&mut ebpf, "TRACED")?)?;
         let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
-        Ok((Self { _ebpf: ebpf, traced, conns, stats }, events))
+        // GC probes are attached per interpreter binary, as servers are found.
+        for name in GC_PROGRAMS {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        let probes =
+            Self { ebpf, usdt_links: Vec::new(), gc_binaries: HashSet::new(), traced, conns, stats };
+        Ok((probes, events))
+    }
+
+    /// Attaches the GC probes to a server's interpreter binary (once per binary). `Ok(false)`
+    /// when the binary has neither USDT notes nor the collector symbol.
+    pub fn attach_gc(&mut self, rt: &Runtime) -> Result<bool> {
+        let meta = std::fs::metadata(&rt.host_path).with_context(|| format!("cannot stat {}", rt.host_path.display()))?;
+        if !self.gc_binaries.insert((meta.dev(), meta.ino())) {
+            return Ok(!matches!(rt.gc, GcProbes::None));
+        }
+        match &rt.gc {
+            GcProbes::Usdt { start, done } => {
+                for (probes, prog_name) in [(start, "gc_start"), (done, "gc_done")] {
+                    let prog: &mut UProbe = self.ebpf.program_mut(prog_name).expect("loaded").try_into()?;
+                    let prog_fd = prog.fd()?.as_fd().as_raw_fd();
+                    for p in probes {
+                        // Where gc__start passes the generation; gc__done's argument is unused.
+                        let cookie = if prog_name == "gc_start" {
+                            python::arg_cookie(p.args.split_whitespace().next().unwrap_or(""))?
+                        } else {
+                            0
+                        };
+                        let perf = usdt_perf_event(&rt.host_path, p.offset, p.semaphore)?;
+                        let link = link_with_cookie(prog_fd, &perf, cookie)?;
+                        self.usdt_links.push((link, perf));
+                    }
+                }
+                Ok(true)
+            }
+            GcProbes::Symbol(symbol) => {
+                for (prog_name, cookie) in [("gc_start", Some(python::symbol_generation_cookie())), ("gc_return", None)] {
+                    let prog: &mut UProbe = self.ebpf.program_mut(prog_name).expect("loaded").try_into()?;
+                    let point = UProbeAttachPoint { location: UProbeAttachLocation::Symbol(symbol), cookie };
+                    prog.attach(point, &rt.host_path, UProbeScope::AllProcesses)
+                        .with_context(|| format!("uprobe on {symbol} in {}", rt.path.display()))?;
+                }
+                Ok(true)
+            }
+            GcProbes::None => Ok(false),
+        }
     }
 
     /// Adds a process to the traced set; its future forks are followed in the kernel.

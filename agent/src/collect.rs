@@ -25,6 +25,7 @@ use crate::{
     discover::{self, Target},
     export, k8s,
     metrics::Metrics,
+    python::{self, GcProbes},
     reconstruct::{self, Event},
     session::{orphan_request, Session},
 };
@@ -68,6 +69,7 @@ fn root_of(event: &Event) -> u32 {
         Event::Request(ev) => ev.root,
         Event::Fork { root, .. } | Event::Exit { root, .. } | Event::Signal { root, .. } | Event::Reap { root, .. } => *root,
         Event::Exec { pid } => *pid,
+        Event::Gc { root, .. } => *root,
     }
 }
 
@@ -100,7 +102,8 @@ impl<'m> Collector<'m> {
         }
         let mut base = vec![("service", service.clone())];
         base.extend(k8s::labels(Path::new("/proc"), master));
-        let agg = Aggregator::new(self.metrics, base.clone(), &target.kind.to_string(), self.options.clone());
+        let mut agg = Aggregator::new(self.metrics, base.clone(), &target.kind.to_string(), self.options.clone());
+        self.python_runtime(&service, master, &mut agg);
         let mut session = Session::new(target.kind, master, target.http_relayed, agg);
         for f in &target.front_ends {
             info!("{service}: process {f} is a front end (relays requests to the workers)");
@@ -121,6 +124,30 @@ impl<'m> Collector<'m> {
         );
         self.sessions.insert(master, session);
         Ok(())
+    }
+
+    /// Finds the server's CPython and attaches the GC probes to it; GC data is optional.
+    fn python_runtime(&mut self, service: &str, master: u32, agg: &mut Aggregator<'_>) {
+        let Some(rt) = python::runtime_of(master) else {
+            warn!("{service}: no CPython found in /proc/{master}/maps (not loaded yet?): no GC data");
+            return;
+        };
+        agg.set_python(&rt.version, rt.has_usdt());
+        let how = match &rt.gc {
+            GcProbes::Usdt { .. } => "USDT gc__start/gc__done",
+            GcProbes::Symbol(s) => s,
+            GcProbes::None => "nothing",
+        };
+        match self.probes.attach_gc(&rt) {
+            Ok(true) => info!("{service}: Python {} in {}: GC probed at {how}", rt.version, rt.path.display()),
+            Ok(false) => warn!(
+                "{service}: Python {} in {} has neither USDT notes nor the {} symbol (stripped?): no GC data",
+                rt.version,
+                rt.path.display(),
+                "gc_collect_main"
+            ),
+            Err(e) => warn!("{service}: cannot probe garbage collections in {}: {e:#}; no GC data", rt.path.display()),
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -173,6 +200,11 @@ impl<'m> Collector<'m> {
             }
             Event::Exec { pid } => {
                 self.candidates.insert(pid, Instant::now());
+            }
+            Event::Gc { tgid, root, generation, start_ns, end_ns } => {
+                if let Some(s) = self.sessions.get_mut(&root) {
+                    s.gc(tgid, generation, start_ns, end_ns);
+                }
             }
         }
     }

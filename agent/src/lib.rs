@@ -14,6 +14,7 @@ pub mod discover;
 pub mod export;
 pub mod k8s;
 pub mod metrics;
+pub mod python;
 pub mod reconstruct;
 pub mod route;
 pub mod session;

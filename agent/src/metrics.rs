@@ -24,6 +24,8 @@ const WRITE_BUCKETS: &[f64] =
 pub const BLOCK_BUCKETS: &[f64] =
     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0];
 pub const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+const GC_BUCKETS: &[f64] =
+    &[0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 const ACCEPT_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -79,6 +81,8 @@ pub struct Metrics {
     pub accept_wait: Histograms,
     pub small_blocks: Family<Labels, Counter>,
     pub route_overflow: Family<Labels, Counter>,
+    pub gc_pause: Histograms,
+    pub request_gc: Histograms,
     pub slow_clients: Family<Labels, Counter>,
     pub lost_events: Family<Labels, Counter>,
     pub unparsed: Family<Labels, Counter>,
@@ -120,6 +124,8 @@ impl Metrics {
             accept_wait: Family::new_with_constructor(Buckets::new(ACCEPT_WAIT_BUCKETS)),
             small_blocks: Family::default(),
             route_overflow: Family::default(),
+            gc_pause: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
+            request_gc: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             slow_clients: Family::default(),
             lost_events: Family::default(),
             unparsed: Family::default(),
@@ -212,6 +218,16 @@ impl Metrics {
             "wsgiscope_unparsed_requests",
             "Traffic on a server socket that was not an HTTP request",
             m.unparsed.clone(),
+        );
+        r.register(
+            "wsgi_gc_pause_seconds",
+            "CPython garbage-collection pauses of a worker slot, by generation",
+            m.gc_pause.clone(),
+        );
+        r.register(
+            "wsgi_request_gc_seconds",
+            "Garbage-collection time of the worker that fell inside each request",
+            m.request_gc.clone(),
         );
         r.register(
             "wsgiscope_route_overflow",

@@ -1,6 +1,6 @@
 //! One watched server: its master, its workers and front ends, and the aggregator its requests
 //! go to. The collector routes each kernel record to the session of the master it descends from.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::info;
 use wsgiscope_common::{ConnState, RequestEvent, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
@@ -23,7 +23,14 @@ pub struct Session<'m> {
     kill_signalled: HashMap<u32, u64>,
     /// Workers that exited, until their master reaps them (the wait status tells why).
     exited_workers: HashSet<u32>,
+    /// Recent garbage collections per process (start, end ns): the requests they fell in
+    /// arrive after them.
+    gcs: HashMap<u32, VecDeque<(u64, u64)>>,
 }
+
+/// Collections kept per process, and for how long (ns), to attribute them to requests.
+const GC_KEEP: usize = 4096;
+const GC_KEEP_NS: u64 = 300_000_000_000;
 
 /// A request still open on a socket of a process that exited, as a kernel record would carry it.
 pub fn orphan_request(tgid: u32, fd: u32, c: &ConnState, now_ns: u64) -> RequestEvent {
@@ -52,6 +59,7 @@ impl<'m> Session<'m> {
             undecided: Vec::new(),
             kill_signalled: HashMap::new(),
             exited_workers: HashSet::new(),
+            gcs: HashMap::new(),
         }
     }
 
@@ -81,6 +89,15 @@ impl<'m> Session<'m> {
                 r.status = "aborted".to_string();
             }
         }
+        // The process's collections inside the request (a GC stops every thread of it).
+        if let Some(gcs) = self.gcs.get_mut(&r.tgid) {
+            let end = r.start_ns + (r.duration * 1e9) as u64;
+            while gcs.front().is_some_and(|&(_, e)| e + GC_KEEP_NS < r.start_ns) {
+                gcs.pop_front();
+            }
+            let inside: u64 = gcs.iter().map(|&(s, e)| e.min(end).saturating_sub(s.max(r.start_ns))).sum();
+            r.gc_seconds = inside as f64 / 1e9;
+        }
         match r.protocol {
             // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
             Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
@@ -91,6 +108,15 @@ impl<'m> Session<'m> {
             Protocol::Http => {}
         }
         self.agg.record(&r);
+    }
+
+    pub fn gc(&mut self, tgid: u32, generation: i32, start_ns: u64, end_ns: u64) {
+        self.agg.gc_pause(tgid, generation, end_ns.saturating_sub(start_ns) as f64 / 1e9);
+        let q = self.gcs.entry(tgid).or_default();
+        if q.len() >= GC_KEEP {
+            q.pop_front();
+        }
+        q.push_back((start_ns, end_ns));
     }
 
     pub fn forked(&mut self, parent: u32, child: u32) {
@@ -106,6 +132,7 @@ impl<'m> Session<'m> {
             self.request(ev);
         }
         self.undecided.retain(|&p| p != tgid);
+        self.gcs.remove(&tgid);
         if tgid != self.master && self.agg.worker_exited(tgid) {
             self.exited_workers.insert(tgid);
         }

@@ -23,6 +23,14 @@ pub const EVENT_SIGNAL: u32 = 4;
 pub const EVENT_REAP: u32 = 5;
 /// A process exec'd a known WSGI server name (`wsgiscope daemon`); the kernel traces it already.
 pub const EVENT_EXEC: u32 = 6;
+/// A CPython garbage collection finished in a traced process (`GcEvent`).
+pub const EVENT_GC: u32 = 7;
+
+/// Where a uprobe finds the GC generation, packed in the attach cookie by the agent:
+/// `GEN_IN_REG | reg`, or `GEN_IN_MEM | reg << 16 | offset as u16` (an int at reg + offset).
+/// `reg` indexes `pt_regs` on x86_64 (rsi 13, rdi 14, rsp 19, rbp 4, …).
+pub const GEN_IN_REG: u64 = 1 << 32;
+pub const GEN_IN_MEM: u64 = 2 << 32;
 
 /// Why a request record was emitted.
 pub const END_NEXT_REQUEST: u32 = 1;
@@ -160,6 +168,30 @@ pub struct ProcessEvent {
     pub status: i32,
     pub _pad: u32,
     pub ts_ns: u64,
+}
+
+/// One garbage collection of a traced process: generation and its start and end (ns).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GcEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub root: u32,
+    /// -1 when the probe could not read it.
+    pub generation: i32,
+    pub _pad: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// A collection in progress on one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GcStart {
+    pub start_ns: u64,
+    pub generation: i32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

@@ -4,7 +4,8 @@
 //! Modules follow the hook families: `process` (fork/exit: which processes are traced),
 //! `accept` (which sockets are connections), `read` (request start and request bytes),
 //! `write` (response writes), `close` (close and shutdown end a request), `tcp` (handshakes
-//! completed, for the accept-queue wait), `signal` (workers killed from outside).
+//! completed, for the accept-queue wait), `signal` (workers killed from outside), `python`
+//! (CPython garbage collections, by uprobe).
 //! `conn` holds the connection-state helpers they share, `maps` the maps.
 #![no_std]
 #![no_main]
@@ -14,6 +15,7 @@ mod close;
 mod conn;
 mod maps;
 mod process;
+mod python;
 mod read;
 mod signal;
 mod syscall;

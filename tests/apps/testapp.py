@@ -7,6 +7,7 @@ The app wraps itself in a small counting/timing middleware: the ground truth the
 wsgiscope against. When WSGISCOPE_TRUTH_LOG is set, the middleware appends one JSON line per
 request: route, status, blocks yielded, bytes, elapsed seconds, worker pid.
 """
+import gc
 import json
 import os
 import tempfile
@@ -80,6 +81,25 @@ def file(environ, start_response):
     return environ["wsgi.file_wrapper"](open(_file(), "rb"), 65536)
 
 
+_live = []
+
+
+def gc_route(environ, start_response):
+    # /gc?n=N&live=L: N self-referencing lists (cyclic garbage; automatic collections run
+    # while they are allocated), then a full collection, which traverses L live objects kept
+    # across requests (so full collections take milliseconds).
+    q = _query(environ)
+    live = int(q.get("live", "300000"))
+    if len(_live) < live:
+        _live.extend([] for _ in range(live - len(_live)))
+    for _ in range(int(q.get("n", "5000"))):
+        a = []
+        a.append(a)
+    gc.collect()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"collected"]
+
+
 ROUTES = {
     "/hello": hello,
     "/sleep": sleep,
@@ -89,6 +109,7 @@ ROUTES = {
     "/error": error,
     "/hang": hang,
     "/file": file,
+    "/gc": gc_route,
 }
 
 
@@ -100,9 +121,22 @@ def app(environ, start_response):
     return handler(environ, start_response)
 
 
+# Garbage-collection time of this process, as the interpreter reports it (gc.callbacks).
+_gc = {"total": 0.0, "t0": 0.0, "count": 0}
+
+
+def _gc_callback(phase, info):
+    if phase == "start":
+        _gc["t0"] = time.perf_counter()
+    else:
+        _gc["total"] += time.perf_counter() - _gc["t0"]
+        _gc["count"] += 1
+
+
 class Truth:
-    """Counting/timing middleware: blocks and bytes the app yielded, and its own elapsed time
-    from the call to close() (which the server calls after the last write)."""
+    """Counting/timing middleware: blocks and bytes the app yielded, its own elapsed time
+    from the call to close() (which the server calls after the last write), and the time the
+    process spent collecting garbage meanwhile."""
 
     def __init__(self, app, log_path):
         self.app = app
@@ -110,8 +144,9 @@ class Truth:
 
     def __call__(self, environ, start_response):
         t0 = time.perf_counter()
+        gc0 = (_gc["total"], _gc["count"])
         rec = {"route": environ.get("PATH_INFO", ""), "method": environ["REQUEST_METHOD"],
-               "status": None, "blocks": 0, "bytes": 0, "pid": os.getpid()}
+               "status": None, "blocks": 0, "bytes": 0, "pid": os.getpid(), "gc0": gc0}
 
         def sr(status, headers, exc_info=None):
             rec["status"] = int(status.split()[0])
@@ -150,9 +185,13 @@ class Truth:
             self._log(rec)
 
     def _log(self, rec):
+        total, count = rec.pop("gc0")
+        rec["gc"] = _gc["total"] - total
+        rec["gc_count"] = _gc["count"] - count
         with open(self.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
 if os.environ.get("WSGISCOPE_TRUTH_LOG"):
+    gc.callbacks.append(_gc_callback)
     app = Truth(app, os.environ["WSGISCOPE_TRUTH_LOG"])

@@ -330,6 +330,10 @@ pub struct Truth {
     pub bytes: u64,
     pub elapsed: f64,
     pub pid: u32,
+    /// Seconds the process spent in garbage collection during the request (gc.callbacks).
+    pub gc: f64,
+    /// Collections the process ran during the request.
+    pub gc_count: u64,
     /// Status line and headers as the app passed them to start_response.
     pub status_line: String,
     pub headers: Vec<(String, String)>,
@@ -346,6 +350,8 @@ impl Truth {
             bytes: num("bytes"),
             elapsed: v["elapsed"].as_f64().unwrap_or(0.0),
             pid: num("pid") as u32,
+            gc: v["gc"].as_f64().unwrap_or(0.0),
+            gc_count: num("gc_count"),
             status_line: v["status_line"].as_str().unwrap_or_default().to_string(),
             headers: v["headers"]
                 .as_array()

@@ -6,7 +6,7 @@ pub mod modwsgi;
 pub mod uwsgi;
 
 use wsgiscope_common::{
-    ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, EVENT_REQUEST,
+    GcEvent, ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_GC, EVENT_REAP, EVENT_REQUEST,
     EVENT_SIGNAL, REQ_HEAD_LEN, RESP_HEAD_LEN,
 };
 
@@ -24,6 +24,8 @@ pub enum Event {
     Reap { parent: u32, child: u32, status: i32, root: u32 },
     /// `wsgiscope daemon`: a process exec'd a WSGI server name and is traced from now on.
     Exec { pid: u32 },
+    /// A garbage collection of generation `generation` (-1: unknown) in `tgid`.
+    Gc { tgid: u32, root: u32, generation: i32, start_ns: u64, end_ns: u64 },
 }
 
 /// Decodes one ring-buffer record; `None` for a record of unknown kind or size.
@@ -46,6 +48,11 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
                 EVENT_REAP => Event::Reap { parent: ev.tgid, child: ev.child, status: ev.status, root },
                 _ => Event::Exec { pid: ev.tgid },
             })
+        }
+        EVENT_GC if bytes.len() >= size_of::<GcEvent>() => {
+            // SAFETY: as above.
+            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<GcEvent>()) };
+            Some(Event::Gc { tgid: ev.tgid, root: ev.root, generation: ev.generation, start_ns: ev.start_ns, end_ns: ev.end_ns })
         }
         _ => None,
     }
@@ -168,6 +175,8 @@ pub struct Request {
     pub partial_writes: u64,
     pub blocks: u64,
     pub bytes: u64,
+    /// Garbage-collection time of its process that fell inside it (set by the session).
+    pub gc_seconds: f64,
 }
 
 /// The request in a kernel record, or `None` when its bytes are not an HTTP request.
@@ -212,6 +221,7 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         partial_writes: a.continuations as u64,
         blocks: framing::app_blocks(kind, a, resp_head),
         bytes: a.write_bytes.saturating_sub(handshake as u64),
+        gc_seconds: 0.0,
     })
 }
 
