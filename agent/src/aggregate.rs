@@ -536,7 +536,7 @@ mod tests {
         let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp",python_version="unknown",usdt="false"} 1"#;
         assert!(text.contains(info), "{text}");
         // Worker 0 was known before any request; the first request told how workers are reached.
-        assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp"} 1"#));
+        assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp",python_version="unknown",usdt="false"} 1"#));
         assert!(!text.contains("unknown"));
         assert!(text.contains(r#"wsgi_workers{service="app"} 2"#));
         a.worker_exited(8);
