@@ -524,6 +524,7 @@ mod tests {
     fn requests_feed_route_and_worker_series() {
         let m = Metrics::new();
         let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
+        a.set_python("3.11", true);
         a.worker_started(7);
         a.record(&request("/a", 7));
         a.record(&request("/a", 7));
@@ -533,10 +534,10 @@ mod tests {
         assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/b"} 3"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="0"} 2"#));
         assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="1"} 1"#));
-        let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp",python_version="unknown",usdt="false"} 1"#;
+        let info = r#"wsgi_worker_info{service="app",worker="1",pid="8",server="gunicorn",protocol="http",transport="tcp",python_version="3.11",usdt="true"} 1"#;
         assert!(text.contains(info), "{text}");
         // Worker 0 was known before any request; the first request told how workers are reached.
-        assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp",python_version="unknown",usdt="false"} 1"#));
+        assert!(text.contains(r#"worker="0",pid="7",server="gunicorn",protocol="http",transport="tcp",python_version="3.11",usdt="true"} 1"#));
         assert!(!text.contains("unknown"));
         assert!(text.contains(r#"wsgi_workers{service="app"} 2"#));
         a.worker_exited(8);
