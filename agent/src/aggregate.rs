@@ -94,6 +94,13 @@ impl<'m> KernelStats<'m> {
         KernelStats { metrics, seen: [0; STAT_COUNT as usize] }
     }
 
+    /// Sizes of the kernel maps: state that must return to its baseline when traffic stops.
+    pub fn map_sizes(&self, sizes: &[(&'static str, usize)]) {
+        for (map, n) in sizes {
+            self.metrics.map_entries.get_or_create(&vec![("map", map.to_string())]).set(*n as i64);
+        }
+    }
+
     pub fn update(&mut self, totals: [u64; STAT_COUNT as usize]) {
         for (stat, reason) in Self::REASONS {
             let i = stat as usize;

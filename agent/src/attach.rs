@@ -17,7 +17,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use wsgiscope_common::{conn_key, ConnState, CONN_IN_REQUEST, STAT_COUNT};
+use wsgiscope_common::{conn_key, ConnState, Pending, CONN_IN_REQUEST, STAT_COUNT};
 
 use crate::{
     aggregate::InProgress,
@@ -97,6 +97,7 @@ pub struct Probes {
     gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, u64, ConnState>,
+    pending: HashMap<MapData, u64, Pending>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -306,6 +307,7 @@ impl Probes {
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let traced = HashMap::try_from(take(&mut ebpf, "TRACED")?)?;
         let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
+        let pending = HashMap::try_from(take(&mut ebpf, "PENDING")?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
         // GC probes are attached per interpreter binary, as servers are found.
         for name in GC_PROGRAMS {
@@ -316,7 +318,7 @@ impl Probes {
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;
         }
         let probes =
-            Self { ebpf, usdt_links: Vec::new(), gc_binaries: HashSet::new(), traced, conns, stats };
+            Self { ebpf, usdt_links: Vec::new(), gc_binaries: HashSet::new(), traced, conns, pending, stats };
         Ok((probes, events))
     }
 
@@ -411,6 +413,15 @@ impl Probes {
         for t in tasks {
             let _ = self.traced.remove(&t);
         }
+    }
+
+    /// Entries in the maps that hold per-connection, per-syscall and per-process state.
+    pub fn map_sizes(&self) -> [(&'static str, usize); 3] {
+        [
+            ("connections", self.conns.keys().count()),
+            ("pending", self.pending.keys().count()),
+            ("traced", self.traced.keys().count()),
+        ]
     }
 
     /// Kernel-side counters (`STAT_*`), summed over CPUs.

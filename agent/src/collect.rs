@@ -222,6 +222,7 @@ impl<'m> Collector<'m> {
             s.decide();
         }
         self.kernel.update(self.probes.stats());
+        self.kernel.map_sizes(&self.probes.map_sizes());
         self.check_candidates();
     }
 

@@ -85,6 +85,7 @@ pub struct Metrics {
     pub request_gc: Histograms,
     pub slow_clients: Family<Labels, Counter>,
     pub lost_events: Family<Labels, Counter>,
+    pub map_entries: Family<Labels, Gauge>,
     pub unparsed: Family<Labels, Counter>,
     pub relayed: Family<Labels, Counter>,
 }
@@ -128,6 +129,7 @@ impl Metrics {
             request_gc: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             slow_clients: Family::default(),
             lost_events: Family::default(),
+            map_entries: Family::default(),
             unparsed: Family::default(),
             relayed: Family::default(),
         };
@@ -213,6 +215,11 @@ impl Metrics {
             "wsgiscope_lost_events",
             "Requests the kernel side could not record (ring buffer or connection table full)",
             m.lost_events.clone(),
+        );
+        r.register(
+            "wsgiscope_kernel_map_entries",
+            "Entries in the kernel maps: connections tracked, syscalls in flight, processes traced",
+            m.map_entries.clone(),
         );
         r.register(
             "wsgiscope_unparsed_requests",

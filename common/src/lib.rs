@@ -200,4 +200,5 @@ mod user {
     // SAFETY: plain old data, every bit pattern is valid.
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for RequestAgg {}
+    unsafe impl aya::Pod for Pending {}
 }

@@ -655,3 +655,36 @@ pub fn bpf_program_exists(id: u32) -> bool {
     }
     fd >= 0
 }
+
+/// The value of the `gc__start` USDT semaphore in process `pid` (0 when no tracer enables it).
+pub fn gc_semaphore(pid: u32) -> u16 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // The interpreter: libpython if mapped, else the python executable.
+    let line = maps
+        .lines()
+        .find(|l| l.contains("libpython3"))
+        .or_else(|| maps.lines().find(|l| l.contains("/python3")))
+        .expect("an interpreter mapping");
+    let path = line.split_whitespace().nth(5).unwrap();
+    let base = maps
+        .lines()
+        .filter(|l| l.ends_with(path))
+        .find(|l| l.split_whitespace().nth(2) == Some("00000000"))
+        .and_then(|l| u64::from_str_radix(l.split('-').next().unwrap(), 16).ok())
+        .expect("the mapping at file offset 0");
+    let notes = Command::new("readelf").args(["-n", path]).output().expect("readelf (binutils)");
+    let text = String::from_utf8_lossy(&notes.stdout);
+    let block = text.split("Name: gc__start").nth(1).expect("a gc__start note");
+    let sem = block.split("Semaphore: 0x").nth(1).unwrap().split_whitespace().next().unwrap();
+    let vaddr = u64::from_str_radix(sem, 16).unwrap();
+    // A fixed-address executable (Debian's python3.11) uses its addresses as they are; PIE and
+    // shared objects are loaded at `base`, their first segment being at virtual address 0.
+    let header = Command::new("readelf").args(["-h", path]).output().unwrap();
+    let fixed = String::from_utf8_lossy(&header.stdout).contains("EXEC (Executable file)");
+    let addr = if fixed { vaddr } else { base + vaddr };
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut buf = [0u8; 2];
+    std::io::Seek::seek(&mut mem, std::io::SeekFrom::Start(addr)).unwrap();
+    mem.read_exact(&mut buf).unwrap();
+    u16::from_ne_bytes(buf)
+}
