@@ -10,7 +10,7 @@ fn run(name: &str, server: Server, usdt: bool) {
     // collections); the measured requests each make a few small ones and a full one.
     assert_eq!(get(server.port, "/gc").unwrap().status, 200);
     // Other tracers of the same binary (another agent on the node) count in the semaphore too.
-    let before = semaphore(worker);
+    let before = if usdt { semaphore(worker) } else { 0 };
     let mut agent = Agent::attach(server.master(), &[]).unwrap();
     let log = agent.log_text();
     let how = if usdt { "GC probed at USDT gc__start/gc__done" } else { "GC probed at gc_collect_main" };
