@@ -15,7 +15,7 @@ pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     // `-- --nocapture`.
     run_checked(
         cargo(root)
-            .args(["test", "--workspace", "--exclude", "wsgiscope-ebpf"])
+            .args(["test", "--no-fail-fast", "--workspace", "--exclude", "wsgiscope-ebpf"])
             .args(cargo_test_args),
     )
 }
