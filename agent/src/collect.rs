@@ -224,6 +224,14 @@ impl<'m> Collector<'m> {
         self.kernel.update(self.probes.stats());
         self.kernel.map_sizes(&self.probes.map_sizes());
         self.check_candidates();
+        // A master that died before the kernel traced it sends no exit record.
+        let gone: Vec<u32> = self.sessions.keys().copied().filter(|&m| !discover::is_alive(m)).collect();
+        for master in gone {
+            if let Some(s) = self.sessions.remove(&master) {
+                info!("{}: master {master} exited", s.agg.service());
+            }
+            self.ended.push(master);
+        }
     }
 
     /// Exec'd processes that now look like WSGI masters are watched; the rest given up.

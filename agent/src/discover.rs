@@ -149,6 +149,11 @@ pub fn descendants_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Is the process running (not gone, not a zombie waiting to be reaped)?
+pub fn is_alive(pid: u32) -> bool {
+    Process::new(pid as i32).and_then(|p| p.stat()).is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
 /// Is `task` a process (thread-group leader) rather than a thread?
 pub fn is_process(task: u32) -> bool {
     Process::new(task as i32)

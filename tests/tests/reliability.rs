@@ -224,7 +224,14 @@ fn a_server_exiting_during_attach_ends_cleanly() {
         .spawn()
         .unwrap();
     server.stop();
+    // Bounded: an agent that missed the exit would hang here.
+    let pid = agent.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
     let out = agent.wait_with_output().unwrap();
+    assert!(!watchdog.is_finished(), "the agent did not notice the master exit within 20 s");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     match out.status.code() {
