@@ -687,4 +687,131 @@ pub fn gc_semaphore(pid: u32) -> u16 {
     std::io::Seek::seek(&mut mem, std::io::SeekFrom::Start(addr)).unwrap();
     mem.read_exact(&mut buf).unwrap();
     u16::from_ne_bytes(buf)
+
+/// GET `path` (with its query string) from `addr` as HTTP/1.0: the server answers without
+/// chunked encoding and closes, so reading to EOF gives the whole body. (status, body).
+/// For JSON APIs such as the real Prometheus server's.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no response head from {addr}{path}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("bad status line {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query-string value: every byte but the RFC 3986 unreserved characters.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// A real Prometheus server (Debian's `prometheus`) on loopback, scraping one target every
+/// second as job `job`, its TSDB in a temporary directory. Killed on drop.
+pub struct Prometheus {
+    child: Child,
+    pub addr: String,
+    pub job: String,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    const BIN: &'static str = "/usr/bin/prometheus";
+
+    /// Starts it and waits until /-/ready answers.
+    pub fn start(job: &str, target: &str) -> Result<Self> {
+        if !Path::new(Self::BIN).exists() {
+            bail!("{} missing: run `cargo xtask setup` (it installs Debian's prometheus)", Self::BIN);
+        }
+        let dir = TempDir::new("prometheus");
+        // scrape_timeout may not exceed the interval: its 10 s default would be refused.
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(dir.0.join("prometheus.yml"), config)?;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(Self::BIN)
+            .arg(format!("--config.file={}", dir.0.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("prometheus.log"))?)
+            .spawn()
+            .context("starting prometheus")?;
+        let mut p = Prometheus { child, addr, job: job.to_string(), dir };
+        let addr = p.addr.clone();
+        let ready = wait_for("prometheus /-/ready", Duration::from_secs(30), || {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("prometheus exited with {status}");
+            }
+            Ok(http_get(&addr, "/-/ready").is_ok_and(|(s, _)| s == 200))
+        });
+        ready.map_err(|e| anyhow!("{e}: {}", p.log())).map(|_| p)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `data` of a successful HTTP API answer.
+    pub fn api(&self, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = http_get(&self.addr, path)?;
+        let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{path}: {body}"))?;
+        if status != 200 || v["status"] != "success" {
+            bail!("{path}: HTTP {status}: {body}");
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// An instant-vector query at `at` (Unix seconds) or now: (labels, value) per series.
+    pub fn query(&self, promql: &str, at: Option<f64>) -> Result<Vec<(BTreeMap<String, String>, f64)>> {
+        let time = at.map(|t| format!("&time={t:.3}")).unwrap_or_default();
+        let data = self.api(&format!("/api/v1/query?query={}{time}", url_encode(promql)))?;
+        let series = data["result"].as_array().ok_or_else(|| anyhow!("{promql}: not a vector: {data}"))?;
+        series
+            .iter()
+            .map(|s| {
+                let labels = serde_json::from_value(s["metric"].clone())?;
+                // Prometheus writes values as strings ("NaN" and "+Inf" included).
+                let value = s["value"][1].as_str().ok_or_else(|| anyhow!("no value in {s}"))?.parse()?;
+                Ok((labels, value))
+            })
+            .collect()
+    }
+
+    /// The value of a query that must yield exactly one series.
+    pub fn one(&self, promql: &str, at: Option<f64>) -> f64 {
+        let r = self.query(promql, at).unwrap();
+        assert_eq!(r.len(), 1, "{promql} gave {r:?}\nprometheus log:\n{}", self.log());
+        r[0].1
+    }
+
+    /// Waits until the target has been scraped at or after `t` (Unix seconds).
+    pub fn wait_for_scrape_after(&self, t: f64) {
+        let q = format!("timestamp(up{{job=\"{}\"}})", self.job);
+        let start = Instant::now();
+        while self.query(&q, None).unwrap().first().is_none_or(|(_, ts)| *ts < t) {
+            assert!(start.elapsed() < Duration::from_secs(15), "no scrape after {t}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

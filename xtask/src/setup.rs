@@ -21,9 +21,13 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "apache2",
     "libapache2-mod-wsgi-py3",
+    // The real Prometheus server the end-to-end scrape test runs (tests/tests/prometheus.rs).
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
+/// Validates deploy/*.yaml against the Kubernetes schemas it bundles: no cluster, no network.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn run(root: &Path) -> Result<()> {
@@ -33,6 +37,7 @@ pub fn run(root: &Path) -> Result<()> {
     // gunicorn on the pyenv Python on PATH (shared libpython) and on Debian's static python3.11.
     venv(&root.join(".venv"), "python3")?;
     venv(&root.join(".venv-debian"), "/usr/bin/python3.11")?;
+    kubernetes_validate(&root.join(".venv"))?;
     Ok(())
 }
 
@@ -137,6 +142,40 @@ fn venv(venv: &Path, python: &str) -> Result<()> {
     }
     println!(
         "setup: installed gunicorn {GUNICORN_VERSION} in {}",
+        venv.display()
+    );
+    Ok(())
+}
+
+/// kubernetes-validate (and the PyYAML it pulls in) in `venv`, for tests/tests/deploy.rs.
+fn kubernetes_validate(venv: &Path) -> Result<()> {
+    let bin = venv.join("bin/kubernetes-validate");
+    let installed = || {
+        output_text(Command::new(&bin).arg("--version"))
+            .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    };
+    if installed() {
+        println!(
+            "setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} already in {}",
+            venv.display()
+        );
+        return Ok(());
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )?;
+    if !installed() {
+        bail!(
+            "{} does not report version {KUBERNETES_VALIDATE_VERSION} after installing it",
+            bin.display()
+        );
+    }
+    println!(
+        "setup: installed kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
         venv.display()
     );
     Ok(())
