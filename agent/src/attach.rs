@@ -229,6 +229,16 @@ fn attach_fixed_layout(ebpf: &mut Ebpf, category: &str, name: &str, fields: &[(&
     Ok(())
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
+/// raise it where allowed (CAP_SYS_RESOURCE); elsewhere it is not needed, so never fail on it.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("RLIMIT_MEMLOCK not raised ({}): fine on kernels ≥ 5.11", std::io::Error::last_os_error());
+    }
+}
+
 /// Effective capabilities of this process (bit n = capability n).
 fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -271,6 +281,7 @@ impl Probes {
     pub fn load(watch_execs: bool) -> Result<(Self, RingBuf<MapData>)> {
         check_capabilities()?;
         ensure_tracefs()?;
+        raise_memlock();
         let fork = sched_format("sched_process_fork")?;
         let child_off = field_offset(&fork, "child_pid")
             .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;

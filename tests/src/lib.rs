@@ -687,6 +687,7 @@ pub fn gc_semaphore(pid: u32) -> u16 {
     std::io::Seek::seek(&mut mem, std::io::SeekFrom::Start(addr)).unwrap();
     mem.read_exact(&mut buf).unwrap();
     u16::from_ne_bytes(buf)
+}
 
 /// GET `path` (with its query string) from `addr` as HTTP/1.0: the server answers without
 /// chunked encoding and closes, so reading to EOF gives the whole body. (status, body).
