@@ -224,6 +224,14 @@ mod tests {
     }
 
     #[test]
+    fn a_stripped_binary_offers_no_gc_probe() {
+        // coreutils ship stripped: neither USDT notes nor a symbol table.
+        let data = std::fs::read("/usr/bin/true").unwrap();
+        assert_eq!(gc_probes(&data).unwrap(), GcProbes::None);
+        assert!(gc_probes(b"not an ELF file").is_err());
+    }
+
+    #[test]
     fn debian_python_has_gc_usdt_notes() {
         // Debian's static python3.11 carries the notes (installed with python3-venv).
         let Ok(data) = std::fs::read("/usr/bin/python3.11") else { return };
