@@ -1,6 +1,7 @@
 //! Probe cost per syscall: a loop of small write(2) calls, timed, run (a) as a descendant of the
 //! gunicorn master, so it is traced when the agent is attached, and (b) as a standalone process,
 //! never traced but still passing through the probes, which fire for every process on the node.
+//! A getppid loop (untraced) shows what the traced syscall path costs a syscall with no program.
 //!
 //! The same loop binary serves both: xtask's hidden `bench-loop` command. The bench app's /loop
 //! route starts it as a child of the worker (traced placement); xtask starts it itself (untraced).
@@ -35,6 +36,10 @@ pub enum Mode {
     /// An accepted TCP loopback connection on which an HTTP request was read: in a traced process
     /// every write takes the full path (recorded on enter, aggregated into the request on exit).
     Tcp,
+    /// No write: getppid(2), a syscall the agent does not hook. Any program on a syscall
+    /// tracepoint sends every syscall of every process through the kernel's slower traced
+    /// entry and exit; this shows that part alone.
+    Getppid,
 }
 
 impl Mode {
@@ -42,6 +47,7 @@ impl Mode {
         match self {
             Mode::Unix => "unix",
             Mode::Tcp => "tcp",
+            Mode::Getppid => "getppid",
         }
     }
 }
@@ -60,6 +66,15 @@ pub fn loop_main(args: &LoopArgs) -> Result<()> {
     let ns = match args.mode {
         Mode::Unix => unix_loop(args.iters)?,
         Mode::Tcp => tcp_loop(args.iters)?,
+        Mode::Getppid => timed_batches(
+            args.iters,
+            || {
+                // SAFETY: getppid has no arguments and cannot fail.
+                unsafe { libc::getppid() };
+                Ok(())
+            },
+            || Ok(()),
+        )?,
     };
     println!("{ns:.2}");
     Ok(())
@@ -95,37 +110,52 @@ fn tcp_loop(iters: u64) -> Result<f64> {
 /// takes up to ~1 KiB of it), many enough that reading the clock twice per batch is noise.
 pub const BATCH: u64 = 64;
 
-/// `iters` write(2) calls of WRITE_SIZE bytes, in batches; nanoseconds per call in the median
-/// batch. Only the writes are timed: the peer is drained between batches by this same thread (no
-/// reader thread to wake per write, whose scheduling would swamp tens of nanoseconds), and the
-/// median batch ignores batches in which the loop was preempted (the machine may be shared).
-/// The writer is non-blocking so a full buffer fails loudly instead of hanging.
+/// `iters` write(2) calls of WRITE_SIZE bytes; nanoseconds per call (see `timed_batches`). The
+/// peer is drained between batches by this same thread: no reader thread to wake per write, whose
+/// scheduling would swamp tens of nanoseconds. The writer is non-blocking so a full buffer fails
+/// loudly instead of hanging.
 fn timed_writes(fd: &impl AsRawFd, mut peer: impl Read + AsRawFd, iters: u64) -> Result<f64> {
     set_nonblocking(fd)?;
     set_nonblocking(&peer)?;
     let block = [b'w'; WRITE_SIZE];
     let mut sink = vec![0u8; 1 << 20];
+    let write = || {
+        // libc::write, not std's Write, so the syscall is exactly write(2).
+        // SAFETY: a valid fd and a buffer of WRITE_SIZE bytes.
+        let rc = unsafe { libc::write(fd.as_raw_fd(), block.as_ptr().cast(), WRITE_SIZE) };
+        if rc != WRITE_SIZE as isize {
+            bail!("write returned {rc}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let drain = || loop {
+        match peer.read(&mut sink) {
+            Ok(0) => bail!("peer closed"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    timed_batches(iters, write, drain)
+}
+
+/// Runs `call` `iters` times in batches of BATCH, `between` after each batch (untimed), after a
+/// tenth as many untimed warm-up calls. Returns nanoseconds per call in the median batch, which
+/// ignores batches in which the loop was preempted (the machine may be shared).
+fn timed_batches(
+    iters: u64,
+    mut call: impl FnMut() -> Result<()>,
+    mut between: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     let mut run = |batches: u64| -> Result<Vec<f64>> {
         let mut ns = Vec::with_capacity(batches as usize);
         for _ in 0..batches {
             let t = Instant::now();
             for _ in 0..BATCH {
-                // libc::write, not std's Write, so the syscall is exactly write(2).
-                // SAFETY: a valid fd and a buffer of WRITE_SIZE bytes.
-                let rc = unsafe { libc::write(fd.as_raw_fd(), block.as_ptr().cast(), WRITE_SIZE) };
-                if rc != WRITE_SIZE as isize {
-                    bail!("write returned {rc}: {}", std::io::Error::last_os_error());
-                }
+                call()?;
             }
             ns.push(t.elapsed().as_nanos() as f64);
-            loop {
-                match peer.read(&mut sink) {
-                    Ok(0) => bail!("peer closed"),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            between()?;
         }
         Ok(ns)
     };
@@ -207,11 +237,12 @@ pub struct Sample {
     pub foreign_agent: bool,
 }
 
-pub const CASES: [(Placement, Mode); 4] = [
+pub const CASES: [(Placement, Mode); 5] = [
     (Placement::Traced, Mode::Tcp),
     (Placement::Traced, Mode::Unix),
     (Placement::Untraced, Mode::Tcp),
     (Placement::Untraced, Mode::Unix),
+    (Placement::Untraced, Mode::Getppid),
 ];
 
 /// Programs that never match (pid 1 writes rarely and is not what we time) and do nothing.

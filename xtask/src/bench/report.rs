@@ -465,7 +465,7 @@ fn agent_counts(md: &mut String, o: &Overhead) {
 }
 
 fn probes(md: &mut String, r: &Results) {
-    let _ = writeln!(md, "\n## 2. Probe cost per write syscall\n");
+    let _ = writeln!(md, "\n## 2. Probe cost per syscall\n");
     let _ = writeln!(
         md,
         "A loop of {} write(2) calls of {WRITE_SIZE} bytes on a non-blocking socket, in batches of \
@@ -488,7 +488,9 @@ fn probes(md: &mut String, r: &Results) {
          so in a traced process each write takes the agent's full path (recorded on syscall enter, \
          aggregated into the request on exit). `unix`: one end of an AF_UNIX socketpair, which \
          in a traced process is an fd that is not a client connection (the probe looks it up and \
-         stops). \n"
+         stops). `getppid`: no write at all but getppid(2), which the agent does not hook: any \
+         program on a syscall tracepoint sends every syscall of every process through the kernel's \
+         slower traced entry and exit, and this row shows that part alone.\n"
     );
     let _ = writeln!(
         md,
@@ -769,7 +771,7 @@ mod tests {
         for heading in [
             "## Targets",
             "## 1. Overhead on gunicorn",
-            "## 2. Probe cost per write syscall",
+            "## 2. Probe cost per syscall",
             "## 3. Capacity",
             "## Exact commands",
             "## Versions",
