@@ -293,7 +293,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Vec<Sample>> {
                 let ns_per_write = median(&runs).unwrap_or(f64::NAN);
                 let foreign_agent = !procs::foreign_agents(&ours).is_empty();
                 println!(
-                    "bench: round {} {:<11} {placement:?} {:<4} {ns_per_write:>8.1} ns/write{}",
+                    "bench: round {} {:<11} {placement:?} {:<4} {ns_per_write:>8.1} ns/call{}",
                     round + 1,
                     format!("{state:?}"),
                     mode.name(),

@@ -500,7 +500,7 @@ fn probes(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "| process | fd | nothing attached ns/write | agent attached ns/write | agent cost ns/write | empty probes ns/write | empty-probe cost ns/write |\n|---|---|---|---|---|---|---|"
+        "| process | fd | nothing attached ns/call | agent attached ns/call | agent cost ns/call | empty probes ns/call | empty-probe cost ns/call |\n|---|---|---|---|---|---|---|"
     );
     for (placement, mode) in CASES {
         let _ = writeln!(
