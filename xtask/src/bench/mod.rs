@@ -257,7 +257,7 @@ fn environment(root: &Path) -> Environment {
     let dirty = !text(
         Command::new("git")
             .current_dir(root)
-            .args(["status", "--porcelain"]),
+            .args(["status", "--porcelain", "--untracked-files=no"]),
     )
     .is_empty();
     let commit = text(
