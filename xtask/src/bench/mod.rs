@@ -160,6 +160,9 @@ pub fn check_stop() -> Result<()> {
 }
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
+/// prometheus_client has no `__version__`: ask the installed distribution.
+const PROMETHEUS_CLIENT_VERSION_PY: &str =
+    "import importlib.metadata as m; print(m.version('prometheus_client'))";
 
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
@@ -214,10 +217,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
 /// prometheus_client in the gunicorn venv (the configuration wsgiscope is compared with).
 fn prometheus_client(root: &Path) -> Result<()> {
     let python = root.join(".venv/bin/python");
-    let installed = output_text(Command::new(&python).args([
-        "-c",
-        "import prometheus_client; print(prometheus_client.__version__)",
-    ]));
+    let installed = output_text(Command::new(&python).args(["-c", PROMETHEUS_CLIENT_VERSION_PY]));
     if installed.is_some_and(|v| v.trim() == PROMETHEUS_CLIENT_VERSION) {
         println!("bench: prometheus_client {PROMETHEUS_CLIENT_VERSION} already in .venv");
         return Ok(());
@@ -254,11 +254,11 @@ fn environment(root: &Path) -> Environment {
             Some(format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
         })
         .unwrap_or_else(|| "?".into());
-    let dirty = !text(
-        Command::new("git")
-            .current_dir(root)
-            .args(["status", "--porcelain", "--untracked-files=no"]),
-    )
+    let dirty = !text(Command::new("git").current_dir(root).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
     .is_empty();
     let commit = text(
         Command::new("git")
@@ -281,10 +281,10 @@ fn environment(root: &Path) -> Environment {
         ),
         (
             "prometheus_client".to_string(),
-            text(Command::new(root.join(".venv/bin/python")).args([
-                "-c",
-                "import prometheus_client; print(prometheus_client.__version__)",
-            ])),
+            text(
+                Command::new(root.join(".venv/bin/python"))
+                    .args(["-c", PROMETHEUS_CLIENT_VERSION_PY]),
+            ),
         ),
         // wrk -v prints its version and exits non-zero; only the first line matters.
         (

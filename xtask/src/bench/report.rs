@@ -626,7 +626,7 @@ fn commands(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "target/debug/xtask bench-loop --mode tcp|unix --iters {}",
+        "target/debug/xtask bench-loop --mode tcp|unix|getppid --iters {}   # untraced: started by xtask",
         p.micro_iters
     );
     let _ = writeln!(
