@@ -330,7 +330,7 @@ fn print_summary(text: &str) -> Result<()> {
 }
 
 /// A minimal HTTP/1.1 GET: one request per connection, read to EOF. Returns status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(

@@ -1,4 +1,5 @@
 //! Project tasks, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+mod bench;
 mod demo;
 mod metrics_text;
 mod setup;
@@ -32,6 +33,14 @@ enum Cmd {
     },
     /// Build the agent (release), profile a gunicorn demo app under traffic and print a per-route summary.
     Demo(demo::DemoArgs),
+    /// Measure wsgiscope's overhead, probe cost and capacity on gunicorn; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// The write loop of `bench` (run by the bench app's /loop route and by `bench` itself).
+    #[command(hide = true)]
+    BenchLoop(bench::micro::LoopArgs),
+    /// The fixed-rate client of `bench` on its own, to reproduce one run by hand.
+    #[command(hide = true)]
+    BenchPaced(bench::PacedArgs),
 }
 
 fn main() {
@@ -41,6 +50,9 @@ fn main() {
         Cmd::Setup => setup::run(&root),
         Cmd::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
         Cmd::Demo(args) => demo::run(&root, &args),
+        Cmd::Bench(args) => bench::run(&root, &args),
+        Cmd::BenchLoop(args) => bench::micro::loop_main(&args),
+        Cmd::BenchPaced(args) => bench::paced_main(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

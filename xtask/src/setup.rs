@@ -32,7 +32,7 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn run(root: &Path) -> Result<()> {
     tracefs()?;
-    apt()?;
+    apt(APT_PACKAGES)?;
     bpf_linker(root)?;
     // gunicorn on the pyenv Python on PATH (shared libpython) and on Debian's static python3.11.
     venv(&root.join(".venv"), "python3")?;
@@ -56,8 +56,9 @@ fn tracefs() -> Result<()> {
     Ok(())
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing.
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -65,7 +66,7 @@ fn apt() -> Result<()> {
     if missing.is_empty() {
         println!(
             "setup: apt packages already installed ({})",
-            APT_PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(());
     }

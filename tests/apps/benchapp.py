@@ -1,0 +1,51 @@
+"""The app `cargo xtask bench` serves: the test app's routes, optionally wrapped in the
+instrumentation wsgiscope is compared with, plus /loop for the probe-cost microbenchmark.
+
+WSGISCOPE_BENCH_MIDDLEWARE selects the wrapper: "none" (default), "timing" or "prometheus"
+(see bench_middleware.py). WSGISCOPE_BENCH_LOOP is the xtask binary whose hidden `bench-loop`
+command runs the write loop.
+"""
+import os
+import subprocess
+from urllib.parse import parse_qs
+
+import testapp
+
+LOOP_MODES = ("unix", "tcp")
+
+
+def loop(environ, start_response):
+    """GET /loop?mode=unix|tcp&iters=N: runs the write loop as a child of this worker, so the
+    loop process is a descendant of the server's master (traced when wsgiscope is attached),
+    and returns the loop's report ("<ns per write>\\n")."""
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    mode = query.get("mode", ["unix"])[0]
+    iters = query.get("iters", ["100000"])[0]
+    if mode not in LOOP_MODES or not iters.isdigit():
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [b"mode must be unix or tcp, iters a number\n"]
+    out = subprocess.run([os.environ["WSGISCOPE_BENCH_LOOP"], "bench-loop", "--mode", mode,
+                          "--iters", iters], capture_output=True, check=True, timeout=25)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [out.stdout]
+
+
+def _app(environ, start_response):
+    if environ.get("PATH_INFO") == "/loop":
+        return loop(environ, start_response)
+    return testapp.app(environ, start_response)
+
+
+_middleware = os.environ.get("WSGISCOPE_BENCH_MIDDLEWARE", "none")
+if _middleware == "timing":
+    from bench_middleware import Timing
+
+    app = Timing(_app)
+elif _middleware == "prometheus":
+    from bench_middleware import Prometheus
+
+    app = Prometheus(_app)
+elif _middleware == "none":
+    app = _app
+else:
+    raise RuntimeError("WSGISCOPE_BENCH_MIDDLEWARE must be none, timing or prometheus")

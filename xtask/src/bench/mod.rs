@@ -1,0 +1,317 @@
+//! `cargo xtask bench`: what wsgiscope costs, measured on real gunicorn, and BENCHMARKS.md.
+//!
+//! 1. Overhead (`overhead.rs`): gunicorn alone, with the agent attached, with an in-process
+//!    timing middleware, and with prometheus_client, interleaved over rounds.
+//! 2. Probe cost per syscall (`micro.rs`): a write loop, traced and untraced, agent on and off.
+//! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
+//!
+//! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
+mod capacity;
+mod load;
+pub mod micro;
+mod overhead;
+mod procs;
+mod report;
+mod stats;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{cargo, output_text, run_checked, setup};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Short runs (about two minutes in all) to check the harness; the numbers are not meaningful.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report [default: BENCHMARKS.md; with --quick target/xtask-bench/BENCHMARKS.quick.md].
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PacedArgs {
+    /// The server, e.g. 127.0.0.1:8000.
+    #[arg(long)]
+    addr: std::net::SocketAddr,
+    #[arg(long, default_value = "/hello")]
+    path: String,
+    /// Requests per second.
+    #[arg(long)]
+    rate: f64,
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    #[arg(long, default_value_t = 32)]
+    threads: usize,
+}
+
+/// `xtask bench-paced`: one fixed-rate run, printed.
+pub fn paced_main(a: &PacedArgs) -> Result<()> {
+    let run = load::paced(
+        a.addr,
+        &a.path,
+        a.rate,
+        Duration::from_secs(a.secs),
+        a.threads,
+    )?;
+    println!("{run:?}");
+    Ok(())
+}
+
+/// How long and how often each part runs.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    /// Overhead: rounds over the four configurations, seconds per load run.
+    pub rounds: usize,
+    pub run_secs: u64,
+    /// Saturation calibration per route (sets the fixed rate), seconds.
+    pub calibrate_secs: u64,
+    /// wrk connections at saturation; open-loop client threads at the fixed rate.
+    pub wrk_connections: usize,
+    pub paced_threads: usize,
+    /// Probe cost: rounds, loop processes per case and round, writes per loop.
+    pub micro_rounds: usize,
+    pub micro_reps: usize,
+    pub micro_iters: u64,
+    /// Capacity: /bytes1 requests, burst seconds and connections.
+    pub bytes1_requests: u64,
+    pub burst_secs: u64,
+    pub burst_connections: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                rounds: 1,
+                run_secs: 2,
+                calibrate_secs: 2,
+                wrk_connections: 4,
+                paced_threads: 32,
+                micro_rounds: 1,
+                micro_reps: 1,
+                micro_iters: 100_000,
+                bytes1_requests: 2,
+                burst_secs: 3,
+                burst_connections: 8,
+            }
+        } else {
+            Plan {
+                quick,
+                rounds: 5,
+                run_secs: 6,
+                calibrate_secs: 5,
+                wrk_connections: 4,
+                paced_threads: 32,
+                micro_rounds: 5,
+                micro_reps: 3,
+                micro_iters: 300_000,
+                bytes1_requests: 10,
+                burst_secs: 20,
+                burst_connections: 8,
+            }
+        }
+    }
+}
+
+/// Where the machine and the software stood when the numbers were taken.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub date: String,
+    pub uname: String,
+    pub cpu: String,
+    pub memory: String,
+    pub commit: String,
+    pub versions: Vec<(String, String)>,
+    pub load_before: String,
+    pub load_after: String,
+    pub elapsed: Duration,
+}
+
+pub struct Results {
+    pub plan: Plan,
+    pub env: Environment,
+    pub overhead: overhead::Overhead,
+    pub micro: Vec<micro::Sample>,
+    pub capacity: capacity::Capacity,
+}
+
+/// Set by SIGINT/SIGTERM; long waits poll it so the started processes are stopped in order.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
+/// prometheus_client has no `__version__`: ask the installed distribution.
+const PROMETHEUS_CLIENT_VERSION_PY: &str =
+    "import importlib.metadata as m; print(m.version('prometheus_client'))";
+
+pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    setup::run(root)?;
+    // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint program.
+    setup::apt(&["wrk", "bpftrace"])?;
+    prometheus_client(root)?;
+    run_checked(cargo(root).args(["build", "--release", "-p", "wsgiscope"]))?;
+    check_stop()?;
+
+    let plan = Plan::new(args.quick);
+    let work = root.join("target/xtask-bench");
+    std::fs::create_dir_all(&work)?;
+    // The agent appends to its log over the run's many attaches; start it afresh.
+    let _ = std::fs::remove_file(work.join("agent.log"));
+    let started = std::time::Instant::now();
+    let mut env = environment(root);
+    println!("bench: load average before: {}", env.load_before);
+
+    let overhead = overhead::run(root, &work, &plan)?;
+    let micro = micro::run(root, &work, &plan)?;
+    let capacity = capacity::run(root, &work, &plan)?;
+
+    env.load_after = procs::loadavg();
+    env.elapsed = started.elapsed();
+    println!("bench: load average after: {}", env.load_after);
+    let results = Results {
+        plan,
+        env,
+        overhead,
+        micro,
+        capacity,
+    };
+    let output = args.output.clone().unwrap_or_else(|| {
+        if args.quick {
+            work.join("BENCHMARKS.quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    std::fs::write(&output, report::render(&results))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote {}", output.display());
+    Ok(())
+}
+
+/// prometheus_client in the gunicorn venv (the configuration wsgiscope is compared with).
+fn prometheus_client(root: &Path) -> Result<()> {
+    let python = root.join(".venv/bin/python");
+    let installed = output_text(Command::new(&python).args(["-c", PROMETHEUS_CLIENT_VERSION_PY]));
+    if installed.is_some_and(|v| v.trim() == PROMETHEUS_CLIENT_VERSION) {
+        println!("bench: prometheus_client {PROMETHEUS_CLIENT_VERSION} already in .venv");
+        return Ok(());
+    }
+    run_checked(
+        Command::new(root.join(".venv/bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("prometheus_client=={PROMETHEUS_CLIENT_VERSION}")),
+    )
+}
+
+fn environment(root: &Path) -> Environment {
+    let text = |cmd: &mut Command| {
+        output_text(cmd)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: f64 = m.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
+        })
+        .unwrap_or_else(|| "?".into());
+    let dirty = !text(Command::new("git").current_dir(root).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
+    .is_empty();
+    let commit = text(
+        Command::new("git")
+            .current_dir(root)
+            .args(["rev-parse", "--short", "HEAD"]),
+    );
+    let first_line = |s: String| s.lines().next().unwrap_or("?").to_string();
+    let versions = vec![
+        (
+            "wsgiscope".to_string(),
+            text(Command::new(procs::agent_binary(root)).arg("--version")),
+        ),
+        (
+            "gunicorn".to_string(),
+            text(Command::new(root.join(".venv/bin/gunicorn")).arg("--version")),
+        ),
+        (
+            "python".to_string(),
+            text(Command::new(root.join(".venv/bin/python")).arg("--version")),
+        ),
+        (
+            "prometheus_client".to_string(),
+            text(
+                Command::new(root.join(".venv/bin/python"))
+                    .args(["-c", PROMETHEUS_CLIENT_VERSION_PY]),
+            ),
+        ),
+        // wrk -v prints its version and exits non-zero; only the first line matters.
+        (
+            "wrk".to_string(),
+            first_line(text(Command::new("wrk").arg("-v"))),
+        ),
+        (
+            "rustc (xtask, agent userspace)".to_string(),
+            text(Command::new("rustc").arg("--version")),
+        ),
+    ];
+    Environment {
+        date: text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        uname: text(Command::new("uname").arg("-srvmo")),
+        cpu: format!("{cpus} × {model}"),
+        memory,
+        commit: format!(
+            "{commit}{}",
+            if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            }
+        ),
+        versions,
+        load_before: procs::loadavg(),
+        load_after: String::new(),
+        elapsed: Duration::ZERO,
+    }
+}

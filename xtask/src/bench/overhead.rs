@@ -1,0 +1,196 @@
+//! Overhead on gunicorn: four configurations side by side in one run, interleaved over rounds
+//! (the order rotates each round, so drift on a shared machine spreads over all of them).
+//!
+//! The app-alone and wsgiscope configurations use the same server; the agent is started for the
+//! wsgiscope block of a round and stopped after it. While it is attached its probes fire for
+//! every process on the machine, so nothing else is measured meanwhile.
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use anyhow::Result;
+
+use super::{
+    capacity::{wait_counted, Snapshot},
+    load::{self, Run},
+    procs::{self, Gunicorn, Middleware},
+    Plan,
+};
+
+/// The one-block route and the 1000-block route of the test app.
+pub const ROUTES: [&str; 2] = ["/hello", "/blocks"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Config {
+    Alone,
+    Wsgiscope,
+    Timing,
+    Prometheus,
+}
+
+pub const CONFIGS: [Config; 4] = [
+    Config::Alone,
+    Config::Wsgiscope,
+    Config::Timing,
+    Config::Prometheus,
+];
+
+impl Config {
+    pub fn label(self) -> &'static str {
+        match self {
+            Config::Alone => "app alone",
+            Config::Wsgiscope => "app + wsgiscope attached",
+            Config::Timing => "app + timing middleware (in-process)",
+            Config::Prometheus => "app + prometheus_client (multiprocess)",
+        }
+    }
+
+    fn middleware(self) -> Middleware {
+        match self {
+            Config::Alone | Config::Wsgiscope => Middleware::None,
+            Config::Timing => Middleware::Timing,
+            Config::Prometheus => Middleware::Prometheus,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Load {
+    /// wrk, as fast as the server answers.
+    Saturation,
+    /// Our open-loop client at half the app-alone saturation throughput.
+    Fixed,
+}
+
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    pub route: &'static str,
+    pub load: Load,
+    pub config: Config,
+    pub run: Run,
+    /// CPU time of gunicorn's workers per request answered (the BPF programs run in their syscalls).
+    pub worker_cpu_us: f64,
+    /// The agent's CPU time per request (wsgiscope configuration only).
+    pub agent_cpu_us: Option<f64>,
+    /// Another wsgiscope agent (not ours) was running on the machine.
+    pub foreign_agent: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Overhead {
+    /// Saturation throughput of the app alone per route (calibration), and the fixed rate used.
+    pub calibration: BTreeMap<&'static str, f64>,
+    pub fixed_rate: BTreeMap<&'static str, f64>,
+    pub measurements: Vec<Measurement>,
+    /// Over all wsgiscope blocks: lost events the agent reported, requests it counted, and
+    /// requests the clients saw answered (wrk leaves up to one in flight per connection at its end).
+    pub agent_lost_events: f64,
+    pub agent_counted: f64,
+    pub client_completed: u64,
+}
+
+pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Overhead> {
+    // Started once and kept: an idle gunicorn costs nothing measurable.
+    let servers: Vec<Gunicorn> = [Middleware::None, Middleware::Timing, Middleware::Prometheus]
+        .into_iter()
+        .map(|m| procs::gunicorn(root, work, m))
+        .collect::<Result<_>>()?;
+    let server = |config: Config| {
+        servers
+            .iter()
+            .find(|s| s.middleware == config.middleware())
+            .expect("a server per middleware")
+    };
+
+    let mut out = Overhead::default();
+    // Calibration doubles as warm-up for the app-alone server; the others get a short warm-up.
+    for route in ROUTES {
+        let run = load::wrk(
+            server(Config::Alone).addr,
+            route,
+            plan.wrk_connections,
+            plan.calibrate_secs,
+        )?;
+        println!(
+            "bench: calibration {route}: {:.0} req/s at saturation",
+            run.req_per_s
+        );
+        out.calibration.insert(route, run.req_per_s);
+        out.fixed_rate
+            .insert(route, (run.req_per_s * 0.5).round().max(1.0));
+        for config in [Config::Timing, Config::Prometheus] {
+            load::wrk(server(config).addr, route, plan.wrk_connections, 1)?;
+        }
+    }
+
+    for round in 0..plan.rounds {
+        let mut order = CONFIGS;
+        order.rotate_left(round % CONFIGS.len());
+        for config in order {
+            let s = server(config);
+            let agent = match config {
+                Config::Wsgiscope => Some(procs::agent(root, work, s.group.pid())?),
+                _ => None,
+            };
+            let ours: Vec<u32> = agent.iter().map(|a| a.group.pid()).collect();
+            let counted_before = agent
+                .as_ref()
+                .map(|a| Snapshot::read(a.metrics))
+                .transpose()?;
+            let mut completed = 0;
+            let cpu = |pid: Option<u32>| pid.map(procs::cpu_seconds).transpose();
+            for route in ROUTES {
+                for load in [Load::Saturation, Load::Fixed] {
+                    let workers0 = procs::children_cpu_seconds(s.group.pid())?;
+                    let agent0 = cpu(ours.first().copied())?;
+                    let run = match load {
+                        Load::Saturation => {
+                            load::wrk(s.addr, route, plan.wrk_connections, plan.run_secs)?
+                        }
+                        Load::Fixed => load::paced(
+                            s.addr,
+                            route,
+                            out.fixed_rate[route],
+                            Duration::from_secs(plan.run_secs),
+                            plan.paced_threads,
+                        )?,
+                    };
+                    completed += run.requests;
+                    let per_request = |seconds: f64| 1e6 * seconds / run.requests.max(1) as f64;
+                    let worker_cpu_us =
+                        per_request(procs::children_cpu_seconds(s.group.pid())? - workers0);
+                    let agent_cpu_us = cpu(ours.first().copied())?
+                        .zip(agent0)
+                        .map(|(a1, a0)| per_request(a1 - a0));
+                    let foreign_agent = !procs::foreign_agents(&ours).is_empty();
+                    println!(
+                        "bench: round {} {:<40} {route:<7} {:<10} {:>7.0} req/s p50 {:>7.2} ms p99 {:>7.2} ms, workers {:>6.0} µs CPU/req{}{}",
+                        round + 1,
+                        config.label(),
+                        format!("{load:?}"),
+                        run.req_per_s,
+                        run.p50_ms,
+                        run.p99_ms,
+                        worker_cpu_us,
+                        if run.errors > 0 { format!(" ({} errors)", run.errors) } else { String::new() },
+                        if foreign_agent { " [another wsgiscope agent was running]" } else { "" },
+                    );
+                    out.measurements.push(Measurement {
+                        route,
+                        load,
+                        config,
+                        run,
+                        worker_cpu_us,
+                        agent_cpu_us,
+                        foreign_agent,
+                    });
+                }
+            }
+            if let (Some(agent), Some(before)) = (agent, counted_before) {
+                let after = wait_counted(agent.metrics, before.requests + completed as f64)?;
+                out.agent_lost_events += after.lost - before.lost;
+                out.agent_counted += after.requests - before.requests;
+                out.client_completed += completed;
+            }
+        }
+    }
+    Ok(out)
+}
