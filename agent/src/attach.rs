@@ -430,7 +430,8 @@ impl Probes {
     pub fn map_sizes(&self) -> [(&'static str, usize); 3] {
         [
             ("connections", self.conns.keys().count()),
-            ("pending", self.pending.keys().count()),
+            // Slots stay per thread; those holding a syscall in flight count.
+            ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
             ("traced", self.traced.keys().count()),
         ]
     }

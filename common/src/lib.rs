@@ -97,7 +97,8 @@ pub struct RequestAgg {
     pub read_calls: u32,
     pub first_write_len: u32,
     pub last_write_len: u32,
-    /// First bytes of the last write (recognises framing such as a chunk terminator).
+    /// The last write's bytes when it was at most 8 long (recognises framing such as a chunk
+    /// terminator); zero otherwise.
     pub last_write_prefix: [u8; 8],
     pub req_head_len: u32,
     pub resp_head_len: u32,

@@ -2,13 +2,13 @@
 //! (the transport: TCP or a UNIX socket).
 use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
-    conn_key, Pending, AGG_ACCEPT_WAIT, END_FD_REUSED, OP_ACCEPT, STAT_CONN_TABLE_FULL, STAT_PENDING_TABLE_FULL,
+    conn_key, Pending, AGG_ACCEPT_WAIT, END_FD_REUSED, OP_ACCEPT, STAT_CONN_TABLE_FULL,
 };
 
 use crate::{
     conn::{finish_request, now},
-    maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, PENDING, SCRATCH},
-    syscall::{arg, pid_tgid, programs, read_user, ret, take},
+    maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, SCRATCH},
+    syscall::{arg, pid_tgid, programs, read_user, remember, ret, take},
 };
 
 const AF_INET: u16 = 2;
@@ -36,9 +36,7 @@ fn accept_enter(ctx: &TracePointContext) {
         return;
     }
     let p = Pending { key: 0, buf: arg(ctx, 1), len: 0, enter_ns: now(), op: OP_ACCEPT, _pad: 0 };
-    if PENDING.insert(&id, &p, 0).is_err() {
-        bump(STAT_PENDING_TABLE_FULL);
-    }
+    remember(id, p);
 }
 
 #[inline(always)]

@@ -3,13 +3,13 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_ebpf::helpers::bpf_get_current_comm;
 use wsgiscope_common::{
-    Pending, ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL,
+    Pending, ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_RINGBUF_FULL,
 };
 
 use crate::{
     conn::now,
     maps::{bump, root_of, EVENTS, PENDING, TRACED},
-    syscall::{arg, pid_tgid, programs, read_user, ret, take},
+    syscall::{arg, pid_tgid, programs, read_user, remember, ret, take},
 };
 
 /// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs.
@@ -74,9 +74,7 @@ fn wait_enter(ctx: &TracePointContext) {
         return;
     }
     let p = Pending { key: 0, buf: arg(ctx, 1), len: 0, enter_ns: 0, op: OP_WAIT, _pad: 0 };
-    if PENDING.insert(&id, &p, 0).is_err() {
-        bump(STAT_PENDING_TABLE_FULL);
-    }
+    remember(id, p);
 }
 
 #[inline(always)]

@@ -63,8 +63,18 @@ pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
         return;
     }
     let (buf, len) = what();
-    let p = Pending { key, buf, len, enter_ns: now(), op, _pad: 0 };
-    if PENDING.insert(&id, &p, 0).is_err() {
+    remember(id, Pending { key, buf, len, enter_ns: now(), op, _pad: 0 });
+}
+
+/// Stores what the exit tracepoint needs in this thread's slot. The slot is written in place
+/// once it exists (a hash insert and delete per syscall cost more than the rest of the
+/// program); it is freed when the thread exits.
+#[inline(always)]
+pub fn remember(id: u64, p: Pending) {
+    if let Some(slot) = PENDING.get_ptr_mut(&id) {
+        // SAFETY: map value pointer valid for this program run; only this thread uses it.
+        unsafe { *slot = p };
+    } else if PENDING.insert(&id, &p, 0).is_err() {
         bump(STAT_PENDING_TABLE_FULL);
     }
 }
@@ -94,14 +104,20 @@ fn requested(ctx: &TracePointContext, op: u32) -> u64 {
     total
 }
 
-/// On a syscall's exit: the stashed enter, if any.
+/// On a syscall's exit: the stashed enter, if any (the slot is then marked empty, `op` 0).
 #[inline(always)]
 pub fn take() -> Option<Pending> {
     let (id, _) = pid_tgid();
-    // SAFETY: copied out before removal.
-    let p = unsafe { PENDING.get(&id) }.copied()?;
-    let _ = PENDING.remove(&id);
-    Some(p)
+    let slot = PENDING.get_ptr_mut(&id)?;
+    // SAFETY: map value pointer valid for this program run; only this thread uses it.
+    unsafe {
+        if (*slot).op == 0 {
+            return None;
+        }
+        let p = *slot;
+        (*slot).op = 0;
+        Some(p)
+    }
 }
 
 #[repr(C)]

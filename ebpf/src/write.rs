@@ -38,9 +38,19 @@ fn write_done(ctx: &TracePointContext) {
     c.agg.write_bytes += n;
     c.agg.last_write_ns = ts;
     c.agg.last_write_len = n as u32;
-    let (src, avail) = first_piece(p.op, p.buf, n);
-    prefix8(&mut c.agg.last_write_prefix, src, avail);
-    append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+    // User memory is read only where it matters: the response head (first 256 bytes) and
+    // short writes (framing such as a chunk terminator); the blocks in between cost nothing.
+    let short = n <= 8;
+    if !short {
+        c.agg.last_write_prefix = [0; 8];
+    }
+    if short || (c.agg.resp_head_len as usize) < RESP_HEAD_LEN {
+        let (src, avail) = first_piece(p.op, p.buf, n);
+        if short {
+            prefix8(&mut c.agg.last_write_prefix, src, avail);
+        }
+        append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+    }
 }
 
 /// Waiting in poll(POLLOUT) on the connection (non-blocking servers) is time spent writing.
