@@ -83,8 +83,10 @@ pub fn runtime_of(pid: u32) -> Option<Runtime> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let (path, version) = interpreter_in_maps(&maps)?;
     let host_path = PathBuf::from(format!("/proc/{pid}/root{}", path.display()));
-    let gc = match std::fs::read(&host_path) {
-        Ok(data) => gc_probes(&data).unwrap_or_else(|e| {
+    // Read through a cache: only the notes and the symbol table, not the whole (up to tens of
+    // MB) interpreter binary.
+    let gc = match std::fs::File::open(&host_path) {
+        Ok(file) => gc_probes(&object::read::ReadCache::new(file)).unwrap_or_else(|e| {
             log::warn!("cannot read the ELF notes of {}: {e:#}", path.display());
             GcProbes::None
         }),
@@ -97,15 +99,15 @@ pub fn runtime_of(pid: u32) -> Option<Runtime> {
 }
 
 /// File offset of a virtual address, through the loadable segments.
-fn file_offset(obj: &object::File<'_>, vaddr: u64) -> Option<u64> {
+fn file_offset<'d, R: object::ReadRef<'d>>(obj: &object::File<'d, R>, vaddr: u64) -> Option<u64> {
     obj.segments().find_map(|s| {
         let (off, size) = s.file_range();
         (vaddr >= s.address() && vaddr < s.address() + size.max(s.size())).then(|| vaddr - s.address() + off)
     })
 }
 
-/// The GC probe points of an ELF binary.
-pub fn gc_probes(data: &[u8]) -> Result<GcProbes> {
+/// The GC probe points of an ELF binary (a byte slice, or a read cache over the file).
+pub fn gc_probes<'d, R: object::ReadRef<'d>>(data: R) -> Result<GcProbes> {
     let obj = object::File::parse(data).context("not an ELF file")?;
     let notes = usdt_notes(&obj)?;
     let pick = |n: &str| notes.iter().filter(|p| p.name == n).cloned().collect::<Vec<_>>();
@@ -121,7 +123,7 @@ pub fn gc_probes(data: &[u8]) -> Result<GcProbes> {
 
 /// The `python` provider's probes in `.note.stapsdt`: per note `u64 pc, u64 base, u64
 /// semaphore`, then `provider\0name\0args\0`; `pc` shifts by where `.stapsdt.base` really is.
-fn usdt_notes(obj: &object::File<'_>) -> Result<Vec<UsdtProbe>> {
+fn usdt_notes<'d, R: object::ReadRef<'d>>(obj: &object::File<'d, R>) -> Result<Vec<UsdtProbe>> {
     let Some(section) = obj.section_by_name(".note.stapsdt") else { return Ok(Vec::new()) };
     let base_addr = obj.section_by_name(".stapsdt.base").map(|s| s.address());
     let data = section.data()?;
@@ -227,15 +229,17 @@ mod tests {
     fn a_stripped_binary_offers_no_gc_probe() {
         // coreutils ship stripped: neither USDT notes nor a symbol table.
         let data = std::fs::read("/usr/bin/true").unwrap();
-        assert_eq!(gc_probes(&data).unwrap(), GcProbes::None);
-        assert!(gc_probes(b"not an ELF file").is_err());
+        assert_eq!(gc_probes(data.as_slice()).unwrap(), GcProbes::None);
+        assert!(gc_probes(b"not an ELF file".as_slice()).is_err());
     }
 
     #[test]
     fn debian_python_has_gc_usdt_notes() {
         // Debian's static python3.11 carries the notes (installed with python3-venv).
-        let Ok(data) = std::fs::read("/usr/bin/python3.11") else { return };
-        let GcProbes::Usdt { start, done } = gc_probes(&data).unwrap() else { panic!("no USDT notes") };
+        let Ok(file) = std::fs::File::open("/usr/bin/python3.11") else { return };
+        let GcProbes::Usdt { start, done } = gc_probes(&object::read::ReadCache::new(file)).unwrap() else {
+            panic!("no USDT notes")
+        };
         assert!(start.iter().all(|p| p.semaphore != 0 && p.offset != 0));
         assert_eq!(start[0].args, "-4@112(%rsp)");
         assert!(!done.is_empty());
