@@ -116,6 +116,22 @@ impl Server {
         Self::spawn(cmd, port, port, Some(dir))
     }
 
+    /// uWSGI built by pip in `.venv` (Python built in, linked to the pyenv libpython, which has
+    /// no USDT notes), `--http-socket`.
+    pub fn uwsgi_pip(processes: u32) -> Result<Self> {
+        let uwsgi = repo_root().join(".venv/bin/uwsgi");
+        if !uwsgi.exists() {
+            bail!("{} missing: run `cargo xtask setup`", uwsgi.display());
+        }
+        let port = free_port();
+        let mut cmd = Command::new(uwsgi);
+        cmd.args(["--http-socket", &format!("127.0.0.1:{port}")])
+            .args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", "testapp:app"])
+            .args(["--processes", &processes.to_string()])
+            .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()]);
+        Self::spawn(cmd, port, port, None)
+    }
+
     /// uWSGI `--http-socket` serving a copy of the test app as module `name`.
     pub fn uwsgi_named(name: &str, processes: u32) -> Result<Self> {
         let dir = TempDir::new("uwsgi");

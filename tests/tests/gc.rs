@@ -1,6 +1,7 @@
 //! CPython garbage collections seen from outside: through USDT probes (Debian's python3.11 and
 //! libpython3.11, which carry the notes) or the `gc_collect_main` symbol (pyenv's libpython,
-//! which does not), attributed to the requests they stalled, against the app's own gc.callbacks.
+//! which does not), under gunicorn and uWSGI, attributed to the requests they stalled, against
+//! the app's own gc.callbacks.
 use wsgiscope_integration::{get, gc_semaphore as semaphore, serial, Agent, Server, UwsgiMode};
 
 fn run(name: &str, server: Server, usdt: bool) {
@@ -71,4 +72,10 @@ fn gc_through_symbols_on_pyenv_python_under_gunicorn() {
 fn gc_through_usdt_in_libpython_under_uwsgi() {
     let _serial = serial();
     run("uwsgi-debian", Server::uwsgi(UwsgiMode::HttpSocket, 1).unwrap(), true);
+}
+
+#[test]
+fn gc_through_symbols_on_pyenv_python_under_pip_built_uwsgi() {
+    let _serial = serial();
+    run("uwsgi-pip-pyenv", Server::uwsgi_pip(1).unwrap(), false);
 }

@@ -28,6 +28,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
 /// Validates deploy/*.yaml against the Kubernetes schemas it bundles: no cluster, no network.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const UWSGI_PIP_VERSION: &str = "2.0.31";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn run(root: &Path) -> Result<()> {
@@ -37,7 +38,10 @@ pub fn run(root: &Path) -> Result<()> {
     // gunicorn on the pyenv Python on PATH (shared libpython) and on Debian's static python3.11.
     venv(&root.join(".venv"), "python3")?;
     venv(&root.join(".venv-debian"), "/usr/bin/python3.11")?;
-    kubernetes_validate(&root.join(".venv"))?;
+    // kubernetes-validate (and the PyYAML it pulls in), for tests/tests/deploy.rs.
+    pip_tool(&root.join(".venv"), "kubernetes-validate", KUBERNETES_VALIDATE_VERSION, "kubernetes-validate")?;
+    // uWSGI built by pip against the pyenv Python: a libpython without USDT notes (tests/tests/gc.rs).
+    pip_tool(&root.join(".venv"), "uwsgi", UWSGI_PIP_VERSION, "uwsgi")?;
     Ok(())
 }
 
@@ -148,36 +152,23 @@ fn venv(venv: &Path, python: &str) -> Result<()> {
     Ok(())
 }
 
-/// kubernetes-validate (and the PyYAML it pulls in) in `venv`, for tests/tests/deploy.rs.
-fn kubernetes_validate(venv: &Path) -> Result<()> {
-    let bin = venv.join("bin/kubernetes-validate");
-    let installed = || {
-        output_text(Command::new(&bin).arg("--version"))
-            .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
-    };
+/// A pip package with a command in `venv` (`bin --version` reports `version`): installed
+/// once, checked after.
+fn pip_tool(venv: &Path, package: &str, version: &str, bin: &str) -> Result<()> {
+    let bin = venv.join("bin").join(bin);
+    let installed = || output_text(Command::new(&bin).arg("--version")).is_some_and(|v| v.trim() == version);
     if installed() {
-        println!(
-            "setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} already in {}",
-            venv.display()
-        );
+        println!("setup: {package} {version} already in {}", venv.display());
         return Ok(());
     }
     run_checked(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!(
-                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
-            )),
+            .arg(format!("{package}=={version}")),
     )?;
     if !installed() {
-        bail!(
-            "{} does not report version {KUBERNETES_VALIDATE_VERSION} after installing it",
-            bin.display()
-        );
+        bail!("{} does not report version {version} after installing it", bin.display());
     }
-    println!(
-        "setup: installed kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
-        venv.display()
-    );
+    println!("setup: installed {package} {version} in {}", venv.display());
     Ok(())
 }
