@@ -2,7 +2,7 @@
 //! go to. The collector routes each kernel record to the session of the master it descends from.
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use log::info;
+use log::{debug, info};
 use wsgiscope_common::{ConnState, RequestEvent, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::{
@@ -81,6 +81,23 @@ impl<'m> Session<'m> {
             self.agg.unparsed();
             return;
         };
+        // One line per request at debug level: the kernel's aggregate, for diagnosing framing.
+        let a = &ev.agg;
+        debug!(
+            "{} pid {} fd {} {} {}: status {}, {} write calls ({} continuations, first {} bytes), {} blocks, {} bytes, end reason {}",
+            self.agg.service(),
+            r.tgid,
+            r.fd,
+            r.method,
+            r.path,
+            r.status,
+            a.write_calls,
+            a.continuations,
+            a.first_write_len,
+            r.blocks,
+            r.bytes,
+            ev.end_reason
+        );
         // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
         // wrote after (gunicorn's error page on its --timeout), the request was aborted.
         if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {

@@ -412,6 +412,8 @@ impl Agent {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(trailing)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
+            // One debug line per request: the kernel's aggregate, shown when an assertion fails.
+            .env("RUST_LOG", "info,wsgiscope::session=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;

@@ -88,7 +88,8 @@ fn run(case: Case) {
         let app_blocks: u64 = t.iter().map(|t| t.blocks).sum();
         let app_bytes: u64 = t.iter().map(|t| t.bytes).sum();
         assert_eq!(r(&m, "wsgi_requests_total", path), n, "{name} {path}: requests");
-        assert_eq!(r(&m, "wsgi_response_blocks_sum", path), app_blocks, "{name} {path}: application blocks");
+        let records = || agent.log_text().lines().filter(|l| l.contains(&format!(" {path}: "))).collect::<Vec<_>>().join("\n");
+        assert_eq!(r(&m, "wsgi_response_blocks_sum", path), app_blocks, "{name} {path}: application blocks\n{}", records());
 
         // Status: what the worker answered (uWSGI closes silently on an exception).
         let status = match (case.kind, path) {
