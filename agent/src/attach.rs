@@ -395,25 +395,27 @@ impl Probes {
         out
     }
 
-    /// The requests in progress: connections of traced processes with a request started and
-    /// not yet ended.
-    /// Each with the root (master) of its process.
-    pub fn in_progress(&self) -> Vec<(u32, InProgress)> {
-        self.conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| c.flags & CONN_IN_REQUEST != 0)
-            .map(|(k, c)| {
-                let r = InProgress {
-                    tgid: (k >> 32) as u32,
-                    fd: k as u32,
-                    start_ns: c.agg.start_ns,
-                    write_calls: c.agg.write_calls,
-                    last_write_ns: c.agg.last_write_ns,
-                };
-                (c.root, r)
-            })
-            .collect()
+    /// The requests in progress, each with the root (master) of its process: connections of
+    /// traced processes with a request started and not yet ended. Also how many connections
+    /// the table holds (one pass over it).
+    pub fn in_progress(&self) -> (Vec<(u32, InProgress)>, usize) {
+        let mut connections = 0;
+        let mut running = Vec::new();
+        for (k, c) in self.conns.iter().filter_map(Result::ok) {
+            connections += 1;
+            if c.flags & CONN_IN_REQUEST == 0 {
+                continue;
+            }
+            let r = InProgress {
+                tgid: (k >> 32) as u32,
+                fd: k as u32,
+                start_ns: c.agg.start_ns,
+                write_calls: c.agg.write_calls,
+                last_write_ns: c.agg.last_write_ns,
+            };
+            running.push((c.root, r));
+        }
+        (running, connections)
     }
 
     /// Stops tracing every process traced on behalf of `root` (a process that turned out not
@@ -426,10 +428,11 @@ impl Probes {
         }
     }
 
-    /// Entries in the maps that hold per-connection, per-syscall and per-process state.
-    pub fn map_sizes(&self) -> [(&'static str, usize); 3] {
+    /// Entries in the maps that hold per-connection, per-syscall and per-process state
+    /// (`connections` as `in_progress` counted them).
+    pub fn map_sizes(&self, connections: usize) -> [(&'static str, usize); 3] {
         [
-            ("connections", self.conns.keys().count()),
+            ("connections", connections),
             // Slots stay per thread; those holding a syscall in flight count.
             ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
             ("traced", self.traced.keys().count()),

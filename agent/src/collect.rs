@@ -144,7 +144,7 @@ impl<'m> Collector<'m> {
                 "{service}: Python {} in {} has neither USDT notes nor the {} symbol (stripped?): no GC data",
                 rt.version,
                 rt.path.display(),
-                "gc_collect_main"
+                python::GC_FUNCTION
             ),
             Err(e) => warn!("{service}: cannot probe garbage collections in {}: {e:#}; no GC data", rt.path.display()),
         }
@@ -183,9 +183,7 @@ impl<'m> Collector<'m> {
                 let Some(s) = self.sessions.get_mut(&root) else { return };
                 s.exited(tgid, &orphans);
                 if tgid == root {
-                    info!("{}: master {root} exited", s.agg.service());
-                    self.sessions.remove(&root);
-                    self.ended.push(root);
+                    self.end_session(root);
                 }
             }
             Event::Signal { tgid, sig, ts_ns, root } => {
@@ -213,7 +211,8 @@ impl<'m> Collector<'m> {
     /// (daemon) servers to start watching.
     fn tick(&mut self) {
         let mut running: HashMap<u32, Vec<InProgress>> = HashMap::new();
-        for (root, r) in self.probes.in_progress() {
+        let (in_progress, connections) = self.probes.in_progress();
+        for (root, r) in in_progress {
             running.entry(root).or_default().push(r);
         }
         let now = monotonic_ns();
@@ -222,16 +221,21 @@ impl<'m> Collector<'m> {
             s.decide();
         }
         self.kernel.update(self.probes.stats());
-        self.kernel.map_sizes(&self.probes.map_sizes());
+        self.kernel.map_sizes(&self.probes.map_sizes(connections));
         self.check_candidates();
         // A master that died before the kernel traced it sends no exit record.
         let gone: Vec<u32> = self.sessions.keys().copied().filter(|&m| !discover::is_alive(m)).collect();
         for master in gone {
-            if let Some(s) = self.sessions.remove(&master) {
-                info!("{}: master {master} exited", s.agg.service());
-            }
-            self.ended.push(master);
+            self.end_session(master);
         }
+    }
+
+    /// The server's master exited: stop watching it (its series stay).
+    fn end_session(&mut self, master: u32) {
+        if let Some(s) = self.sessions.remove(&master) {
+            info!("{}: master {master} exited", s.agg.service());
+        }
+        self.ended.push(master);
     }
 
     /// Exec'd processes that now look like WSGI masters are watched; the rest given up.
@@ -440,10 +444,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let mut c = Collector::new(&metrics, probes, options);
-    let service = args.service.clone().unwrap_or_else(|| discover::service_name(kind, &args.command, pid));
-    let http_relayed = kind == discover::ServerKind::ModWsgi
-        || kind == discover::ServerKind::Uwsgi && discover::has_http_router(&args.command);
-    c.watch(Target { master: pid, kind, service, http_relayed, front_ends: Vec::new() })?;
+    c.watch(Target::new(pid, kind, &args.command, args.service.as_deref()))?;
     // Traced: open the gate.
     // SAFETY: writes one byte to our pipe, then closes it.
     unsafe {

@@ -194,14 +194,22 @@ pub fn find_target(pid: u32, service: Option<&str>) -> Result<Target> {
             _ => break,
         }
     }
-    let service = service.map(str::to_string).unwrap_or_else(|| match kind {
-        ServerKind::ModWsgi => daemon_group(master).unwrap_or_else(|| format!("{kind}-{master}")),
-        _ => service_name(kind, &cmdline, master),
-    });
-    let router = kind == ServerKind::Uwsgi && has_http_router(&cmdline);
-    let http_relayed = kind == ServerKind::ModWsgi || router;
-    let front_ends = if router { uwsgi_router(master, &cmdline).into_iter().collect() } else { Vec::new() };
-    Ok(Target { master, kind, service, http_relayed, front_ends })
+    Ok(Target::new(master, kind, &cmdline, service))
+}
+
+impl Target {
+    /// The server whose master is `master`, from its command line (`service` overrides the
+    /// name found there). Used for a running master and for one `wsgiscope run` starts.
+    pub fn new(master: u32, kind: ServerKind, cmdline: &[String], service: Option<&str>) -> Self {
+        let service = service.map(str::to_string).unwrap_or_else(|| match kind {
+            ServerKind::ModWsgi => daemon_group(master).unwrap_or_else(|| format!("{kind}-{master}")),
+            _ => service_name(kind, cmdline, master),
+        });
+        let router = kind == ServerKind::Uwsgi && has_http_router(cmdline);
+        let http_relayed = kind == ServerKind::ModWsgi || router;
+        let front_ends = if router { uwsgi_router(master, cmdline).into_iter().collect() } else { Vec::new() };
+        Target { master, kind, service, http_relayed, front_ends }
+    }
 }
 
 /// The port of uWSGI's `--http` address (`--http :8000`, `--http=127.0.0.1:8000`).

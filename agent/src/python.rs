@@ -50,7 +50,7 @@ impl Runtime {
 }
 
 /// The collector entry point of CPython 3.8–3.12 builds (static, so only in .symtab).
-const GC_FUNCTION: &str = "gc_collect_main";
+pub const GC_FUNCTION: &str = "gc_collect_main";
 
 /// `3.11` from `libpython3.11.so.1.0`, `python3.11`, `python3.11d`.
 fn version_of(file_name: &str) -> Option<String> {

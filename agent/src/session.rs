@@ -101,14 +101,14 @@ impl<'m> Session<'m> {
         // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
         // wrote after (gunicorn's error page on its --timeout), the request was aborted.
         if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {
-            let end = r.start_ns + (r.duration * 1e9) as u64;
+            let end = r.end_ns();
             if r.start_ns <= killed_at && killed_at <= end {
                 r.status = "aborted".to_string();
             }
         }
         // The process's collections inside the request (a GC stops every thread of it).
         if let Some(gcs) = self.gcs.get_mut(&r.tgid) {
-            let end = r.start_ns + (r.duration * 1e9) as u64;
+            let end = r.end_ns();
             while gcs.front().is_some_and(|&(_, e)| e + GC_KEEP_NS < r.start_ns) {
                 gcs.pop_front();
             }

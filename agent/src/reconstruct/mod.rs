@@ -179,6 +179,13 @@ pub struct Request {
     pub gc_seconds: f64,
 }
 
+impl Request {
+    /// Where it ended (ns): its last response write, or where the kernel ended it.
+    pub fn end_ns(&self) -> u64 {
+        self.start_ns + (self.duration * 1e9) as u64
+    }
+}
+
 /// The request in a kernel record, or `None` when its bytes are not an HTTP request.
 pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let a = &ev.agg;
