@@ -14,7 +14,7 @@ use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::{signal, SignalKind},
-    time::{interval, Duration},
+    time::{interval, Duration, MissedTickBehavior},
 };
 use wsgiscope_common::CONN_IN_REQUEST;
 
@@ -313,6 +313,9 @@ enum Until {
     Signal,
 }
 
+/// How often the ring buffer is read when the kernel has not woken us.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
 /// The shared loop: serve /metrics, read records, tick every 500 ms.
 async fn collect(
     mut c: Collector<'_>,
@@ -330,6 +333,10 @@ async fn collect(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_millis(500));
+    // The kernel wakes us only when the ring fills up (see `quiet_submit` in the eBPF maps), so
+    // records are read on this clock: at most this late, and in batches.
+    let mut drain_tick = interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_scan = Instant::now();
     let forward = |sig: i32| {
         if let Until::ChildExits(pid) = until {
@@ -344,6 +351,11 @@ async fn collect(
                 let batch = drain(guard.get_inner_mut());
                 guard.clear_ready();
                 for ev in batch {
+                    c.handle(ev);
+                }
+            }
+            _ = drain_tick.tick() => {
+                for ev in drain(events.get_mut()) {
                     c.handle(ev);
                 }
             }

@@ -8,7 +8,7 @@ use wsgiscope_common::{
     RESP_HEAD_LEN, STAT_RINGBUF_FULL,
 };
 
-use crate::maps::{bump, EVENTS};
+use crate::maps::{bump, quiet_submit, EVENTS};
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -97,5 +97,5 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
             c.resp_head.as_ptr().cast(),
         );
     }
-    entry.submit(0);
+    entry.submit(quiet_submit());
 }

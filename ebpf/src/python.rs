@@ -14,7 +14,7 @@ use wsgiscope_common::{GcEvent, GcStart, EVENT_GC, GEN_IN_MEM, GEN_IN_REG, STAT_
 
 use crate::{
     conn::now,
-    maps::{bump, root_of, EVENTS},
+    maps::{bump, quiet_submit, root_of, EVENTS},
     syscall::{pid_tgid, read_user},
 };
 
@@ -99,7 +99,7 @@ fn gc_end() {
         start_ns: start.start_ns,
         end_ns: now(),
     };
-    if EVENTS.output::<GcEvent>(&ev, 0).is_err() {
+    if EVENTS.output::<GcEvent>(&ev, quiet_submit()).is_err() {
         bump(STAT_RINGBUF_FULL);
     }
 }
