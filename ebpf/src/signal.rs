@@ -4,7 +4,7 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use wsgiscope_common::EVENT_SIGNAL;
 
-use crate::{maps::root_of, process::emit};
+use crate::{maps::root_of, process::emit, syscall::field};
 
 /// signal:signal_generate field offsets (stable since 4.x; the agent checks them in tracefs).
 const SIG_OFFSET: usize = 8;
@@ -14,13 +14,11 @@ const PID_OFFSET: usize = 36;
 pub fn signal_generate(ctx: TracePointContext) -> u32 {
     const SIGABRT: i32 = 6;
     const SIGKILL: i32 = 9;
-    // SAFETY: in-bounds fields of the record.
-    let (Ok(sig), Ok(pid)) = (unsafe { ctx.read_at::<i32>(SIG_OFFSET) }, unsafe { ctx.read_at::<u32>(PID_OFFSET) }) else {
-        return 0;
-    };
+    let sig = field::<i32>(&ctx, SIG_OFFSET);
     if sig != SIGKILL && sig != SIGABRT {
         return 0;
     }
+    let pid = field::<u32>(&ctx, PID_OFFSET);
     if let Some(root) = root_of(pid) {
         emit(EVENT_SIGNAL, pid, sig as u32, root, 0);
     }

@@ -1,6 +1,6 @@
 //! Reading syscall tracepoint records: `syscalls/sys_enter_*` carry six 8-byte arguments
 //! from offset 16, `syscalls/sys_exit_*` the return value at offset 16.
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::TracePointContext, EbpfContext};
 
 /// One tracepoint program per name (the name is the tracepoint's), each running `$body`.
 macro_rules! programs {
@@ -18,13 +18,21 @@ pub(crate) use programs;
 
 #[inline(always)]
 pub fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: in-bounds offsets of the syscall tracepoint record.
-    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+    field(ctx, 16 + 8 * n)
 }
 
 #[inline(always)]
 pub fn ret(ctx: &TracePointContext) -> i64 {
-    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+    field::<i64>(ctx, 16)
+}
+
+/// A field of a tracepoint record, loaded directly: the verifier allows aligned reads of the
+/// record, and `read_at` would cost a bpf_probe_read_kernel call (the priciest part of a probe
+/// on kernels with return-thunk mitigations).
+#[inline(always)]
+pub fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: `offset` is a constant, aligned offset inside the tracepoint record.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }
 
 #[inline(always)]
@@ -41,29 +49,26 @@ use wsgiscope_common::{
 
 use crate::{
     conn::now,
-    maps::{bump, root_of, CONNS, PENDING},
+    maps::{bump, root_of, PENDING},
 };
 
-/// On a syscall's enter: if it targets a connection of a traced process, remember it for the
-/// exit tracepoint. This is the whole cost for untraced processes: one hash lookup.
+/// On a syscall's enter: if a traced process makes it, remember it for the exit tracepoint,
+/// which checks whether the fd is a connection. This is the whole cost for untraced processes:
+/// one hash lookup. (Looking the connection up here too would cost every write a second lookup.)
 #[inline(always)]
 pub fn stash(ctx: &TracePointContext, op: u32) {
     stash_fd(op, arg(ctx, 0), || (arg(ctx, 1), requested(ctx, op)));
 }
 
-/// `stash` for a known fd; `what` gives (buffer, requested length) once the fd is a connection.
+/// `stash` for a known fd; `what` gives (buffer, requested length).
 #[inline(always)]
 pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
     let (id, tgid) = pid_tgid();
     if root_of(tgid).is_none() {
         return;
     }
-    let key = conn_key(tgid, fd as u32);
-    if CONNS.get_ptr(&key).is_none() {
-        return;
-    }
     let (buf, len) = what();
-    remember(id, Pending { key, buf, len, enter_ns: now(), op, _pad: 0 });
+    remember(id, Pending { key: conn_key(tgid, fd as u32), buf, len, enter_ns: now(), op, _pad: 0 });
 }
 
 /// Stores what the exit tracepoint needs in this thread's slot. The slot is written in place

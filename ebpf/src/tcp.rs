@@ -6,6 +6,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use crate::{
     conn::now,
     maps::{PeerKey, ESTABLISHED},
+    syscall::field,
 };
 
 /// sock:inet_sock_set_state field offsets (stable since 4.16; the agent checks them in tracefs).
@@ -23,22 +24,18 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     const TCP_SYN_RECV: i32 = 3;
     const IPPROTO_TCP: u16 = 6;
     const AF_INET: u16 = 2;
-    // SAFETY: in-bounds fields of the record.
-    let read = |off| unsafe { ctx.read_at::<i32>(off) }.unwrap_or(0);
-    if read(OLDSTATE) != TCP_SYN_RECV || read(NEWSTATE) != TCP_ESTABLISHED {
+    if field::<i32>(&ctx, OLDSTATE) != TCP_SYN_RECV || field::<i32>(&ctx, NEWSTATE) != TCP_ESTABLISHED {
         return 0;
     }
-    let read16 = |off| unsafe { ctx.read_at::<u16>(off) }.unwrap_or(0);
-    if read16(PROTOCOL) != IPPROTO_TCP {
+    if field::<u16>(&ctx, PROTOCOL) != IPPROTO_TCP {
         return 0;
     }
-    let mut key = PeerKey { addr: [0; 16], port: read16(DPORT) as u32, _pad: 0 };
-    if read16(FAMILY) == AF_INET {
-        let Ok(a) = (unsafe { ctx.read_at::<[u8; 4]>(DADDR) }) else { return 0 };
-        key.addr[..4].copy_from_slice(&a);
+    let mut key = PeerKey { addr: [0; 16], port: field::<u16>(&ctx, DPORT) as u32, _pad: 0 };
+    if field::<u16>(&ctx, FAMILY) == AF_INET {
+        key.addr[..4].copy_from_slice(&field::<u32>(&ctx, DADDR).to_ne_bytes());
     } else {
-        let Ok(a) = (unsafe { ctx.read_at::<[u8; 16]>(DADDR_V6) }) else { return 0 };
-        key.addr = a;
+        key.addr[..8].copy_from_slice(&field::<u64>(&ctx, DADDR_V6).to_ne_bytes());
+        key.addr[8..].copy_from_slice(&field::<u64>(&ctx, DADDR_V6 + 8).to_ne_bytes());
     }
     let _ = ESTABLISHED.insert(&key, &now(), 0);
     0

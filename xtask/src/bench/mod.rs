@@ -123,6 +123,20 @@ impl Plan {
     }
 }
 
+/// The mitigations that make kernel calls and returns costly, from sysfs ("" when none).
+fn mitigations() -> String {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/vulnerabilities");
+    let mut found = Vec::new();
+    for name in ["spectre_v2", "retbleed", "spec_rstack_overflow"] {
+        let Ok(state) = std::fs::read_to_string(dir.join(name)) else { continue };
+        let state = state.trim();
+        if state.starts_with("Mitigation") || state.contains("Safe RET") {
+            found.push(format!("{name}: {state}"));
+        }
+    }
+    found.join("; ")
+}
+
 /// Where the machine and the software stood when the numbers were taken.
 #[derive(Clone, Debug, Default)]
 pub struct Environment {
@@ -130,6 +144,9 @@ pub struct Environment {
     pub uname: String,
     pub cpu: String,
     pub memory: String,
+    /// The CPU-vulnerability mitigations in force (they set the price of every call and return
+    /// in the kernel, BPF programs included).
+    pub mitigations: String,
     pub commit: String,
     pub versions: Vec<(String, String)>,
     pub load_before: String,
@@ -301,6 +318,7 @@ fn environment(root: &Path) -> Environment {
         uname: text(Command::new("uname").arg("-srvmo")),
         cpu: format!("{cpus} × {model}"),
         memory,
+        mitigations: mitigations(),
         commit: format!(
             "{commit}{}",
             if dirty {

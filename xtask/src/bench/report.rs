@@ -57,6 +57,14 @@ fn header(md: &mut String, r: &Results) {
         "\n- Machine: {}, {} RAM, `{}`",
         e.cpu, e.memory, e.uname
     );
+    if !e.mitigations.is_empty() {
+        let _ = writeln!(
+            md,
+            "- CPU mitigations in force: {}. They tax every call and return in the kernel, so each BPF \
+             program run and each helper it calls costs several times what it would on bare metal.",
+            e.mitigations
+        );
+    }
     let _ = writeln!(
         md,
         "- Load average (1, 5, 15 min) before: {}, after: {}. The load generators, gunicorn and the \
