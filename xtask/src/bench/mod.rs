@@ -113,7 +113,7 @@ impl Plan {
                 wrk_connections: 4,
                 paced_threads: 32,
                 micro_rounds: 5,
-                micro_reps: 3,
+                micro_reps: 5,
                 micro_iters: 300_000,
                 bytes1_requests: 10,
                 burst_secs: 20,

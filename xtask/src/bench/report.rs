@@ -479,8 +479,8 @@ fn probes(md: &mut String, r: &Results) {
         "A loop of {} write(2) calls of {WRITE_SIZE} bytes on a non-blocking socket, in batches of \
          {BATCH} between which the same thread drains the peer (untimed); after {} untimed warm-up \
          writes. A loop reports nanoseconds per write in its median batch (robust to preemption on \
-         a shared machine). Each case runs {} loop process(es) per agent state and round, median \
-         taken; {} round(s), each measuring every case with the agent off and attached (which \
+         a shared machine). Each case runs {} loop process(es) per agent state and round, the fastest \
+         taken (a process here runs its whole life in a fast or a ~30 % slower mode, set by the host); {} round(s), each measuring every case with the agent off and attached (which \
          first alternates). Cost = median over rounds of the paired difference (on − off).\n",
         r.plan.micro_iters,
         r.plan.micro_iters / 10,
