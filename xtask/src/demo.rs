@@ -6,21 +6,24 @@ use std::{
     fs::File,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Mutex,
     },
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 
-use crate::{cargo, metrics_text, run_checked, setup};
+use crate::{
+    cargo,
+    group::{self, check_stop, wait_until, Group},
+    metrics_text, run_checked, setup,
+};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -48,20 +51,8 @@ const TRAFFIC: &[(&str, usize)] = &[
 ];
 const CLIENT_THREADS: usize = 4;
 
-/// Set by SIGINT/SIGTERM; the demo polls it so it can stop its children in order.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
+    group::catch_stop();
     setup::run(root)?;
     run_checked(cargo(root).args(["build", "--release", "-p", "wsgiscope"]))?;
     check_stop()?;
@@ -73,33 +64,23 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     }
     let log_dir = root.join("target/xtask-demo");
     std::fs::create_dir_all(&log_dir)?;
-    // Dropping `procs` (on any error too) stops whatever was started.
-    let mut procs = Processes::default();
-
     let gunicorn_log = log_dir.join("gunicorn.log");
     let log = File::create(&gunicorn_log)?;
-    let gunicorn = Command::new(root.join(".venv/bin/gunicorn"))
-        .args([
-            "--no-control-socket",
-            "-w",
-            "2",
-            "-b",
-            &app_addr.to_string(),
-            "--chdir",
-        ])
-        .arg(root.join("tests/apps"))
-        .arg("testapp:app")
-        .env_remove("WSGISCOPE_TRUTH_LOG")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        // Own process group: Ctrl-C reaches only us, and we stop the agent before gunicorn.
-        .process_group(0)
-        .spawn()
-        .context("cannot start gunicorn")?;
+    // Dropped in reverse order of declaration, on any error too: the agent first (SIGINT, so it
+    // detaches cleanly), then gunicorn (SIGTERM, graceful shutdown).
+    let mut gunicorn = Group::spawn(
+        "gunicorn",
+        Command::new(root.join(".venv/bin/gunicorn"))
+            .args(["--no-control-socket", "-w", "2", "-b", &app_addr.to_string(), "--chdir"])
+            .arg(root.join("tests/apps"))
+            .arg("testapp:app")
+            .env_remove("WSGISCOPE_TRUTH_LOG")
+            .stdout(log.try_clone()?)
+            .stderr(log),
+        libc::SIGTERM,
+    )?;
     // The venv script is executed directly, so the child is the gunicorn master.
-    let master = gunicorn.id();
-    procs.gunicorn = Some(gunicorn);
+    let master = gunicorn.pid();
     println!(
         "demo: gunicorn master {master} on http://{app_addr} (log: {})",
         gunicorn_log.display()
@@ -108,34 +89,32 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     wait_until(
         "gunicorn to answer",
         Duration::from_secs(20),
-        &mut procs,
+        &mut [&mut gunicorn],
         || http_get(app_addr, "/hello").is_ok_and(|(status, _)| status == 200),
     )
     .with_context(|| format!("see {}", gunicorn_log.display()))?;
 
-    let agent = Command::new(root.join("target/release/wsgiscope"))
-        .args([
+    let mut agent = Group::spawn(
+        "target/release/wsgiscope",
+        Command::new(root.join("target/release/wsgiscope")).args([
             "attach",
             "--pid",
             &master.to_string(),
             "--listen",
             &args.metrics.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("cannot start target/release/wsgiscope")?;
-    procs.agent = Some(agent);
+        ]),
+        libc::SIGINT,
+    )?;
     // The agent binds /metrics first but serves it only once attached.
     wait_until(
         "the agent's /metrics",
         Duration::from_secs(60),
-        &mut procs,
+        &mut [&mut agent, &mut gunicorn],
         || http_get(args.metrics, "/metrics").is_ok_and(|(status, _)| status == 200),
     )?;
 
     let sent = drive_traffic(app_addr)?;
-    let text = wait_for_counts(args.metrics, sent, &mut procs)?;
+    let text = wait_for_counts(args.metrics, sent, &mut [&mut agent, &mut gunicorn])?;
     print_summary(&text)?;
 
     println!();
@@ -154,44 +133,13 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
             None
         }
     };
-    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        if let Some(which) = procs.exited() {
-            bail!("{which} exited on its own");
-        }
+    while !group::stopping() && deadline.is_none_or(|d| Instant::now() < d) {
+        agent.check_alive()?;
+        gunicorn.check_alive()?;
         thread::sleep(Duration::from_millis(100));
     }
     println!("demo: stopping");
     Ok(())
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Polls `ready` until it holds, failing on timeout, Ctrl-C, or if a started process died.
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    procs: &mut Processes,
-    mut ready: impl FnMut() -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        check_stop()?;
-        if let Some(which) = procs.exited() {
-            bail!("{which} exited while waiting for {what}");
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Sends TRAFFIC from a few client threads at once (the server has two workers); returns the count.
@@ -244,7 +192,7 @@ fn drive_traffic(addr: SocketAddr) -> Result<usize> {
 }
 
 /// The agent reports a request once its kernel events are read; give it a moment to count them all.
-fn wait_for_counts(metrics: SocketAddr, sent: usize, procs: &mut Processes) -> Result<String> {
+fn wait_for_counts(metrics: SocketAddr, sent: usize, alive: &mut [&mut Group]) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, body) = http_get(metrics, "/metrics").context("GET /metrics")?;
@@ -259,8 +207,8 @@ fn wait_for_counts(metrics: SocketAddr, sent: usize, procs: &mut Processes) -> R
             return Ok(text);
         }
         check_stop()?;
-        if let Some(which) = procs.exited() {
-            bail!("{which} exited");
+        for group in alive.iter_mut() {
+            group.check_alive()?;
         }
         if Instant::now() > deadline {
             println!("demo: note: the agent counted {counted} of the {sent} requests sent");
@@ -378,53 +326,3 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-/// The processes the demo started. Dropping it stops them: the agent first (SIGINT, so it detaches
-/// cleanly), then gunicorn (SIGTERM, graceful shutdown), waiting for each.
-#[derive(Default)]
-struct Processes {
-    agent: Option<Child>,
-    gunicorn: Option<Child>,
-}
-
-impl Processes {
-    /// Which started process has exited, if any.
-    fn exited(&mut self) -> Option<String> {
-        for (name, child) in [
-            ("the agent", &mut self.agent),
-            ("gunicorn", &mut self.gunicorn),
-        ] {
-            if let Some(Ok(Some(status))) = child.as_mut().map(Child::try_wait) {
-                return Some(format!("{name} ({status})"));
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        stop("agent", self.agent.take(), libc::SIGINT);
-        stop("gunicorn", self.gunicorn.take(), libc::SIGTERM);
-    }
-}
-
-fn stop(name: &str, child: Option<Child>, signal: libc::c_int) {
-    let Some(mut child) = child else { return };
-    if let Ok(None) = child.try_wait() {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped, so not reused.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Ok(None) = child.try_wait() {
-            if Instant::now() > deadline {
-                eprintln!("demo: {name} did not stop within 10 s; killing it");
-                let _ = child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-    match child.wait() {
-        Ok(status) => println!("demo: {name} stopped ({status})"),
-        Err(err) => eprintln!("demo: waiting for {name}: {err}"),
-    }
-}

@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <command>` (alias in .cargo/config.toml).
 mod bench;
 mod demo;
+mod group;
 mod metrics_text;
 mod setup;
 mod test;

@@ -17,11 +17,10 @@ mod stats;
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::{cargo, output_text, run_checked, setup};
@@ -162,19 +161,7 @@ pub struct Results {
     pub capacity: capacity::Capacity,
 }
 
-/// Set by SIGINT/SIGTERM; long waits poll it so the started processes are stopped in order.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-pub fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+pub use crate::group::check_stop;
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
 /// prometheus_client has no `__version__`: ask the installed distribution.
@@ -182,12 +169,7 @@ const PROMETHEUS_CLIENT_VERSION_PY: &str =
     "import importlib.metadata as m; print(m.version('prometheus_client'))";
 
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
+    crate::group::catch_stop();
     setup::run(root)?;
     // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint program.
     setup::apt(&["wrk", "bpftrace"])?;

@@ -1,75 +1,20 @@
-//! The processes a benchmark starts (gunicorn, the agent) and what it reads about processes
-//! from /proc. Every started process runs in its own process group and is stopped, with its
-//! children, when its guard is dropped: on success, on error and on Ctrl-C alike.
+//! The processes a benchmark starts (gunicorn, the agent, bpftrace; see `crate::group`) and what
+//! it reads about processes from /proc.
 use std::{
     fs::File,
     net::{SocketAddr, TcpListener},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use super::check_stop;
-use crate::demo::http_get;
-
-/// A started process group; dropping it signals the group, waits, and SIGKILLs what is left.
-pub struct Group {
-    name: String,
-    child: Child,
-    stop_signal: libc::c_int,
-}
-
-impl Group {
-    fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int) -> Result<Group> {
-        let child = cmd
-            .stdin(Stdio::null())
-            // Own group: Ctrl-C reaches only xtask, which stops the group in order.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Group {
-            name: name.to_string(),
-            child,
-            stop_signal,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the process has exited (it should run until we stop it).
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited on its own ({status})", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: signals our own child's process group; the leader is not reaped yet, so the id
-        // is not reused.
-        unsafe { libc::kill(-pgid, self.stop_signal) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while let Ok(None) = self.child.try_wait() {
-            if Instant::now() > deadline {
-                eprintln!("bench: {} did not stop within 15 s; killing it", self.name);
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        // Whatever is left of the group (workers of a master that died first, say).
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
+use crate::{
+    demo::http_get,
+    group::{wait_until, Group},
+};
 
 /// What a gunicorn instance serves: the bench app alone or wrapped in in-process instrumentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +64,7 @@ pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware) -> Result<Guni
         cmd.env("PROMETHEUS_MULTIPROC_DIR", dir);
     }
     let mut group = Group::spawn(&name, &mut cmd, libc::SIGTERM)?;
-    wait_until(&name, Duration::from_secs(30), &mut group, || {
+    wait_until(&name, Duration::from_secs(30), &mut [&mut group], || {
         http_get(addr, "/hello").is_ok_and(|(status, _)| status == 200)
     })
     .with_context(|| format!("see {}", log_path.display()))?;
@@ -168,7 +113,7 @@ pub fn agent(root: &Path, work: &Path, master: u32) -> Result<Agent> {
     wait_until(
         "the agent's /metrics",
         Duration::from_secs(60),
-        &mut group,
+        &mut [&mut group],
         || http_get(metrics, "/metrics").is_ok_and(|(status, _)| status == 200),
     )
     .with_context(|| format!("see {}", log_path.display()))?;
@@ -190,7 +135,7 @@ pub fn bpftrace(work: &Path, program: &str) -> Result<Group> {
     wait_until(
         "bpftrace to attach",
         Duration::from_secs(60),
-        &mut group,
+        &mut [&mut group],
         || std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("Attaching")),
     )
     .with_context(|| format!("see {}", log_path.display()))?;
@@ -201,27 +146,6 @@ pub fn bpftrace(work: &Path, program: &str) -> Result<Group> {
 
 pub fn agent_binary(root: &Path) -> PathBuf {
     root.join("target/release/wsgiscope")
-}
-
-/// Polls `ready` until it holds; fails on timeout, on Ctrl-C, or if the process died.
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    group: &mut Group,
-    mut ready: impl FnMut() -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        check_stop()?;
-        group.check_alive()?;
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A loopback address with a port that was free a moment ago.

@@ -1,0 +1,119 @@
+//! Processes that `demo` and `bench` start, and Ctrl-C. Every started process runs in its own
+//! process group and is stopped, with its children, when its guard is dropped: on success, on
+//! error and on Ctrl-C alike (Ctrl-C only sets a flag that long waits poll).
+use std::{
+    process::{Child, Command, Stdio},
+    os::unix::process::CommandExt,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Set by SIGINT/SIGTERM once `catch_stop` ran.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT/SIGTERM set the flag `check_stop` reads instead of killing xtask, so the
+/// started processes are stopped in order.
+pub fn catch_stop() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+pub fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+pub fn check_stop() -> Result<()> {
+    if stopping() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// A started process group; dropping it signals the group, waits, and SIGKILLs what is left.
+pub struct Group {
+    name: String,
+    child: Child,
+    stop_signal: libc::c_int,
+}
+
+impl Group {
+    pub fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int) -> Result<Group> {
+        let child = cmd
+            .stdin(Stdio::null())
+            // Own group: Ctrl-C reaches only xtask, which stops the group in order.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Group {
+            name: name.to_string(),
+            child,
+            stop_signal,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited (it should run until we stop it).
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited on its own ({status})", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: signals our own child's process group; the leader is not reaped yet, so the id
+        // is not reused.
+        unsafe { libc::kill(-pgid, self.stop_signal) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while let Ok(None) = self.child.try_wait() {
+            if Instant::now() > deadline {
+                eprintln!("xtask: {} did not stop within 15 s; killing it", self.name);
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Whatever is left of the group (workers of a master that died first, say).
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `ready` until it holds; fails on timeout, on Ctrl-C, or if one of `alive` died.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    alive: &mut [&mut Group],
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        check_stop()?;
+        for group in alive.iter_mut() {
+            group.check_alive()?;
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
