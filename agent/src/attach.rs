@@ -28,17 +28,11 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Every program in ebpf/ and the tracepoint it hooks (program name = tracepoint name).
 const SYSCALL_PROGRAMS: &[&str] = &[
-    "sys_enter_accept",
-    "sys_enter_accept4",
     "sys_exit_accept",
     "sys_exit_accept4",
-    "sys_enter_read",
     "sys_exit_read",
-    "sys_enter_readv",
     "sys_exit_readv",
-    "sys_enter_recvfrom",
     "sys_exit_recvfrom",
-    "sys_enter_recvmsg",
     "sys_exit_recvmsg",
     "sys_enter_write",
     "sys_exit_write",
@@ -56,7 +50,6 @@ const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_exit_ppoll",
     "sys_enter_close",
     "sys_enter_shutdown",
-    "sys_enter_wait4",
     "sys_exit_wait4",
 ];
 const SCHED_PROGRAMS: &[&str] = &["sched_process_fork", "sched_process_exit", "sched_process_exec"];

@@ -56,7 +56,8 @@ pub const STAT_CONN_TABLE_FULL: u32 = 1;
 pub const STAT_PENDING_TABLE_FULL: u32 = 2;
 pub const STAT_COUNT: u32 = 3;
 
-/// Syscall families remembered between a syscall's enter and exit tracepoints.
+/// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
+/// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
 pub const OP_READ: u32 = 1; // read, recvfrom: buf is the data pointer
 pub const OP_READV: u32 = 2; // readv: buf points to an iovec array
 pub const OP_RECVMSG: u32 = 3; // recvmsg: buf points to a msghdr
@@ -65,8 +66,6 @@ pub const OP_WRITEV: u32 = 5; // writev
 pub const OP_SENDMSG: u32 = 6; // sendmsg
 pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
 pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
-pub const OP_ACCEPT: u32 = 9; // accept/accept4: buf is the peer sockaddr pointer (may be NULL)
-pub const OP_WAIT: u32 = 10; // wait4: buf is the status pointer (may be NULL)
 
 /// Key of the connection table: one entry per accepted socket of a traced process.
 #[inline(always)]

@@ -1,14 +1,12 @@
 //! Accepted sockets of traced processes become connections, with their address family
 //! (the transport: TCP or a UNIX socket).
 use aya_ebpf::programs::TracePointContext;
-use wsgiscope_common::{
-    conn_key, Pending, AGG_ACCEPT_WAIT, END_FD_REUSED, OP_ACCEPT, STAT_CONN_TABLE_FULL,
-};
+use wsgiscope_common::{conn_key, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE_FULL};
 
 use crate::{
     conn::{finish_request, now},
     maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, SCRATCH},
-    syscall::{arg, pid_tgid, programs, read_user, remember, ret, take},
+    syscall::{entry_args, pid_tgid, programs, read_user, ret},
 };
 
 const AF_INET: u16 = 2;
@@ -28,29 +26,16 @@ fn peer(family: u16, addr: u64) -> Option<PeerKey> {
     Some(key)
 }
 
-/// Remembers where accept will write the peer address: its first field is the family.
-#[inline(always)]
-fn accept_enter(ctx: &TracePointContext) {
-    let (id, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
-        return;
-    }
-    let p = Pending { key: 0, buf: arg(ctx, 1), len: 0, enter_ns: now(), op: OP_ACCEPT, _pad: 0 };
-    remember(id, p);
-}
-
 #[inline(always)]
 fn accepted(ctx: &TracePointContext) {
-    let addr = match take() {
-        Some(p) if p.op == OP_ACCEPT => p.buf,
-        _ => 0,
-    };
-    let (_, tgid) = pid_tgid();
-    let Some(root) = root_of(tgid) else { return };
     let fd = ret(ctx);
     if fd < 0 {
         return;
     }
+    let (_, tgid) = pid_tgid();
+    let Some(root) = root_of(tgid) else { return };
+    // Where accept wrote the peer address (its first field is the family): the second argument.
+    let addr = entry_args().map_or(0, |(_, addr)| addr);
     let ts = now();
     let family = if addr != 0 { read_user::<u16>(addr).unwrap_or(0) } else { 0 };
     // How long the connection waited in the listen queue for a worker.
@@ -84,5 +69,4 @@ fn accepted(ctx: &TracePointContext) {
     }
 }
 
-programs!(sys_enter_accept, sys_enter_accept4 => |ctx| accept_enter(&ctx));
 programs!(sys_exit_accept, sys_exit_accept4 => |ctx| accepted(&ctx));

@@ -2,14 +2,12 @@
 //! the kernel (a worker forked between two agent polls keeps its first request).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_ebpf::helpers::bpf_get_current_comm;
-use wsgiscope_common::{
-    Pending, ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, OP_WAIT, STAT_RINGBUF_FULL,
-};
+use wsgiscope_common::{ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, STAT_RINGBUF_FULL};
 
 use crate::{
     conn::now,
     maps::{bump, root_of, EVENTS, PENDING, TRACED},
-    syscall::{arg, pid_tgid, programs, read_user, remember, ret, take},
+    syscall::{entry_args, pid_tgid, programs, read_user, ret},
 };
 
 /// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs.
@@ -66,32 +64,25 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The master reaping a worker tells how it ended (exit code or signal): wait4's status.
-#[inline(always)]
-fn wait_enter(ctx: &TracePointContext) {
-    let (id, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
-        return;
-    }
-    let p = Pending { key: 0, buf: arg(ctx, 1), len: 0, enter_ns: 0, op: OP_WAIT, _pad: 0 };
-    remember(id, p);
-}
-
+/// The master reaping a worker tells how it ended (exit code or signal): the status wait4 wrote
+/// through its second argument.
 #[inline(always)]
 fn wait_done(ctx: &TracePointContext) {
-    let Some(p) = take() else { return };
     let reaped = ret(ctx);
-    if p.op != OP_WAIT || p.buf == 0 || reaped <= 0 {
+    if reaped <= 0 {
         return;
     }
     let (_, tgid) = pid_tgid();
     let Some(root) = root_of(tgid) else { return };
-    if let Some(status) = read_user::<i32>(p.buf) {
+    let Some((_, status_ptr)) = entry_args() else { return };
+    if status_ptr == 0 {
+        return;
+    }
+    if let Some(status) = read_user::<i32>(status_ptr) {
         emit(EVENT_REAP, tgid, reaped as u32, root, status);
     }
 }
 
-programs!(sys_enter_wait4 => |ctx| wait_enter(&ctx));
 programs!(sys_exit_wait4 => |ctx| wait_done(&ctx));
 
 /// `wsgiscope daemon`: a process that execs a WSGI server is traced from that moment, so not
