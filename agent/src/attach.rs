@@ -267,12 +267,29 @@ pub fn check_capabilities() -> Result<()> {
     )
 }
 
+/// Where the kernel publishes its own BTF.
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The exit programs read syscall arguments from the task's saved registers
+/// (`bpf_get_current_task_btf`), which the verifier allows only when the kernel has BTF.
+fn check_kernel_btf() -> Result<()> {
+    if Path::new(KERNEL_BTF).exists() {
+        return Ok(());
+    }
+    bail!(
+        "this kernel publishes no BTF ({KERNEL_BTF} is missing): wsgiscope's programs need it to read \
+         syscall arguments. Run a kernel built with CONFIG_DEBUG_INFO_BTF=y (the default of current \
+         distributions' kernels), 5.15 or newer"
+    )
+}
+
 impl Probes {
     /// Loads the kernel programs and attaches every tracepoint.
     /// Returns the probes and, apart, the ring buffer their records arrive on.
     /// `watch_execs` (daemon): the kernel traces every process that execs a WSGI server name.
     pub fn load(watch_execs: bool) -> Result<(Self, RingBuf<MapData>)> {
         check_capabilities()?;
+        check_kernel_btf()?;
         ensure_tracefs()?;
         raise_memlock();
         let fork = sched_format("sched_process_fork")?;

@@ -242,7 +242,7 @@ fn a_server_exiting_during_attach_ends_cleanly() {
 }
 
 #[test]
-fn without_tracefs_the_agent_mounts_it_and_without_capabilities_it_says_what_to_grant() {
+fn without_tracefs_the_agent_mounts_it_and_without_capabilities_or_btf_it_says_what_is_needed() {
     let _serial = serial();
     let server = Server::gunicorn(&["-w", "1"]).unwrap();
     server.wait_workers(1).unwrap();
@@ -281,4 +281,11 @@ fn without_tracefs_the_agent_mounts_it_and_without_capabilities_it_says_what_to_
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("missing capability CAP_BPF and CAP_PERFMON") && err.contains("setcap"), "{err}");
+
+    // On a kernel that publishes no BTF: hidden here under an empty tmpfs in a mount namespace.
+    let script = format!("mount -t tmpfs none /sys/kernel/btf && exec {bin} attach --pid {pid} --listen 127.0.0.1:0");
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("publishes no BTF") && err.contains("CONFIG_DEBUG_INFO_BTF=y"), "{err}");
 }
