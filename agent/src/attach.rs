@@ -215,10 +215,17 @@ fn attach_fixed_layout(ebpf: &mut Ebpf, category: &str, name: &str, fields: &[(&
             bail!("field {field} is at {got:?} in {path}, the kernel program expects {want}");
         }
     }
+    attach_tracepoint(ebpf, category, name)
+}
+
+/// Loads the program named after a tracepoint and attaches it there.
+fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<()> {
     let prog: &mut TracePoint =
         ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?.try_into()?;
     prog.load().with_context(|| format!("the kernel refused program {name}"))?;
-    prog.attach(category, name).with_context(|| format!("attaching tracepoint {category}/{name} failed"))?;
+    prog.attach(category, name).with_context(|| {
+        format!("attaching tracepoint {category}/{name} failed: this kernel lacks it or tracefs is unusable")
+    })?;
     Ok(())
 }
 
@@ -307,14 +314,7 @@ impl Probes {
 
         for (category, names) in [("syscalls", SYSCALL_PROGRAMS), ("sched", SCHED_PROGRAMS)] {
             for name in names {
-                let prog: &mut TracePoint = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                    .try_into()?;
-                prog.load().with_context(|| format!("the kernel refused program {name}"))?;
-                prog.attach(category, name).with_context(|| {
-                    format!("attaching tracepoint {category}/{name} failed: this kernel lacks it or tracefs is unusable")
-                })?;
+                attach_tracepoint(&mut ebpf, category, name)?;
             }
         }
         for (category, name, fields, feature) in FIXED_LAYOUT_PROGRAMS {

@@ -19,12 +19,12 @@ pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(8192, 0);
 #[map]
 pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(8192, 0);
 
+/// Size of `EVENTS`.
+const EVENTS_BYTES: u32 = 8 << 20;
+
 /// Request, fork and exit records for the agent.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-
-/// Size of `EVENTS`.
-const EVENTS_BYTES: u32 = 8 << 20;
 
 /// Flags for submitting a record to `EVENTS`. The agent drains the ring on its own every few
 /// milliseconds, so waking it per record would only cost every request a cross-CPU wakeup (and

@@ -13,12 +13,11 @@ use std::{
 use anyhow::{ensure, Context, Result};
 
 use super::{
-    check_stop,
     load::{self, Run},
     procs::{self, Middleware},
     Plan,
 };
-use crate::{demo::http_get, metrics_text};
+use crate::{demo::http_get, group::check_stop, metrics_text};
 
 /// What the agent has counted so far.
 #[derive(Clone, Debug, Default)]

@@ -14,7 +14,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{check_stop, stats::percentile};
+use super::stats::percentile;
+use crate::group::check_stop;
 
 /// One load run: completed requests, failures (errors, non-200), rate and latency percentiles.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -18,12 +18,11 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 
 use super::{
-    check_stop,
     procs::{self, Gunicorn, Middleware},
     stats::median,
     Plan,
 };
-use crate::demo::http_get;
+use crate::{demo::http_get, group::check_stop};
 
 /// Bytes per write: a small write, like one chunk-framed block of a streaming response.
 pub const WRITE_SIZE: usize = 16;

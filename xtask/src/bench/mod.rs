@@ -23,7 +23,11 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{cargo, output_text, run_checked, setup};
+use crate::{
+    cargo,
+    group::{self, check_stop},
+    output_text, run_checked, setup,
+};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -161,15 +165,13 @@ pub struct Results {
     pub capacity: capacity::Capacity,
 }
 
-pub use crate::group::check_stop;
-
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
 /// prometheus_client has no `__version__`: ask the installed distribution.
 const PROMETHEUS_CLIENT_VERSION_PY: &str =
     "import importlib.metadata as m; print(m.version('prometheus_client'))";
 
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
-    crate::group::catch_stop();
+    group::catch_stop();
     setup::run(root)?;
     // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint program.
     setup::apt(&["wrk", "bpftrace"])?;
