@@ -7,9 +7,11 @@ use log::warn;
 use wsgiscope_common::{STAT_CONN_TABLE_FULL, STAT_COUNT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL};
 
 use crate::{
-    metrics::{Labels, Metrics},
+    labels::{label, Labels},
+    metrics::Metrics,
     reconstruct::Request,
-    route::{route_of, Templates},
+    route::{normalise, Templates},
+    route_cap::{Decision, RouteCap},
 };
 
 /// Stable worker slots: a new worker takes the lowest free slot; an exiting one frees it.
@@ -89,7 +91,7 @@ impl<'m> KernelStats<'m> {
 
     pub fn new(metrics: &'m Metrics) -> Self {
         for (_, reason) in Self::REASONS {
-            let _ = metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]);
+            let _ = metrics.lost_events.get_or_create(&vec![label("reason", reason.to_string())]);
         }
         KernelStats { metrics, seen: [0; STAT_COUNT as usize] }
     }
@@ -97,7 +99,7 @@ impl<'m> KernelStats<'m> {
     /// Sizes of the kernel maps: state that must return to its baseline when traffic stops.
     pub fn map_sizes(&self, sizes: &[(&'static str, usize)]) {
         for (map, n) in sizes {
-            self.metrics.map_entries.get_or_create(&vec![("map", map.to_string())]).set(*n as i64);
+            self.metrics.map_entries.get_or_create(&vec![label("map", map.to_string())]).set(*n as i64);
         }
     }
 
@@ -107,7 +109,7 @@ impl<'m> KernelStats<'m> {
             let delta = totals[i].saturating_sub(self.seen[i]);
             self.seen[i] = totals[i].max(self.seen[i]);
             if delta > 0 {
-                self.metrics.lost_events.get_or_create(&vec![("reason", reason.to_string())]).inc_by(delta);
+                self.metrics.lost_events.get_or_create(&vec![label("reason", reason.to_string())]).inc_by(delta);
             }
         }
     }
@@ -156,6 +158,10 @@ impl ExitReason {
 
 /// Routes beyond this many distinct values per service are reported as `other`.
 pub const DEFAULT_MAX_ROUTES: usize = 500;
+/// The route of requests without a route of their own.
+pub const OTHER_ROUTE: &str = "other";
+/// Longest path given a route of its own (longer ones are `other`).
+pub const MAX_ROUTE_LEN: usize = 256;
 
 /// What `wsgi_worker_info` says of a worker: how requests reach it.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -191,7 +197,10 @@ pub struct Aggregator<'m> {
     /// `python_version` and `usdt` of `wsgi_worker_info`.
     python: (String, bool),
     options: Options,
-    routes: HashSet<String>,
+    routes: RouteCap,
+    /// The label sets created per automatic route (removed with it when the cap evicts it):
+    /// those with status, those by route, those with the route only.
+    route_series: HashMap<String, [HashSet<Labels>; 3]>,
     slots: Slots,
     /// The info series exported per slot: (pid, wire).
     info: HashMap<usize, (u32, Wire)>,
@@ -215,8 +224,9 @@ impl<'m> Aggregator<'m> {
             base,
             server: server.to_string(),
             python: ("unknown".to_string(), false),
+            routes: RouteCap::new(options.max_routes),
+            route_series: HashMap::new(),
             options,
-            routes: HashSet::new(),
             slots: Slots::default(),
             info: HashMap::new(),
             wire: UNKNOWN_WIRE,
@@ -227,18 +237,19 @@ impl<'m> Aggregator<'m> {
         };
         for reason in ExitReason::ALL {
             let mut l = a.service_labels();
-            l.push(("reason", reason.as_str().to_string()));
+            l.push(label("reason", reason.as_str().to_string()));
             let _ = a.metrics.worker_exits.get_or_create(&l);
         }
         a.metrics.workers.get_or_create(&a.service_labels()).set(0);
         let _ = a.metrics.route_overflow.get_or_create(&a.service_labels());
+        let _ = a.metrics.truncated.get_or_create(&a.service_labels());
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
         let _ = a.metrics.relayed.get_or_create(&a.service_labels());
         a
     }
 
     pub fn service(&self) -> &str {
-        &self.base[0].1
+        self.base[0].1.as_str()
     }
 
     fn service_labels(&self) -> Labels {
@@ -247,19 +258,19 @@ impl<'m> Aggregator<'m> {
 
     fn worker_labels(&self, slot: usize) -> Labels {
         let mut l = self.base.clone();
-        l.push(("worker", slot.to_string()));
+        l.push(label("worker", slot.to_string()));
         l
     }
 
     fn info_labels(&self, slot: usize, pid: u32, wire: Wire) -> Labels {
         let mut l = self.worker_labels(slot);
         l.extend([
-            ("pid", pid.to_string()),
-            ("server", self.server.clone()),
-            ("protocol", wire.protocol.to_string()),
-            ("transport", wire.transport.to_string()),
-            ("python_version", self.python.0.clone()),
-            ("usdt", self.python.1.to_string()),
+            label("pid", pid.to_string()),
+            label("server", self.server.clone()),
+            label("protocol", wire.protocol.to_string()),
+            label("transport", wire.transport.to_string()),
+            label("python_version", self.python.0.clone()),
+            label("usdt", self.python.1.to_string()),
         ]);
         l
     }
@@ -275,7 +286,7 @@ impl<'m> Aggregator<'m> {
         let Some(slot) = self.slots.slot_of(tgid) else { return };
         let mut l = self.worker_labels(slot);
         let generation = if generation >= 0 { generation.to_string() } else { "unknown".to_string() };
-        l.push(("generation", generation));
+        l.push(label("generation", generation));
         self.metrics.gc_pause.get_or_create(&l).observe(seconds);
     }
 
@@ -326,32 +337,76 @@ impl<'m> Aggregator<'m> {
         true
     }
 
-    /// The route label: normalised or templated, then capped per service.
-    fn route(&mut self, path: &str) -> String {
-        let route = route_of(path, &self.options.templates);
-        if self.routes.contains(&route) {
-            return route;
+    /// The route label: a template's, else the normalised path if the cap gives it a place
+    /// (see `route_cap`), else `other`. A path the kernel did not capture whole, or longer than
+    /// `MAX_ROUTE_LEN`, is `other` too, counted in `wsgiscope_truncated_requests_total`.
+    /// Also whether the route holds a place under the cap (its series may be evicted).
+    fn route(&mut self, r: &Request) -> (String, bool) {
+        let Some(path) = r.path.as_deref().filter(|p| p.len() <= MAX_ROUTE_LEN) else {
+            self.metrics.truncated.get_or_create(&self.service_labels()).inc();
+            return (OTHER_ROUTE.to_string(), false);
+        };
+        if let Some(t) = self.options.templates.matching(path) {
+            return (t, false);
         }
-        if self.routes.len() >= self.options.max_routes {
-            self.metrics.route_overflow.get_or_create(&self.service_labels()).inc();
-            return "other".to_string();
+        let route = normalise(path);
+        let success = r.status.starts_with('2') || r.status.starts_with('3');
+        match self.routes.admit(&route, success) {
+            Decision::Own => (route, true),
+            Decision::Replaced { evicted } => {
+                self.remove_route(&evicted);
+                (route, true)
+            }
+            Decision::Other => {
+                self.metrics.route_overflow.get_or_create(&self.service_labels()).inc();
+                (OTHER_ROUTE.to_string(), false)
+            }
         }
-        self.routes.insert(route.clone());
-        route
+    }
+
+    /// Removes every series of a route the cap evicted.
+    fn remove_route(&mut self, route: &str) {
+        let Some([by_status, by_route, route_only]) = self.route_series.remove(route) else { return };
+        let m = self.metrics;
+        for l in &by_status {
+            m.requests.remove(l);
+            m.duration.remove(l);
+        }
+        for l in &by_route {
+            m.write_seconds.remove(l);
+            m.blocks.remove(l);
+            m.write_calls.remove(l);
+            m.partial_writes.remove(l);
+            m.bytes.remove(l);
+            m.request_gc.remove(l);
+        }
+        for l in &route_only {
+            m.small_blocks.remove(l);
+            m.slow_clients.remove(l);
+        }
+        self.warned_routes.remove(route);
     }
 
     pub fn record(&mut self, r: &Request) {
         // A request is served by a worker: a process not seen fork takes a slot now.
         let slot = self.worker_started(r.tgid).unwrap_or_default();
         self.learn_wire(slot, r);
-        let route = self.route(&r.path);
+        let (route, capped) = self.route(r);
         let mut by_route = self.service_labels();
-        by_route.extend([("method", r.method.clone()), ("route", route.clone())]);
+        by_route.extend([label("method", r.method.clone()), label("route", route.clone())]);
         if self.options.per_worker {
-            by_route.push(("worker", slot.to_string()));
+            by_route.push(label("worker", slot.to_string()));
         }
         let mut by_status = by_route.clone();
-        by_status.push(("status", r.status.clone()));
+        by_status.push(label("status", r.status.clone()));
+        let mut route_only = self.service_labels();
+        route_only.push(label("route", route.clone()));
+        if capped {
+            let [a, b, c] = self.route_series.entry(route.clone()).or_default();
+            a.insert(by_status.clone());
+            b.insert(by_route.clone());
+            c.insert(route_only.clone());
+        }
         let m = self.metrics;
         m.requests.get_or_create(&by_status).inc();
         m.duration.get_or_create(&by_status).observe(r.duration);
@@ -374,8 +429,6 @@ impl<'m> Aggregator<'m> {
         if let Some(wait) = r.accept_wait {
             m.accept_wait.get_or_create(&self.service_labels()).observe(wait);
         }
-        let mut route_only = self.service_labels();
-        route_only.push(("route", route.clone()));
         if r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN {
             m.small_blocks.get_or_create(&route_only).inc();
             if self.warned_routes.insert(route.clone()) {
@@ -436,7 +489,7 @@ impl<'m> Aggregator<'m> {
     /// A worker exited and its master reaped it.
     pub fn worker_exit(&mut self, reason: ExitReason) {
         let mut l = self.service_labels();
-        l.push(("reason", reason.as_str().to_string()));
+        l.push(label("reason", reason.as_str().to_string()));
         self.metrics.worker_exits.get_or_create(&l).inc();
     }
 
@@ -498,7 +551,7 @@ mod tests {
     }
 
     fn base(service: &str) -> Labels {
-        vec![("service", service.to_string())]
+        vec![label("service", service.to_string())]
     }
 
     fn opts(per_worker: bool, max_routes: usize) -> Options {
@@ -514,7 +567,7 @@ mod tests {
             transport: crate::reconstruct::Transport::Tcp,
             client: None,
             method: "GET".into(),
-            path: path.into(),
+            path: Some(path.into()),
             status: "200".into(),
             accept_wait: None,
             duration: 0.05,

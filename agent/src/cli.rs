@@ -33,7 +33,7 @@ pub struct AttachArgs {
     #[arg(long)]
     pub pid: u32,
     /// Value of the `service` label (default: the app module from the master's command line).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_service)]
     pub service: Option<String>,
     #[command(flatten)]
     pub export: ExportArgs,
@@ -42,7 +42,7 @@ pub struct AttachArgs {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Value of the `service` label (default: the app module from the server's command line).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_service)]
     pub service: Option<String>,
     #[command(flatten)]
     pub export: ExportArgs,
@@ -73,15 +73,15 @@ pub struct ExportArgs {
     /// automatic normalisation of ids, UUIDs and tokens.
     #[arg(long, value_name = "FILE")]
     pub routes: Option<PathBuf>,
-    /// Upper bounds of the latency buckets in seconds, comma-separated.
+    /// Upper bounds of the latency buckets in seconds, comma-separated (e.g. 0.005,0.05,0.5).
     #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
-    pub latency_buckets: Option<Vec<f64>>,
+    pub latency_buckets: Option<BucketList>,
     /// Upper bounds of the blocks-per-response buckets, comma-separated.
     #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
-    pub blocks_buckets: Option<Vec<f64>>,
+    pub blocks_buckets: Option<BucketList>,
     /// Upper bounds of the bytes-per-response buckets, comma-separated.
     #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
-    pub bytes_buckets: Option<Vec<f64>>,
+    pub bytes_buckets: Option<BucketList>,
 }
 
 impl ExportArgs {
@@ -94,7 +94,7 @@ impl ExportArgs {
     }
 
     pub fn buckets(&self) -> BucketConfig {
-        let pick = |v: &Option<Vec<f64>>, default: &[f64]| v.clone().unwrap_or_else(|| default.to_vec());
+        let pick = |v: &Option<BucketList>, default: &[f64]| v.as_ref().map_or_else(|| default.to_vec(), |b| b.0.clone());
         BucketConfig {
             latency: pick(&self.latency_buckets, LATENCY_BUCKETS),
             blocks: pick(&self.blocks_buckets, BLOCK_BUCKETS),
@@ -103,8 +103,13 @@ impl ExportArgs {
     }
 }
 
+/// A bucket list from the command line. A type of its own: clap takes an `Option<Vec<_>>`
+/// field for a list of separate values, and would panic on a parser that returns a whole list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketList(pub Vec<f64>);
+
 /// `0.005,0.01,0.1` → increasing positive bucket bounds.
-fn parse_buckets(s: &str) -> Result<Vec<f64>> {
+fn parse_buckets(s: &str) -> Result<BucketList> {
     let bounds: Vec<f64> = s
         .split(',')
         .map(|b| b.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("{b:?} is not a number")))
@@ -115,7 +120,25 @@ fn parse_buckets(s: &str) -> Result<Vec<f64>> {
     if bounds.windows(2).any(|w| w[0] >= w[1]) {
         bail!("bucket bounds must increase, e.g. 0.005,0.05,0.5");
     }
-    Ok(bounds)
+    Ok(BucketList(bounds))
+}
+
+/// Longest `--service` accepted.
+const MAX_SERVICE_LEN: usize = 128;
+
+/// A `--service` name: printable text of at most 128 characters (it is a label value on every
+/// series; escaping keeps any text safe, but a name nobody can type in a query is a mistake).
+fn parse_service(s: &str) -> Result<String> {
+    if s.trim().is_empty() {
+        bail!("the service name is empty: give a name such as --service shop");
+    }
+    if s.chars().count() > MAX_SERVICE_LEN {
+        bail!("the service name is {} characters long; at most {MAX_SERVICE_LEN} are allowed", s.chars().count());
+    }
+    if s.chars().any(char::is_control) {
+        bail!("the service name {s:?} holds control characters (newline, tab, …): use printable text");
+    }
+    Ok(s.to_string())
 }
 
 #[cfg(test)]
@@ -124,10 +147,34 @@ mod tests {
 
     #[test]
     fn bucket_lists_are_checked() {
-        assert_eq!(parse_buckets("0.005, 0.05,1").unwrap(), vec![0.005, 0.05, 1.0]);
+        assert_eq!(parse_buckets("0.005, 0.05,1").unwrap(), BucketList(vec![0.005, 0.05, 1.0]));
         assert!(parse_buckets("0.1,0.05").is_err());
         assert!(parse_buckets("a,b").is_err());
         assert!(parse_buckets("0,1").is_err());
+    }
+
+    #[test]
+    fn bucket_flags_parse_through_clap() {
+        let cli = Cli::try_parse_from([
+            "wsgiscope", "attach", "--pid", "1", "--latency-buckets", "0.01,0.1,1", "--blocks-buckets", "1,10",
+            "--bytes-buckets", "1000,1e6",
+        ])
+        .unwrap();
+        let Command::Attach(a) = cli.command else { panic!("not attach") };
+        let b = a.export.buckets();
+        assert_eq!(b.latency, [0.01, 0.1, 1.0]);
+        assert_eq!(b.blocks, [1.0, 10.0]);
+        assert_eq!(b.bytes, [1000.0, 1e6]);
+        let err = Cli::try_parse_from(["wsgiscope", "attach", "--pid", "1", "--latency-buckets", "1,0.5"]).unwrap_err();
+        assert!(err.to_string().contains("must increase"), "{err}");
+    }
+
+    #[test]
+    fn service_names_are_checked() {
+        assert_eq!(parse_service("shop \"eu\"").unwrap(), "shop \"eu\"");
+        assert!(parse_service("").is_err());
+        assert!(parse_service("a\nb").is_err());
+        assert!(parse_service(&"x".repeat(129)).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::{
     cli::{AttachArgs, DaemonArgs, ExportArgs, RunArgs},
     discover::{self, Target},
     export, k8s,
+    labels::label,
     metrics::Metrics,
     python::{self, GcProbes},
     reconstruct::{self, Event},
@@ -100,7 +101,7 @@ impl<'m> Collector<'m> {
         if self.sessions.values().any(|s| s.agg.service() == service) {
             service = format!("{service}-{master}");
         }
-        let mut base = vec![("service", service.clone())];
+        let mut base = vec![label("service", service.clone())];
         base.extend(k8s::labels(Path::new("/proc"), master));
         let mut agg = Aggregator::new(self.metrics, base.clone(), &target.kind.to_string(), self.options.clone());
         self.python_runtime(&service, master, &mut agg);

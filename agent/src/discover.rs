@@ -72,7 +72,9 @@ fn proc_info(pid: u32) -> Result<ProcInfo> {
 pub fn server_kind(comm: &str, cmdline: &[String]) -> Option<ServerKind> {
     let first = cmdline.first().map(String::as_str).unwrap_or("");
     let script = cmdline.iter().take(2).any(|a| a.rsplit('/').next() == Some("gunicorn"));
-    if comm == "gunicorn" || first.starts_with("gunicorn:") || script {
+    let module = python_module(cmdline);
+    let gunicorn_module = module.is_some_and(|m| m == "gunicorn" || m.starts_with("gunicorn."));
+    if comm == "gunicorn" || first.starts_with("gunicorn:") || script || gunicorn_module {
         Some(ServerKind::Gunicorn)
     } else if comm == "uwsgi" || first.rsplit('/').next().is_some_and(|b| b.starts_with("uwsgi")) {
         Some(ServerKind::Uwsgi)
@@ -81,6 +83,30 @@ pub fn server_kind(comm: &str, cmdline: &[String]) -> Option<ServerKind> {
     } else {
         None
     }
+}
+
+/// The module a Python command line runs (`python3 -X dev -m gunicorn …` → `gunicorn`): the
+/// argument of `-m` among the interpreter's own options, which come before it.
+pub fn python_module(cmdline: &[String]) -> Option<&str> {
+    let interpreter = cmdline.first()?.rsplit('/').next()?;
+    if !interpreter.starts_with("python") {
+        return None;
+    }
+    let mut args = cmdline[1..].iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-m" => return args.next().map(String::as_str),
+            // Glued form: `-mgunicorn`.
+            m if m.starts_with("-m") => return Some(&m[2..]),
+            // Options that take a value (`-X dev`, `-W error`); `-c` runs code, not a module.
+            "-X" | "-W" | "--check-hash-based-pycs" => {
+                args.next();
+            }
+            o if o.starts_with('-') && o != "-c" && o != "-" => {}
+            _ => return None, // a script, `-c` or `-`: no module
+        }
+    }
+    None
 }
 
 /// A recognisable service name from the master's command line: the gunicorn app module
@@ -286,6 +312,13 @@ mod tests {
         assert_eq!(server_kind("x", &args("gunicorn: master [app:app]")), Some(ServerKind::Gunicorn));
         assert_eq!(server_kind("uwsgi", &args("uwsgi --http-socket :8000")), Some(ServerKind::Uwsgi));
         assert_eq!(server_kind("python3", &args("python3 -m http.server")), None);
+        assert_eq!(server_kind("python3", &args("/v/bin/python3 -m gunicorn -w 2 app:app")), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("python", &args("python -u -X dev -m gunicorn app:app")), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("python3", &args("python3 -mgunicorn.app.wsgiapp app:app")), Some(ServerKind::Gunicorn));
+        assert_eq!(server_kind("python3", &args("python3 -c import gunicorn -m gunicorn")), None);
+        assert_eq!(server_kind("python3", &args("python3 serve.py -m gunicorn")), None);
+        let cl = args("/v/bin/python3 -m gunicorn -w 2 shop.wsgi:application");
+        assert_eq!(service_name(ServerKind::Gunicorn, &cl, 7), "shop.wsgi");
     }
 
     #[test]

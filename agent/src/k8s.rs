@@ -3,7 +3,7 @@
 //! name) and its service-account namespace.
 use std::path::Path;
 
-use crate::metrics::Labels;
+use crate::labels::{label, Labels};
 
 /// The container ID in a kubepods cgroup path, short form (12 hex digits as crictl shows).
 /// `/kubepods.slice/…-pod<uid>.slice/cri-containerd-<id>.scope` (systemd driver) or
@@ -30,12 +30,12 @@ pub fn labels(proc: &Path, pid: u32) -> Labels {
     if let Some(ns) = read("var/run/secrets/kubernetes.io/serviceaccount/namespace")
         .or_else(|| read("run/secrets/kubernetes.io/serviceaccount/namespace"))
     {
-        out.push(("namespace", ns));
+        out.push(label("namespace", ns));
     }
     if let Some(pod) = read("etc/hostname") {
-        out.push(("pod", pod));
+        out.push(label("pod", pod));
     }
-    out.push(("container", container));
+    out.push(label("container", container));
     out
 }
 
@@ -67,7 +67,7 @@ mod tests {
         let l = labels(&proc, 4242);
         assert_eq!(
             l,
-            vec![("namespace", "prod".to_string()), ("pod", "shop-7d9f8-abcde".to_string()), ("container", "4f1e2d3c4b5a".to_string())]
+            vec![label("namespace", "prod".to_string()), label("pod", "shop-7d9f8-abcde".to_string()), label("container", "4f1e2d3c4b5a".to_string())]
         );
         // Not in a pod: no labels.
         std::fs::write(dir.join("cgroup"), "0::/user.slice\n").unwrap();

@@ -13,8 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// Label sets are built per series; keys are fixed strings, values come from reconstruction.
-pub type Labels = Vec<(&'static str, String)>;
+pub use crate::labels::Labels;
 type Histograms = Family<Labels, Histogram, Buckets>;
 
 pub const LATENCY_BUCKETS: &[f64] =
@@ -81,6 +80,7 @@ pub struct Metrics {
     pub accept_wait: Histograms,
     pub small_blocks: Family<Labels, Counter>,
     pub route_overflow: Family<Labels, Counter>,
+    pub truncated: Family<Labels, Counter>,
     pub gc_pause: Histograms,
     pub request_gc: Histograms,
     pub slow_clients: Family<Labels, Counter>,
@@ -125,6 +125,7 @@ impl Metrics {
             accept_wait: Family::new_with_constructor(Buckets::new(ACCEPT_WAIT_BUCKETS)),
             small_blocks: Family::default(),
             route_overflow: Family::default(),
+            truncated: Family::default(),
             gc_pause: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             request_gc: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             slow_clients: Family::default(),
@@ -238,8 +239,13 @@ impl Metrics {
         );
         r.register(
             "wsgiscope_route_overflow",
-            "Requests counted as route=\"other\" because the service reached its route cap (--max-routes)",
+            "Requests counted as route=\"other\" because their route has no place under the cap (--max-routes; only 2xx/3xx responses earn a place)",
             m.route_overflow.clone(),
+        );
+        r.register(
+            "wsgiscope_truncated_requests",
+            "Requests counted as route=\"other\" because their path was not captured whole (a request head longer than the kernel keeps) or is longer than 256 bytes",
+            m.truncated.clone(),
         );
         r.register(
             "wsgiscope_relayed_requests",

@@ -3,7 +3,7 @@
 //! templates (`--routes FILE`, e.g. `/users/{id}/posts`), which take precedence.
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Route templates, in file order: the first match wins.
 #[derive(Debug, Default, Clone)]
@@ -28,15 +28,7 @@ impl Templates {
             if !line.starts_with('/') {
                 bail!("line {}: route template {line:?} must start with '/'", i + 1);
             }
-            let segments = split(line)
-                .map(|s| {
-                    if s.starts_with('{') && s.ends_with('}') {
-                        Segment::Param(s.to_string())
-                    } else {
-                        Segment::Literal(s.to_string())
-                    }
-                })
-                .collect();
+            let segments = split(line).map(|s| segment(s).map_err(|e| anyhow!("line {}: {e}", i + 1))).collect::<Result<_>>()?;
             out.push(segments);
         }
         Ok(Templates(out))
@@ -49,7 +41,7 @@ impl Templates {
     }
 
     /// The template `path` matches, as written in the file.
-    fn matching(&self, path: &str) -> Option<String> {
+    pub fn matching(&self, path: &str) -> Option<String> {
         let parts: Vec<&str> = split(path).collect();
         let t = self.0.iter().find(|t| {
             t.len() == parts.len()
@@ -62,6 +54,20 @@ impl Templates {
             Segment::Literal(l) | Segment::Param(l) => l.clone(),
         })))
     }
+}
+
+/// One segment of a template: `{name}` (a parameter) or literal text without braces.
+fn segment(s: &str) -> Result<Segment> {
+    if let Some(name) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("parameter {s:?} must be a name in braces, e.g. {{id}}");
+        }
+        return Ok(Segment::Param(s.to_string()));
+    }
+    if s.contains(['{', '}']) {
+        bail!("segment {s:?} has an unbalanced or misplaced brace: a parameter is a whole segment, e.g. /users/{{id}}");
+    }
+    Ok(Segment::Literal(s.to_string()))
 }
 
 fn split(path: &str) -> impl Iterator<Item = &str> {
@@ -97,9 +103,11 @@ fn is_id(s: &str) -> bool {
 /// The route label of a request path (no query string): a matching template, else the path
 /// with identifier-like segments replaced by `{id}`.
 pub fn route_of(path: &str, templates: &Templates) -> String {
-    if let Some(t) = templates.matching(path) {
-        return t;
-    }
+    templates.matching(path).unwrap_or_else(|| normalise(path))
+}
+
+/// The path with identifier-like segments replaced by `{id}`.
+pub fn normalise(path: &str) -> String {
     join(split(path).map(|s| if is_id(s) { "{id}".to_string() } else { s.to_string() }))
 }
 
@@ -132,5 +140,13 @@ mod tests {
         assert_eq!(route_of("/files/report.pdf", &t), "/files/{name}");
         assert_eq!(route_of("/files/a/b", &t), "/files/a/b");
         assert!(Templates::parse("users/{id}").is_err());
+    }
+
+    #[test]
+    fn malformed_templates_are_refused() {
+        for bad in ["/users/{id", "/users/id}", "/users/{}", "/users/x{id}", "/a/{i d}"] {
+            let err = Templates::parse(&format!("/ok\n{bad}\n")).unwrap_err().to_string();
+            assert!(err.contains("line 2"), "{bad}: {err}");
+        }
     }
 }

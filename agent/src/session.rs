@@ -89,7 +89,7 @@ impl<'m> Session<'m> {
             r.tgid,
             r.fd,
             r.method,
-            r.path,
+            r.path.as_deref().unwrap_or("(not captured)"),
             r.status,
             a.write_calls,
             a.continuations,

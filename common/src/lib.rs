@@ -39,6 +39,8 @@ pub const END_CLOSE: u32 = 3;
 pub const END_PROCESS_EXIT: u32 = 4;
 /// The fd was accepted again without a close we saw (e.g. `close_range`, `dup2`).
 pub const END_FD_REUSED: u32 = 5;
+/// A new response head began: the next request had been read with this one (pipelining).
+pub const END_PIPELINED: u32 = 6;
 
 /// `ConnState::flags`
 pub const CONN_IN_REQUEST: u32 = 1;
@@ -46,9 +48,15 @@ pub const CONN_IN_REQUEST: u32 = 1;
 pub const CONN_SHUT: u32 = 2;
 /// A request already started on this connection (a keep-alive request has no accept wait).
 pub const CONN_SERVED: u32 = 4;
+/// The read that started the request held bytes after its head (a body, or pipelined
+/// requests): a later write that begins a response head starts the next request.
+pub const CONN_MORE_AFTER_HEAD: u32 = 8;
 
 /// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
 pub const AGG_ACCEPT_WAIT: u16 = 1;
+/// `RequestAgg::flags`: the first write was an interim `HTTP/1.x 1xx` response (e.g.
+/// `100 Continue`): reads after it are still this request's body.
+pub const AGG_INTERIM: u16 = 2;
 
 /// Indices of the per-CPU `STATS` counters.
 pub const STAT_RINGBUF_FULL: u32 = 0;
@@ -108,6 +116,11 @@ pub struct RequestAgg {
     pub flags: u16,
     /// First request of a connection: TCP connection established → accepted by the worker.
     pub accept_wait_ns: u64,
+    /// 0 for a request that began with a read; n for the n-th request after it that came in
+    /// the same read (pipelining). Its head is in the same captured bytes, after the others'.
+    pub pipeline_index: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.

@@ -4,8 +4,8 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use wsgiscope_common::{
-    ConnState, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_SERVED, EVENT_REQUEST, REQ_HEAD_LEN,
-    RESP_HEAD_LEN, STAT_RINGBUF_FULL,
+    ConnState, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, CONN_SERVED, EVENT_REQUEST,
+    REQ_HEAD_LEN, RESP_HEAD_LEN, STAT_RINGBUF_FULL,
 };
 
 use crate::maps::{bump, quiet_submit, EVENTS};
@@ -34,33 +34,93 @@ pub fn append_head<const KEEP: usize, const BUF: usize>(buf: &mut [u8; BUF], len
     }
 }
 
-/// Resets `c` to a new request that began with a read of `n` bytes at `src`.
+/// Clears the per-request counters of `c` for a request that starts at `ts`.
 #[inline(always)]
-pub fn start_request(c: &mut ConnState, ts: u64, src: u64, n: u64) {
+fn reset(c: &mut ConnState, ts: u64) {
     let a = &mut c.agg;
     a.start_ns = ts;
     a.first_write_ns = 0;
     a.last_write_ns = 0;
     a.write_ns = 0;
     a.write_bytes = 0;
-    a.read_bytes = n;
+    a.read_bytes = 0;
     a.write_calls = 0;
     a.continuations = 0;
-    a.read_calls = 1;
+    a.read_calls = 0;
     a.first_write_len = 0;
     a.last_write_len = 0;
     a.last_write_prefix = [0; 8];
-    a.req_head_len = 0;
     a.resp_head_len = 0;
+    a.pipeline_index = 0;
     c.partial_left = 0;
     // Only a connection's first request waited for accept.
     if c.flags & CONN_SERVED != 0 {
-        a.flags &= !AGG_ACCEPT_WAIT;
+        a.flags = 0;
         a.accept_wait_ns = 0;
+    } else {
+        a.flags &= AGG_ACCEPT_WAIT;
     }
-    c.flags |= CONN_SERVED;
-    append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, n);
-    c.flags |= CONN_IN_REQUEST;
+    c.flags |= CONN_SERVED | CONN_IN_REQUEST;
+}
+
+/// Resets `c` to a new request that began with a read of `n` bytes at `src` (`avail` of them
+/// in its first contiguous piece).
+#[inline(always)]
+pub fn start_request(c: &mut ConnState, ts: u64, src: u64, avail: u64, n: u64) {
+    reset(c, ts);
+    c.agg.read_bytes = n;
+    c.agg.read_calls = 1;
+    c.agg.req_head_len = 0;
+    append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, avail);
+    if bytes_after_head(c, n) {
+        c.flags |= CONN_MORE_AFTER_HEAD;
+    } else {
+        c.flags &= !CONN_MORE_AFTER_HEAD;
+    }
+}
+
+/// The next request of the same read (pipelining), which the server began once it had
+/// answered the previous one (at `ts`, that response's last write). Its head is in the bytes
+/// already captured, so they are kept.
+#[inline(always)]
+pub fn start_pipelined(c: &mut ConnState, ts: u64) {
+    let index = c.agg.pipeline_index;
+    reset(c, ts);
+    c.agg.pipeline_index = index.saturating_add(1);
+}
+
+/// Did the read of `n` bytes that started the request hold more than an HTTP head? Scans the
+/// captured head for its blank line; unknown (false) when the head is not all captured.
+#[inline(always)]
+fn bytes_after_head(c: &ConnState, n: u64) -> bool {
+    let len = c.agg.req_head_len as usize;
+    // HTTP only: a method's first letter (uwsgi and mod_wsgi requests come one per connection).
+    if len < 16 || !c.req_head[0].is_ascii_uppercase() {
+        return false;
+    }
+    let h = c.req_head.as_ptr();
+    let mut i = 3;
+    while i < REQ_HEAD_LEN {
+        if i >= len {
+            return false;
+        }
+        // SAFETY: 3 <= i < REQ_HEAD_LEN, inside the 2 × REQ_HEAD_LEN buffer. (Raw reads: an
+        // indexing bounds check would leave a panic path the verifier refuses.)
+        let blank = unsafe { *h.add(i) == b'\n' && *h.add(i - 1) == b'\r' && *h.add(i - 2) == b'\n' && *h.add(i - 3) == b'\r' };
+        if blank {
+            return (i as u64 + 1) < n;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Do the bytes start with `HTTP/1.`? (Compared byte by byte: a slice comparison would call
+/// memcmp, which eBPF does not have.)
+#[inline(always)]
+pub fn is_http1(b: &[u8]) -> bool {
+    const P: &[u8; 7] = b"HTTP/1.";
+    b.len() >= 7 && b[0] == P[0] && b[1] == P[1] && b[2] == P[2] && b[3] == P[3] && b[4] == P[4] && b[5] == P[5] && b[6] == P[6]
 }
 
 /// Emits the request in progress on `c` (if any) as one ring-buffer record and clears it.

@@ -3,7 +3,7 @@
 //! Only the syscall exits are hooked: the fd and buffer come from the saved registers.
 use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
-    conn_key, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG, REQ_HEAD_LEN,
+    conn_key, AGG_INTERIM, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG, REQ_HEAD_LEN,
 };
 
 use crate::{
@@ -30,23 +30,23 @@ fn read_done(ctx: &TracePointContext, op: u32) {
     let c = unsafe { &mut *c };
     let (src, avail) = first_piece(op, buf, n);
     let ts = now();
+    // After an interim response (`100 Continue`) the client sends the body, not a new request.
+    let interim = u32::from(c.agg.flags & AGG_INTERIM != 0);
     if c.flags & CONN_IN_REQUEST == 0 {
         if c.flags & CONN_SHUT != 0 {
             return; // draining after our shutdown
         }
-        start_request(c, ts, src, avail);
-    } else if c.agg.write_calls > 0 && looks_like_request(src, avail) {
+        start_request(c, ts, src, avail, n);
+    } else if c.agg.write_calls > interim && looks_like_request(src, avail) {
         finish_request(c, key, END_NEXT_REQUEST, ts);
-        start_request(c, ts, src, avail);
+        start_request(c, ts, src, avail, n);
     } else {
         c.agg.read_calls += 1;
         c.agg.read_bytes += n;
         if c.agg.write_calls == 0 {
             append_head::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&mut c.req_head, &mut c.agg.req_head_len, src, avail);
         }
-        return;
     }
-    c.agg.read_bytes = n;
 }
 
 programs!(sys_exit_read, sys_exit_recvfrom => |ctx| read_done(&ctx, OP_READ));

@@ -1,9 +1,12 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
 use aya_ebpf::programs::TracePointContext;
-use wsgiscope_common::{RESP_HEAD_LEN, CONN_IN_REQUEST, OP_POLL, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV};
+use wsgiscope_common::{
+    ConnState, Pending, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
+    OP_SENDMSG, OP_WRITE, OP_WRITEV, RESP_HEAD_LEN,
+};
 
 use crate::{
-    conn::{append_head, now},
+    conn::{append_head, finish_request, is_http1, now, start_pipelined},
     maps::CONNS,
     syscall::{arg, first_piece, prefix8, programs, read_user, ret, stash, stash_fd, take},
 };
@@ -18,9 +21,12 @@ fn write_done(ctx: &TracePointContext) {
         return;
     }
     let ts = now();
+    let n = ret(ctx);
+    if n > 0 && c.flags & CONN_MORE_AFTER_HEAD != 0 {
+        next_pipelined(c, &p, n as u64);
+    }
     // Time blocked in a failed write (e.g. EAGAIN) is still time spent writing.
     c.agg.write_ns += ts.saturating_sub(p.enter_ns);
-    let n = ret(ctx);
     if n <= 0 {
         return;
     }
@@ -50,6 +56,39 @@ fn write_done(ctx: &TracePointContext) {
             prefix8(&mut c.agg.last_write_prefix, src, avail);
         }
         append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+        if c.agg.write_calls == 1 && is_interim(&c.resp_head, c.agg.resp_head_len) {
+            c.agg.flags |= AGG_INTERIM;
+        }
+    }
+}
+
+/// Does the head start with an interim response, `HTTP/1.x 1xx` other than `101` (which
+/// switches protocols and is final)?
+#[inline(always)]
+fn is_interim(h: &[u8; 2 * RESP_HEAD_LEN], len: u32) -> bool {
+    len >= 13 && is_http1(h) && h[8] == b' ' && h[9] == b'1' && !(h[10] == b'0' && h[11] == b'1')
+}
+
+/// Pipelining: the request's read held more than its head, so the server may be answering
+/// the next request read with it. A write that begins a new response head (not continuing a
+/// partial write, not the final head after an interim one) ends this request and starts that
+/// one. Costs one 13-byte user read per write, on such connections only.
+#[inline(always)]
+fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
+    let interim = u32::from(c.agg.flags & AGG_INTERIM != 0);
+    if c.agg.write_calls <= interim || c.partial_left > 0 || n < 13 {
+        return;
+    }
+    let (src, avail) = first_piece(p.op, p.buf, n);
+    if avail < 13 {
+        return;
+    }
+    let Some(b) = read_user::<[u8; 13]>(src) else { return };
+    let digit = |i: usize| b[i].is_ascii_digit();
+    if is_http1(&b) && b[8] == b' ' && digit(9) && digit(10) && digit(11) && (b[12] == b' ' || b[12] == b'\r') {
+        let previous_end = c.agg.last_write_ns;
+        finish_request(c, p.key, END_PIPELINED, p.enter_ns);
+        start_pipelined(c, previous_end);
     }
 }
 

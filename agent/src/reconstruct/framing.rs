@@ -1,5 +1,5 @@
 //! From raw write calls to application blocks: what each server adds around the blocks the
-//! WSGI application yielded (see shared/research/wsgi-server-syscalls.md).
+//! WSGI application yielded (the per-server write sequences are listed in the README).
 use wsgiscope_common::RequestAgg;
 
 use super::modwsgi;
@@ -19,15 +19,21 @@ fn headers_alone_first(agg: &RequestAgg, resp_head: &[u8]) -> bool {
 /// uWSGI coalesces the headers with the first block (one writev), except before a sendfile.
 /// mod_wsgi writes its handshake first, then coalesces the headers with the first block; a
 /// response with no body (or its error marker) is headers alone.
-pub fn app_blocks(kind: ServerKind, agg: &RequestAgg, resp_head: &[u8]) -> u64 {
+/// `interim`: bytes of interim `1xx` responses at the start of `resp_head`; one written alone
+/// (gunicorn's `100 Continue`) is one more framing write.
+pub fn app_blocks(kind: ServerKind, agg: &RequestAgg, resp_head: &[u8], interim: usize) -> u64 {
     // Continuations of partial writes are the same block, not new ones.
     let calls = agg.write_calls.saturating_sub(agg.continuations) as u64;
+    let interim_alone = interim > 0 && agg.first_write_len as usize == interim;
+    let calls = calls.saturating_sub(u64::from(interim_alone));
     match kind {
         ServerKind::Gunicorn => {
             let terminator = agg.last_write_len as usize == CHUNK_TERMINATOR.len()
                 && agg.last_write_prefix.starts_with(CHUNK_TERMINATOR);
             calls.saturating_sub(1 + u64::from(terminator && calls > 1))
         }
+        // After an interim write the first write is unknown: headers are taken to ride with a block.
+        ServerKind::Uwsgi if interim_alone => calls,
         ServerKind::Uwsgi => calls.saturating_sub(u64::from(headers_alone_first(agg, resp_head))),
         ServerKind::ModWsgi => {
             let handshake = resp_head.starts_with(modwsgi::HANDSHAKE);
@@ -44,7 +50,7 @@ mod tests {
     use super::*;
 
     fn blocks(kind: ServerKind, a: &RequestAgg) -> u64 {
-        app_blocks(kind, a, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        app_blocks(kind, a, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 0)
     }
 
     fn agg(calls: u32, last: &[u8]) -> RequestAgg {
@@ -99,12 +105,25 @@ mod tests {
         // handshake, [headers, block], 999 blocks
         let mut a = agg(1001, b"bbbbbbbb");
         a.write_bytes = 24 + 44 + 128_000;
-        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, head), 1000);
+        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, head, 0), 1000);
         // handshake + error marker
         let err: &[u8] = b"Status: 200 Continue\r\n\r\nStatus: 200 Error\r\n\r\n";
         let mut a = agg(2, b"Status: ");
         a.write_bytes = err.len() as u64;
-        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, err), 0);
+        assert_eq!(app_blocks(ServerKind::ModWsgi, &a, err, 0), 0);
+    }
+
+    #[test]
+    fn gunicorn_100_continue_is_one_more_framing_write() {
+        // 100 Continue, headers, one block
+        let mut a = agg(3, b"hello wo");
+        a.first_write_len = 25;
+        let head = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 Internal Server Error\r\n";
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &a, head, 25), 1);
+        // gunicorn's own error page after the interim response: no application block
+        let mut a = agg(2, b"HTTP/1.1");
+        a.first_write_len = 25;
+        assert_eq!(app_blocks(ServerKind::Gunicorn, &a, head, 25), 0);
     }
 
     #[test]

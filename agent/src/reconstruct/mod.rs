@@ -110,6 +110,8 @@ pub struct Vars {
     pub path_info: Option<String>,
     pub request_uri: Option<String>,
     pub remote_addr: Option<String>,
+    /// The var the kernel's capture cut off, and the part of its value it kept.
+    pub cut: Option<(String, String)>,
 }
 
 impl Vars {
@@ -125,27 +127,53 @@ impl Vars {
         *slot = Some(val);
     }
 
-    /// The path the application sees (SCRIPT_NAME + PATH_INFO), else REQUEST_URI without query.
+    /// The path the application sees (SCRIPT_NAME + PATH_INFO), else REQUEST_URI without query
+    /// (also when the capture cut it inside its query string). `None` when neither was captured
+    /// whole (e.g. a long QUERY_STRING came first, as nginx's `uwsgi_params` sends it).
     fn path(&self) -> Option<String> {
-        match &self.path_info {
-            Some(p) => Some(format!("{}{p}", self.script_name.as_deref().unwrap_or(""))),
-            None => self.request_uri.as_ref().map(|u| u.split(['?', '#']).next().unwrap_or("").to_string()),
+        if let Some(p) = &self.path_info {
+            return Some(format!("{}{p}", self.script_name.as_deref().unwrap_or("")));
+        }
+        let before_query = |u: &str| u.split(['?', '#']).next().unwrap_or("").to_string();
+        if let Some(u) = &self.request_uri {
+            return Some(before_query(u));
+        }
+        match &self.cut {
+            Some((k, u)) if k == "REQUEST_URI" && u.contains(['?', '#']) => Some(before_query(u)),
+            _ => None,
         }
     }
 }
 
-/// Protocol, method, path (no query) and, behind a front end, the client address.
-pub fn parse_request_head(head: &[u8]) -> Option<(Protocol, String, String, Option<String>)> {
+/// A request head as far as it was captured.
+#[derive(Debug, PartialEq)]
+pub struct Head {
+    pub protocol: Protocol,
+    /// `GET`…, `OTHER` for a method outside the standard ones, `unknown` when not captured.
+    pub method: String,
+    /// Path without query; `None` when not captured whole (counted as `route="other"`).
+    pub path: Option<String>,
+    /// REMOTE_ADDR passed by a front end.
+    pub client: Option<String>,
+}
+
+/// The method label when the capture did not reach it.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// The head of the `index`-th request of a record (pipelined requests share the first one's
+/// captured bytes). `None`: not a request at all (binary traffic, another protocol).
+pub fn parse_request_head(head: &[u8], index: u16) -> Option<Head> {
     let (protocol, vars) = if modwsgi::is_request(head) {
         (Protocol::ModWsgi, modwsgi::parse(head)?)
     } else if uwsgi::is_packet(head) {
         (Protocol::Uwsgi, uwsgi::parse(head)?)
     } else {
-        let (method, path) = http::parse_request(head)?;
-        return Some((Protocol::Http, method, path, None));
+        let line = http::parse_pipelined(head, index)?;
+        let (method, path) = line.map_or((UNKNOWN_METHOD.to_string(), None), |l| (l.method, l.path));
+        return Some(Head { protocol: Protocol::Http, method, path, client: None });
     };
-    let path = vars.path()?;
-    Some((protocol, http::normalise_method(vars.method.as_deref()?), path, vars.remote_addr))
+    let method = vars.method.as_deref().map_or(UNKNOWN_METHOD.to_string(), http::normalise_method);
+    Some(Head { protocol, method, path: vars.path(), client: vars.remote_addr.clone() })
 }
 
 /// One reconstructed request.
@@ -160,8 +188,8 @@ pub struct Request {
     /// REMOTE_ADDR passed by a front end (never exported as a label).
     pub client: Option<String>,
     pub method: String,
-    /// Path without query string.
-    pub path: String,
+    /// Path without query string; `None` when the kernel's capture cut it off.
+    pub path: Option<String>,
     /// Status code; `none` when nothing was written; `aborted` when the worker died during it.
     pub status: String,
     /// First request of a TCP connection: established → accepted (seconds).
@@ -191,15 +219,16 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
     let a = &ev.agg;
     let req_head = &ev.req_head[..(a.req_head_len as usize).min(REQ_HEAD_LEN)];
     let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(RESP_HEAD_LEN)];
-    let (protocol, method, path, client) = parse_request_head(req_head)?;
+    let Head { protocol, method, path, client } = parse_request_head(req_head, a.pipeline_index)?;
     // mod_wsgi's handshake precedes the response and is not part of it.
     let handshake = if protocol == Protocol::ModWsgi && resp_head.starts_with(modwsgi::HANDSHAKE) {
         modwsgi::HANDSHAKE.len()
     } else {
         0
     };
-    let code = match protocol {
-        Protocol::ModWsgi => modwsgi::parse_status(&resp_head[handshake..]),
+    // Interim responses (`100 Continue`) are not the response: skipped for status and blocks.
+    let (code, interim) = match protocol {
+        Protocol::ModWsgi => (modwsgi::parse_status(&resp_head[handshake..]), 0),
         _ => http::parse_status(resp_head),
     };
     let status = match code {
@@ -226,7 +255,7 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         write_seconds: a.write_ns as f64 / 1e9,
         write_calls: a.write_calls as u64,
         partial_writes: a.continuations as u64,
-        blocks: framing::app_blocks(kind, a, resp_head),
+        blocks: framing::app_blocks(kind, a, resp_head, interim),
         bytes: a.write_bytes.saturating_sub(handshake as u64),
         gc_seconds: 0.0,
     })
@@ -266,7 +295,7 @@ mod tests {
         let Some(Event::Request(back)) = decode(bytes) else { panic!("not decoded") };
         let r = reconstruct(ServerKind::Gunicorn, &back).unwrap();
         assert_eq!(r.method, "GET");
-        assert_eq!(r.path, "/sleep");
+        assert_eq!(r.path.as_deref(), Some("/sleep"));
         assert_eq!(r.status, "200");
         assert_eq!(r.blocks, 1);
         assert_eq!(r.write_calls, 3);

@@ -23,7 +23,7 @@ fn le64(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// The vars of a request; the head may be truncated, so the last var may be cut off and is dropped.
+/// The vars of a request; the head may be truncated: a var cut off is kept as `Vars::cut`.
 pub fn parse(head: &[u8]) -> Option<Vars> {
     if !is_request(head) {
         return None;
@@ -31,11 +31,18 @@ pub fn parse(head: &[u8]) -> Option<Vars> {
     let len = le64(head, 0)? as usize;
     let body = &head[16..head.len().min(8 + len)];
     let mut vars = Vars::default();
-    // Complete strings only: everything after the last NUL may be cut off.
-    let complete = &body[..body.iter().rposition(|&c| c == 0).unwrap_or(0)];
-    let mut strings = complete.split(|&c| c == 0);
-    while let (Some(key), Some(val)) = (strings.next(), strings.next()) {
-        vars.set(&String::from_utf8_lossy(key), String::from_utf8_lossy(val).into_owned());
+    // Complete strings end in a NUL: what follows the last one may be cut off.
+    let last_nul = body.iter().rposition(|&c| c == 0);
+    let complete = &body[..last_nul.unwrap_or(0)];
+    let tail = &body[last_nul.map_or(0, |i| i + 1)..];
+    let mut strings = complete.split(|&c| c == 0).peekable();
+    while let Some(key) = strings.next() {
+        let key = String::from_utf8_lossy(key).into_owned();
+        match strings.next() {
+            Some(val) => vars.set(&key, String::from_utf8_lossy(val).into_owned()),
+            // The key is whole, its value the part after the last NUL.
+            None => vars.cut = Some((key, String::from_utf8_lossy(tail).into_owned())),
+        }
     }
     Some(vars)
 }

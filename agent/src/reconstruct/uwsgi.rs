@@ -10,24 +10,32 @@ pub fn is_packet(head: &[u8]) -> bool {
         && head.get(6).is_some_and(|c| c.is_ascii_uppercase())
 }
 
-/// The vars of a packet; the head may be truncated, so parsing stops at the first var cut short.
+/// The vars of a packet. The head may be truncated: parsing stops at the first var cut short,
+/// whose captured part is kept as `Vars::cut`.
 pub fn parse(head: &[u8]) -> Option<Vars> {
     if !is_packet(head) {
         return None;
     }
     let size = u16::from_le_bytes([head[1], head[2]]) as usize;
-    let body = &head[4..head.len().min(4 + size)];
+    let mut rest = &head[4..head.len().min(4 + size)];
     let mut vars = Vars::default();
-    let mut rest = body;
-    let take = |r: &mut &[u8]| -> Option<String> {
+    // A length-prefixed string: whole, or (`Err`) the part the capture kept.
+    let take = |r: &mut &[u8]| -> Option<Result<String, String>> {
         let len = u16::from_le_bytes([*r.first()?, *r.get(1)?]) as usize;
-        let s = r.get(2..2 + len)?;
-        *r = &r[2 + len..];
-        Some(String::from_utf8_lossy(s).into_owned())
+        let kept = &r[2..];
+        if kept.len() < len {
+            *r = &[];
+            return Some(Err(String::from_utf8_lossy(kept).into_owned()));
+        }
+        *r = &kept[len..];
+        Some(Ok(String::from_utf8_lossy(&kept[..len]).into_owned()))
     };
-    while let Some(key) = take(&mut rest) {
-        let Some(val) = take(&mut rest) else { break };
-        vars.set(&key, val);
+    while let Some(Ok(key)) = take(&mut rest) {
+        match take(&mut rest) {
+            Some(Ok(val)) => vars.set(&key, val),
+            Some(Err(part)) => vars.cut = Some((key, part)),
+            None => vars.cut = Some((key, String::new())),
+        }
     }
     Some(vars)
 }
@@ -74,6 +82,34 @@ mod tests {
         assert_eq!(v.method.as_deref(), Some("POST"));
         assert_eq!(v.path_info.as_deref(), Some("/x"));
         assert_eq!(v.remote_addr, None);
+        assert_eq!(v.cut, Some(("REMOTE_ADDR".to_string(), "10.0.".to_string())));
+    }
+
+    #[test]
+    fn a_long_query_string_first_still_gives_method_and_path() {
+        // nginx's uwsgi_params: QUERY_STRING first, then REQUEST_METHOD, …, REQUEST_URI, PATH_INFO.
+        let q = "q".repeat(250);
+        let uri = format!("/hello?{q}");
+        let p = packet(&[
+            ("QUERY_STRING", &q),
+            ("REQUEST_METHOD", "GET"),
+            ("CONTENT_TYPE", ""),
+            ("CONTENT_LENGTH", ""),
+            ("REQUEST_URI", &uri),
+            ("PATH_INFO", "/hello"),
+        ]);
+        let head = super::super::parse_request_head(&p[..512.min(p.len())], 0).unwrap();
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.path.as_deref(), Some("/hello"));
+        // Cut inside REQUEST_URI's query: the path before '?' is whole.
+        let cut = p.windows(7).position(|w| w == b"/hello?").unwrap() + 20;
+        let head = super::super::parse_request_head(&p[..cut], 0).unwrap();
+        assert_eq!((head.method.as_str(), head.path.as_deref()), ("GET", Some("/hello")));
+        // A query so long that nothing else was captured: still a request, route unknown.
+        let q = "q".repeat(2000);
+        let p = packet(&[("QUERY_STRING", &q), ("REQUEST_METHOD", "GET"), ("PATH_INFO", "/hello")]);
+        let head = super::super::parse_request_head(&p[..512], 0).unwrap();
+        assert_eq!((head.method.as_str(), head.path), ("unknown", None));
     }
 
     #[test]
