@@ -1,6 +1,6 @@
 //! Aggregate: reconstructed requests into per-route and per-worker series. Workers hold stable
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
 
@@ -9,6 +9,7 @@ use wsgiscope_common::{STAT_CONN_TABLE_FULL, STAT_COUNT, STAT_PENDING_TABLE_FULL
 use crate::{
     labels::{label, Labels},
     metrics::Metrics,
+    discover::ServerKind,
     reconstruct::Request,
     route::{normalise, Templates},
     route_cap::{Decision, RouteCap},
@@ -118,10 +119,16 @@ impl<'m> KernelStats<'m> {
 /// Identifies a request while it runs and when its record arrives: (tgid, fd, start).
 type RequestKey = (u32, u32, u64);
 
+/// Exit codes of a uWSGI worker that its master stopped on purpose (uwsgi.h): 15 go cheap,
+/// 17 reload (SIGHUP), 29 quiet, 30 end (stop, brutal reload, `--cheaper` scale-down, master
+/// gone). A crash exits 1 (its SIGSEGV handler too) or with the application's code.
+const UWSGI_CLEAN_EXITS: [i32; 4] = [15, 17, 29, 30];
+
 /// Why a worker exited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// Exited cleanly (exit 0, or stopped by SIGTERM/SIGINT/SIGQUIT/SIGHUP): max-requests, reload.
+    /// Exited cleanly (exit 0, uWSGI's reload and stop codes, or stopped by
+    /// SIGTERM/SIGINT/SIGQUIT/SIGHUP): max-requests, reload, scale-down.
     Recycled,
     /// SIGKILL or SIGABRT from outside: gunicorn `--timeout`, uWSGI harakiri, the OOM killer.
     Killed,
@@ -133,12 +140,14 @@ impl ExitReason {
     pub const ALL: [ExitReason; 3] = [ExitReason::Recycled, ExitReason::Killed, ExitReason::Crashed];
 
     /// From the wait status the master reaped, and whether SIGKILL/SIGABRT was sent to it.
-    pub fn classify(status: i32, kill_signal_sent: bool) -> Self {
+    pub fn classify(kind: ServerKind, status: i32, kill_signal_sent: bool) -> Self {
         if kill_signal_sent {
             return ExitReason::Killed;
         }
         if libc::WIFEXITED(status) {
-            return if libc::WEXITSTATUS(status) == 0 { ExitReason::Recycled } else { ExitReason::Crashed };
+            let code = libc::WEXITSTATUS(status);
+            let clean = code == 0 || (kind == ServerKind::Uwsgi && UWSGI_CLEAN_EXITS.contains(&code));
+            return if clean { ExitReason::Recycled } else { ExitReason::Crashed };
         }
         match libc::WTERMSIG(status) {
             libc::SIGKILL => ExitReason::Killed,
@@ -198,9 +207,12 @@ pub struct Aggregator<'m> {
     python: (String, bool),
     options: Options,
     routes: RouteCap,
-    /// The label sets created per automatic route (removed with it when the cap evicts it):
-    /// those with status, those by route, those with the route only.
+    /// The label sets created per automatic route: those with status, those by route, those
+    /// with the route only (to remove its series).
     route_series: HashMap<String, [HashSet<Labels>; 3]>,
+    /// Routes the cap evicted, oldest first: their series stay, frozen, until `max_routes` more
+    /// have been evicted after them (so totals stay exact while memory stays bounded).
+    retired: VecDeque<String>,
     slots: Slots,
     /// The info series exported per slot: (pid, wire).
     info: HashMap<usize, (u32, Wire)>,
@@ -226,6 +238,7 @@ impl<'m> Aggregator<'m> {
             python: ("unknown".to_string(), false),
             routes: RouteCap::new(options.max_routes),
             route_series: HashMap::new(),
+            retired: VecDeque::new(),
             options,
             slots: Slots::default(),
             info: HashMap::new(),
@@ -243,6 +256,7 @@ impl<'m> Aggregator<'m> {
         a.metrics.workers.get_or_create(&a.service_labels()).set(0);
         let _ = a.metrics.route_overflow.get_or_create(&a.service_labels());
         let _ = a.metrics.truncated.get_or_create(&a.service_labels());
+        let _ = a.metrics.route_evictions.get_or_create(&a.service_labels());
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
         let _ = a.metrics.relayed.get_or_create(&a.service_labels());
         a
@@ -354,7 +368,7 @@ impl<'m> Aggregator<'m> {
         match self.routes.admit(&route, success) {
             Decision::Own => (route, true),
             Decision::Replaced { evicted } => {
-                self.remove_route(&evicted);
+                self.retire(evicted, &route);
                 (route, true)
             }
             Decision::Other => {
@@ -364,7 +378,21 @@ impl<'m> Aggregator<'m> {
         }
     }
 
-    /// Removes every series of a route the cap evicted.
+    /// `evicted` lost its place to `placed`: its series are kept, frozen, until `max_routes`
+    /// more routes have been retired after it (then removed, bounding memory under a flood).
+    fn retire(&mut self, evicted: String, placed: &str) {
+        self.metrics.route_evictions.get_or_create(&self.service_labels()).inc();
+        // A retired route that comes back continues its own series.
+        self.retired.retain(|r| r != placed);
+        self.retired.push_back(evicted);
+        while self.retired.len() > self.options.max_routes {
+            if let Some(oldest) = self.retired.pop_front() {
+                self.remove_route(&oldest);
+            }
+        }
+    }
+
+    /// Removes every series of a route.
     fn remove_route(&mut self, route: &str) {
         let Some([by_status, by_route, route_only]) = self.route_series.remove(route) else { return };
         let m = self.metrics;
@@ -675,12 +703,19 @@ mod tests {
     #[test]
     fn exit_reasons_from_wait_status_and_signals() {
         let exited = |code: i32| code << 8;
-        assert_eq!(ExitReason::classify(exited(0), false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(exited(1), false), ExitReason::Crashed);
-        assert_eq!(ExitReason::classify(exited(1), true), ExitReason::Killed); // gunicorn on SIGABRT
-        assert_eq!(ExitReason::classify(libc::SIGKILL, false), ExitReason::Killed);
-        assert_eq!(ExitReason::classify(libc::SIGTERM, false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(libc::SIGSEGV | 0x80, false), ExitReason::Crashed);
+        use ServerKind::{Gunicorn, Uwsgi};
+        assert_eq!(ExitReason::classify(Gunicorn, exited(0), false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(Gunicorn, exited(1), false), ExitReason::Crashed);
+        assert_eq!(ExitReason::classify(Gunicorn, exited(1), true), ExitReason::Killed); // gunicorn on SIGABRT
+        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGKILL, false), ExitReason::Killed);
+        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGTERM, false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGSEGV | 0x80, false), ExitReason::Crashed);
+        // uWSGI: reload 17, stop and scale-down 30; a segfault exits 1 through its handler.
+        assert_eq!(ExitReason::classify(Uwsgi, exited(17), false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(Uwsgi, exited(30), false), ExitReason::Recycled);
+        assert_eq!(ExitReason::classify(Uwsgi, exited(1), false), ExitReason::Crashed);
+        assert_eq!(ExitReason::classify(Uwsgi, exited(3), false), ExitReason::Crashed);
+        assert_eq!(ExitReason::classify(Gunicorn, exited(30), false), ExitReason::Crashed);
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub struct Metrics {
     pub small_blocks: Family<Labels, Counter>,
     pub route_overflow: Family<Labels, Counter>,
     pub truncated: Family<Labels, Counter>,
+    pub route_evictions: Family<Labels, Counter>,
     pub gc_pause: Histograms,
     pub request_gc: Histograms,
     pub slow_clients: Family<Labels, Counter>,
@@ -126,6 +127,7 @@ impl Metrics {
             small_blocks: Family::default(),
             route_overflow: Family::default(),
             truncated: Family::default(),
+            route_evictions: Family::default(),
             gc_pause: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             request_gc: Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
             slow_clients: Family::default(),
@@ -241,6 +243,11 @@ impl Metrics {
             "wsgiscope_route_overflow",
             "Requests counted as route=\"other\" because their route has no place under the cap (--max-routes; only 2xx/3xx responses earn a place)",
             m.route_overflow.clone(),
+        );
+        r.register(
+            "wsgiscope_route_evictions",
+            "Routes that lost their place under the cap to a route requested more often (their series stay, frozen, until --max-routes more are evicted)",
+            m.route_evictions.clone(),
         );
         r.register(
             "wsgiscope_truncated_requests",

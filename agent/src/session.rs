@@ -163,7 +163,7 @@ impl<'m> Session<'m> {
     pub fn reaped(&mut self, child: u32, status: i32) {
         let signalled = self.kill_signalled.remove(&child).is_some();
         if self.exited_workers.remove(&child) {
-            let reason = ExitReason::classify(status, signalled);
+            let reason = ExitReason::classify(self.kind, status, signalled);
             info!("{}: worker {child} exited: {} (wait status {status:#x})", self.agg.service(), reason.as_str());
             self.agg.worker_exit(reason);
         }

@@ -81,6 +81,34 @@ def file(environ, start_response):
     return environ["wsgi.file_wrapper"](open(_file(), "rb"), 65536)
 
 
+def upload(environ, start_response):
+    # Reads the whole body; /upload?fail=1 then fails (a 500 after a 100-continue upload).
+    n = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(n)
+    if _query(environ).get("fail"):
+        raise RuntimeError("wsgiscope test: upload failed on purpose")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d" % len(body)]
+
+
+def segv(environ, start_response):
+    # A real crash: the worker dereferences NULL.
+    import ctypes
+    ctypes.string_at(0)
+
+
+def exit3(environ, start_response):
+    # The worker exits with status 3 mid-request.
+    os._exit(3)
+
+
+def page(environ, start_response):
+    # A catch-all that answers 200 for any path below /page/ (a CMS or an SPA fallback): what
+    # a scanner turns into thousands of distinct successful paths.
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"page"]
+
+
 _live = []
 
 
@@ -110,11 +138,15 @@ ROUTES = {
     "/hang": hang,
     "/file": file,
     "/gc": gc_route,
+    "/upload": upload,
+    "/segv": segv,
+    "/exit3": exit3,
 }
 
 
 def app(environ, start_response):
-    handler = ROUTES.get(environ.get("PATH_INFO", ""))
+    path = environ.get("PATH_INFO", "")
+    handler = ROUTES.get(path) or (page if path.startswith("/page/") else None)
     if handler is None:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]

@@ -253,7 +253,7 @@ impl Server {
             "daemon off; master_process on; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx-error.log;\n\
              events {{ worker_connections 64; }}\n\
              http {{ access_log {d}/nginx-access.log upstream; log_format upstream '$uri $upstream_bytes_received';\n\
-               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               client_max_body_size 16m; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
                server {{ listen 127.0.0.1:{port}; location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }} }} }}\n",
             d = d.display(),
             sock = sock.display()
@@ -261,7 +261,11 @@ impl Server {
         // log_format must precede its use.
         let conf = conf.replace(
             &format!("access_log {}/nginx-access.log upstream; log_format upstream '$uri $upstream_bytes_received';", d.display()),
-            &format!("log_format upstream '$uri $upstream_bytes_received'; access_log {}/nginx-access.log upstream;", d.display()),
+            &format!(
+                "log_format upstream '$uri $upstream_bytes_received'; access_log {0}/nginx-access.log upstream; \
+                 log_format status '$status $upstream_status'; access_log {0}/nginx-status.log status;",
+                d.display()
+            ),
         );
         std::fs::write(d.join("nginx.conf"), conf)?;
         let nginx = Command::new("nginx")
@@ -283,6 +287,21 @@ impl Server {
         for line in text.lines() {
             if let Some((uri, n)) = line.split_once(' ') {
                 *out.entry(uri.to_string()).or_default() += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        out
+    }
+
+    /// Behind nginx: the statuses of the requests nginx passed to the server, as it got them
+    /// back (`$upstream_status`; the requests nginx answered itself are left out).
+    pub fn upstream_statuses(&self) -> BTreeMap<String, u64> {
+        let text = std::fs::read_to_string(self.dir.0.join("nginx-status.log")).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            if let Some((_, upstream)) = line.split_once(' ') {
+                if upstream != "-" {
+                    *out.entry(upstream.to_string()).or_default() += 1;
+                }
             }
         }
         out
@@ -613,20 +632,8 @@ impl Metrics {
     pub fn parse(text: &str) -> Self {
         let mut samples = Vec::new();
         for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|kv| !kv.is_empty())
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once("=\"")?;
-                    Some((k.to_string(), v.trim_end_matches('"').to_string()))
-                })
-                .collect();
-            samples.push((name.to_string(), labels, value.parse().expect("sample value")));
+            let (name, labels, value) = parse_sample(line).unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            samples.push((name, labels, value));
         }
         Metrics { text: text.to_string(), samples }
     }
@@ -642,6 +649,68 @@ impl Metrics {
     /// Sum of the matching series (0 when none).
     pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
         self.series(name, want).map(|(_, v)| v).sum()
+    }
+}
+
+/// One sample line: name, labels (unescaped), value. Label values are read per the text format
+/// (`\\`, `\"` and `\n` escapes), so any text a client sent comes back as it was.
+pub fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let mut labels = BTreeMap::new();
+    let mut chars = line[name_end..].chars().peekable();
+    if chars.peek() == Some(&'{') {
+        chars.next();
+        loop {
+            let mut key = String::new();
+            loop {
+                match chars.next()? {
+                    '}' if key.is_empty() => break,
+                    '=' => break,
+                    c => key.push(c),
+                }
+            }
+            if key.is_empty() {
+                break; // `}` (or `,}`)
+            }
+            if chars.next()? != '"' {
+                return None;
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next()? {
+                    '\\' => match chars.next()? {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            match chars.next()? {
+                ',' => continue,
+                '}' => break,
+                _ => return None,
+            }
+        }
+    }
+    let rest: String = chars.collect();
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some((line[..name_end].to_string(), labels, value))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escaped_label_values_are_read_back() {
+        let (name, labels, value) =
+            super::parse_sample(r#"wsgi_requests_total{route="/q\"x\\y\n",method="GET"} 3"#).unwrap();
+        assert_eq!(name, "wsgi_requests_total");
+        assert_eq!(labels["route"], "/q\"x\\y\n");
+        assert_eq!(labels["method"], "GET");
+        assert_eq!(value, 3.0);
+        assert_eq!(super::parse_sample("up 1").unwrap().2, 1.0);
+        assert_eq!(super::parse_sample(r#"x{le="+Inf"} 2"#).unwrap().1["le"], "+Inf");
     }
 }
 
