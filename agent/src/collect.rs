@@ -388,6 +388,7 @@ async fn collect(
     }
     c.kernel.update(c.probes.stats());
     server.abort();
+    c.probes.detach();
     Ok(())
 }
 

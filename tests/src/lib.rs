@@ -144,6 +144,22 @@ impl Server {
         Self::spawn(cmd, port, port, Some(dir))
     }
 
+    /// Debian's uWSGI `--http-socket` with `--master`, the test app and `extra` options.
+    pub fn uwsgi_args(extra: &[&str]) -> Result<Self> {
+        let port = free_port();
+        let mut cmd = Command::new("uwsgi");
+        cmd.args(["--plugin", "python3", "--http-socket", &format!("127.0.0.1:{port}")])
+            .args(["--master", "--die-on-term", "--disable-logging", "--need-app", "--module", "testapp:app"])
+            .args(["--chdir", repo_root().join("tests/apps").to_str().unwrap()])
+            .args(extra);
+        Self::spawn(cmd, port, port, None)
+    }
+
+    /// Sends `sig` to the master.
+    pub fn signal(&self, sig: i32) {
+        signal(self.master(), sig);
+    }
+
     /// gunicorn from the venv `venv` under the repository (`.venv-debian`: Debian's python3.11).
     pub fn gunicorn_in(venv: &str, args: &[&str]) -> Result<Self> {
         let gunicorn = repo_root().join(venv).join("bin/gunicorn");

@@ -42,3 +42,24 @@ fn missing_pid_argument_is_a_usage_error() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--pid"), "{err}");
 }
+
+#[test]
+fn bad_bucket_lists_service_names_and_route_templates_are_clear_errors() {
+    let _serial = serial();
+    let (code, err) = run_agent(&["attach", "--pid", "1", "--latency-buckets", "0.5,0.1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--latency-buckets") && err.contains("must increase"), "{err}");
+    let (code, err) = run_agent(&["attach", "--pid", "1", "--bytes-buckets", "100,lots"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("\"lots\" is not a number"), "{err}");
+    let (code, err) = run_agent(&["attach", "--pid", "1", "--service", "shop\nevil_total 1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("control characters"), "{err}");
+
+    let dir = wsgiscope_integration::TempDir::new("templates");
+    let file = dir.0.join("routes.txt");
+    std::fs::write(&file, "/users/{id}/posts\n/orders/{id\n").unwrap();
+    let (code, err) = run_agent(&["attach", "--pid", "1", "--routes", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("line 2") && err.contains("unbalanced"), "{err}");
+}

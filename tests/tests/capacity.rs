@@ -159,3 +159,68 @@ fn a_client_that_reads_late_is_a_slow_client() {
     let write = m.sum("wsgi_response_write_seconds_sum", &[("route", "/big")]);
     assert!(write >= 0.3, "the worker waited on the reader: {write} s");
 }
+
+/// uWSGI's own exit codes: a reload (SIGHUP: workers exit 17), a stop (SIGINT: 30) and a
+/// `--cheaper` scale-down (30) are recycles; a segfault (uWSGI's handler exits 1) and
+/// `os._exit(3)` are crashes.
+#[test]
+fn uwsgi_reload_stop_and_scale_down_are_recycles_and_crashes_are_crashes() {
+    let _serial = serial();
+    // The daemon outlives the servers, so the exits of their stop are still exported.
+    let daemon = Agent::start(&["daemon"], &[], &[]).unwrap();
+    let exits = |m: &wsgiscope_integration::Metrics, reason: &str| m.sum("wsgi_worker_exits_total", &[("reason", reason)]);
+
+    // A burst: uWSGI's cheaper mode spawns workers, and retires them (exit 30) once it is over.
+    let cheaper = ["--processes", "3", "--cheaper", "1", "--cheaper-initial", "1", "--cheaper-algo", "spare"];
+    let mut a = Server::uwsgi_args(&[&cheaper[..], &["--cheaper-overload", "1", "--cheaper-step", "1"]].concat()).unwrap();
+    a.wait_workers(1).unwrap();
+    daemon.metrics_when("the first server", |m| m.sum("wsgi_workers", &[]) == 1.0);
+    let port = a.port;
+    let until = Instant::now() + Duration::from_secs(6);
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    let _ = get(port, "/sleep?ms=200");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let m = daemon.metrics_when("the scale-down", |m| exits(m, "recycled") >= 1.0);
+    assert_eq!((exits(&m, "crashed"), exits(&m, "killed")), (0.0, 0.0), "{}", m.text);
+    a.stop();
+
+    // Crashes, a graceful reload and a stop, on two plain workers.
+    let b = Server::uwsgi_args(&["--processes", "2"]).unwrap();
+    b.wait_workers(2).unwrap();
+    let m = daemon.metrics_when("the second server", |m| m.sum("wsgi_workers", &[]) == 2.0);
+    let (recycled, crashed) = (exits(&m, "recycled"), exits(&m, "crashed"));
+    assert_eq!(crashed, 0.0);
+    assert_eq!(get(b.port, "/segv").map(|r| r.status).unwrap_or(0), 0, "no response from a segfault");
+    let m = daemon.metrics_when("a crash", |m| exits(m, "crashed") >= 1.0);
+    assert_eq!(exits(&m, "crashed"), 1.0);
+    b.wait_workers(2).unwrap();
+    let _ = get(b.port, "/exit3");
+    let m = daemon.metrics_when("two crashes", |m| exits(m, "crashed") >= 2.0);
+    assert_eq!((exits(&m, "crashed"), exits(&m, "recycled"), exits(&m, "killed")), (2.0, recycled, 0.0));
+
+    // The reload: both workers exit 17; the master re-execs itself and forks new ones.
+    daemon.metrics_when("two workers", |m| m.sum("wsgi_workers", &[]) == 2.0);
+    b.signal(libc::SIGHUP);
+    let m = daemon.metrics_when("the reload", |m| exits(m, "recycled") >= recycled + 2.0 && m.sum("wsgi_workers", &[]) == 2.0);
+    assert_eq!(exits(&m, "recycled"), recycled + 2.0);
+    // A signal during the master's exec would kill it: let it settle and serve.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(get(b.port, "/hello").unwrap().status, 200);
+
+    // The stop: both workers exit 30.
+    b.signal(libc::SIGINT);
+    daemon.metrics_when("the stop", |m| exits(m, "recycled") >= recycled + 4.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = daemon.metrics();
+    let got = (exits(&m, "recycled") - recycled, exits(&m, "crashed"), exits(&m, "killed"));
+    assert_eq!(got, (4.0, 2.0, 0.0), "{}\n{}", m.text, daemon.log_text());
+}

@@ -159,3 +159,37 @@ fn routes_are_normalised_templated_capped_and_never_carry_queries() {
     assert_eq!(m.sum("wsgiscope_route_overflow_total", &[]), 2.0);
     assert!(!m.text.contains("alice") && !m.text.contains("s3cr3t") && !m.text.contains('?'), "no query string exported");
 }
+
+/// `python -m gunicorn …`: the interpreter's command line names the server only as a module.
+#[test]
+fn python_dash_m_gunicorn_is_found_by_attach_and_by_daemon() {
+    let _serial = serial();
+    let dir = TempDir::new("pym");
+    std::fs::copy(repo_root().join("tests/apps/testapp.py"), dir.0.join("pym_app.py")).unwrap();
+    let port = free_port();
+    let mut server = Command::new(repo_root().join(".venv/bin/python"))
+        .args(["-u", "-m", "gunicorn", "--no-control-socket", "-w", "2", "-b", &format!("127.0.0.1:{port}")])
+        .args(["--chdir", dir.0.to_str().unwrap(), "pym_app:app"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(waited < 400, "python -m gunicorn did not start");
+        std::thread::sleep(Duration::from_millis(50));
+        waited += 1;
+    }
+    let daemon = Agent::start(&["daemon"], &[], &[]).unwrap();
+    daemon.metrics_when("the server, found by the daemon", |m| m.sum("wsgi_workers", &[("service", "pym_app")]) == 2.0);
+    let attached = Agent::attach(server.id(), &[]).unwrap();
+    attached.metrics_when("its workers, found by attach", |m| m.sum("wsgi_workers", &[("service", "pym_app")]) == 2.0);
+    for _ in 0..3 {
+        assert_eq!(get(port, "/hello").unwrap().status, 200);
+    }
+    for agent in [&daemon, &attached] {
+        let m = agent.metrics_when("3 requests", |m| m.sum("wsgi_requests_total", &[("service", "pym_app")]) >= 3.0);
+        assert_eq!(m.sum("wsgi_requests_total", &[("service", "pym_app"), ("route", "/hello")]), 3.0);
+    }
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    server.wait().unwrap();
+}
