@@ -364,8 +364,10 @@ impl<'m> Aggregator<'m> {
             return (t, false);
         }
         let route = normalise(path);
-        let success = r.status.starts_with('2') || r.status.starts_with('3');
-        match self.routes.admit(&route, success) {
+        // Client errors (404 for a path that does not exist, 400, 405…) earn no place; a
+        // success, a server error or an aborted request does: those are routes to name.
+        let earns = !r.status.starts_with('4');
+        match self.routes.admit(&route, earns) {
             Decision::Own => (route, true),
             Decision::Replaced { evicted } => {
                 self.retire(evicted, &route);
@@ -649,6 +651,41 @@ mod tests {
         assert!(text.contains(r#"route="other",status="200"} 2"#));
         assert!(!text.contains(r#"route="/c""#));
         assert!(text.contains(r#"wsgiscope_route_overflow_total{service="app"} 2"#));
+    }
+
+    #[test]
+    fn a_route_displaced_under_the_cap_keeps_its_series_until_more_are_displaced() {
+        let m = Metrics::new();
+        let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 1));
+        a.record(&request("/old", 1));
+        for _ in 0..2 {
+            a.record(&request("/new", 1)); // waits, then takes /old's place
+        }
+        let text = m.encode();
+        assert!(text.contains(r#"route="/old",status="200"} 1"#), "frozen, still exported: {text}");
+        assert!(text.contains(r#"route="/new",status="200"} 1"#));
+        assert!(text.contains(r#"route="other",status="200"} 1"#));
+        assert!(text.contains(r#"wsgiscope_route_evictions_total{service="app"} 1"#));
+        // A second displacement retires /new; /old, retired before it, is now removed.
+        for _ in 0..3 {
+            a.record(&request("/newer", 1));
+        }
+        let text = m.encode();
+        assert!(!text.contains(r#"route="/old""#), "{text}");
+        assert!(text.contains(r#"route="/new",status="200"} 1"#));
+        assert!(text.contains(r#"route="/newer",status="200"} 1"#));
+    }
+
+    #[test]
+    fn hostile_label_values_cannot_break_the_exposition() {
+        let m = Metrics::new();
+        let mut base = base("shop \"eu\"");
+        base.push(label("pod", "web\"}\nevil_total 1\n"));
+        let mut a = Aggregator::new(&m, base, "gunicorn", opts(false, 10));
+        a.record(&request("/q\"x\\y", 1));
+        let text = m.encode();
+        assert!(text.contains(r#"service="shop \"eu\"",pod="web\"}\nevil_total 1\n",method="GET",route="/q\"x\\y""#), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("evil_total")));
     }
 
     #[test]

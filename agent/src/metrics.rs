@@ -241,7 +241,7 @@ impl Metrics {
         );
         r.register(
             "wsgiscope_route_overflow",
-            "Requests counted as route=\"other\" because their route has no place under the cap (--max-routes; only 2xx/3xx responses earn a place)",
+            "Requests counted as route=\"other\" because their route has no place under the cap (--max-routes; client errors earn no place)",
             m.route_overflow.clone(),
         );
         r.register(

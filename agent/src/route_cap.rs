@@ -2,8 +2,9 @@
 //! chosen so that noise cannot take the places of the routes that matter.
 //!
 //! - `--routes` templates always get their label and never count against the cap.
-//! - A path gets a place only with a success (2xx or 3xx): unknown paths that only ever
-//!   answered 404 (a scanner) or another error share `route="other"`.
+//! - A path gets a place only with a response that is not a client error (4xx): unknown paths
+//!   that only ever answered 404 (a scanner), 400 or 405 share `route="other"`. A success, a
+//!   server error or an aborted request earns one: a route that fails is one to name.
 //! - When the cap is full, a new route waits as a candidate, counted. Once it has been
 //!   requested more often than the least used route holding a place, it takes that place and
 //!   the evicted route's series are removed (they reappear, from zero, if it comes back).
@@ -44,8 +45,8 @@ impl RouteCap {
         RouteCap { max, placed: HashMap::new(), candidates: HashMap::new(), last_decay: Instant::now() }
     }
 
-    /// Decides for a request of `route` whose response was a success (2xx/3xx) or not.
-    pub fn admit(&mut self, route: &str, success: bool) -> Decision {
+    /// Decides for a request of `route`; `earns` a place (its response was no client error).
+    pub fn admit(&mut self, route: &str, earns: bool) -> Decision {
         if self.last_decay.elapsed() >= DECAY_EVERY {
             self.decay();
         }
@@ -53,7 +54,7 @@ impl RouteCap {
             *n += 1;
             return Decision::Own;
         }
-        if !success || self.max == 0 {
+        if !earns || self.max == 0 {
             return Decision::Other;
         }
         if self.placed.len() < self.max {
@@ -112,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn errors_never_take_a_place() {
+    fn client_errors_never_take_a_place() {
         let mut cap = RouteCap::new(2);
         for i in 0..2000 {
             assert_eq!(cap.admit(&format!("/scan/{i}.php"), false), Decision::Other);

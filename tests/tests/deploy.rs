@@ -313,6 +313,10 @@ fn the_dashboard_is_well_formed() {
 /// The family a sample name belongs to and the type its suffix implies, as the exposition
 /// writes them (`# TYPE wsgi_requests counter` → `wsgi_requests_total`).
 fn family_of(sample: &str, types: &BTreeMap<&str, &str>) -> Option<(String, &'static str)> {
+    // The classic text format names a counter by its sample (`# TYPE x_total counter`).
+    if sample.ends_with("_total") && types.get(sample) == Some(&"counter") {
+        return Some((sample.to_string(), "counter"));
+    }
     let candidates = [("_bucket", "histogram"), ("_sum", "histogram"), ("_count", "histogram"), ("_total", "counter"), ("", "gauge")];
     candidates.iter().find_map(|(suffix, kind)| {
         let family = sample.strip_suffix(suffix)?;
