@@ -4,56 +4,16 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
 
-use wsgiscope_common::{STAT_CONN_TABLE_FULL, STAT_COUNT, STAT_PENDING_TABLE_FULL, STAT_RINGBUF_FULL};
-
 use crate::{
+    exits::ExitReason,
     labels::{label, Labels},
     metrics::Metrics,
-    discover::ServerKind,
     reconstruct::Request,
+    record::InProgress,
+    slots::Slots,
     route::{normalise, Templates},
     route_cap::{Decision, RouteCap},
 };
-
-/// Stable worker slots: a new worker takes the lowest free slot; an exiting one frees it.
-#[derive(Default, Debug)]
-pub struct Slots {
-    holders: Vec<Option<u32>>,
-    by_pid: HashMap<u32, usize>,
-}
-
-impl Slots {
-    /// The slot of `pid`, assigning the lowest free one if it has none. `true` if newly assigned.
-    pub fn assign(&mut self, pid: u32) -> (usize, bool) {
-        if let Some(&s) = self.by_pid.get(&pid) {
-            return (s, false);
-        }
-        let s = match self.holders.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.holders.push(None);
-                self.holders.len() - 1
-            }
-        };
-        self.holders[s] = Some(pid);
-        self.by_pid.insert(pid, s);
-        (s, true)
-    }
-
-    pub fn release(&mut self, pid: u32) -> Option<usize> {
-        let s = self.by_pid.remove(&pid)?;
-        self.holders[s] = None;
-        Some(s)
-    }
-
-    pub fn in_use(&self) -> usize {
-        self.by_pid.len()
-    }
-
-    pub fn slot_of(&self, pid: u32) -> Option<usize> {
-        self.by_pid.get(&pid).copied()
-    }
-}
 
 /// Block pathology: at least this many blocks in one response…
 pub const SMALL_BLOCK_MIN_BLOCKS: u64 = 64;
@@ -66,104 +26,8 @@ const SLOW_CLIENT_MIN_WRITE: f64 = 0.001;
 /// a write, a request that has written is no longer counted as active.
 const ACTIVE_AFTER_LAST_WRITE_NS: u64 = 1_000_000_000;
 
-/// A request in progress, as the kernel's connection table shows it.
-#[derive(Clone, Copy, Debug)]
-pub struct InProgress {
-    pub tgid: u32,
-    pub fd: u32,
-    pub start_ns: u64,
-    pub write_calls: u32,
-    pub last_write_ns: u64,
-}
-
-/// The kernel's loss counters (monotonic per-CPU totals), folded into
-/// `wsgiscope_lost_events_total`: one for the whole agent.
-pub struct KernelStats<'m> {
-    metrics: &'m Metrics,
-    seen: [u64; STAT_COUNT as usize],
-}
-
-impl<'m> KernelStats<'m> {
-    const REASONS: [(u32, &'static str); 3] = [
-        (STAT_RINGBUF_FULL, "ringbuf_full"),
-        (STAT_CONN_TABLE_FULL, "conn_table_full"),
-        (STAT_PENDING_TABLE_FULL, "pending_table_full"),
-    ];
-
-    pub fn new(metrics: &'m Metrics) -> Self {
-        for (_, reason) in Self::REASONS {
-            let _ = metrics.lost_events.get_or_create(&vec![label("reason", reason.to_string())]);
-        }
-        KernelStats { metrics, seen: [0; STAT_COUNT as usize] }
-    }
-
-    /// Sizes of the kernel maps: state that must return to its baseline when traffic stops.
-    pub fn map_sizes(&self, sizes: &[(&'static str, usize)]) {
-        for (map, n) in sizes {
-            self.metrics.map_entries.get_or_create(&vec![label("map", map.to_string())]).set(*n as i64);
-        }
-    }
-
-    pub fn update(&mut self, totals: [u64; STAT_COUNT as usize]) {
-        for (stat, reason) in Self::REASONS {
-            let i = stat as usize;
-            let delta = totals[i].saturating_sub(self.seen[i]);
-            self.seen[i] = totals[i].max(self.seen[i]);
-            if delta > 0 {
-                self.metrics.lost_events.get_or_create(&vec![label("reason", reason.to_string())]).inc_by(delta);
-            }
-        }
-    }
-}
-
 /// Identifies a request while it runs and when its record arrives: (tgid, fd, start).
 type RequestKey = (u32, u32, u64);
-
-/// Exit codes of a uWSGI worker that its master stopped on purpose (uwsgi.h): 15 go cheap,
-/// 17 reload (SIGHUP), 29 quiet, 30 end (stop, brutal reload, `--cheaper` scale-down, master
-/// gone). A crash exits 1 (its SIGSEGV handler too) or with the application's code.
-const UWSGI_CLEAN_EXITS: [i32; 4] = [15, 17, 29, 30];
-
-/// Why a worker exited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// Exited cleanly (exit 0, uWSGI's reload and stop codes, or stopped by
-    /// SIGTERM/SIGINT/SIGQUIT/SIGHUP): max-requests, reload, scale-down.
-    Recycled,
-    /// SIGKILL or SIGABRT from outside: gunicorn `--timeout`, uWSGI harakiri, the OOM killer.
-    Killed,
-    /// Non-zero exit or a fatal signal of its own (SIGSEGV, …).
-    Crashed,
-}
-
-impl ExitReason {
-    pub const ALL: [ExitReason; 3] = [ExitReason::Recycled, ExitReason::Killed, ExitReason::Crashed];
-
-    /// From the wait status the master reaped, and whether SIGKILL/SIGABRT was sent to it.
-    pub fn classify(kind: ServerKind, status: i32, kill_signal_sent: bool) -> Self {
-        if kill_signal_sent {
-            return ExitReason::Killed;
-        }
-        if libc::WIFEXITED(status) {
-            let code = libc::WEXITSTATUS(status);
-            let clean = code == 0 || (kind == ServerKind::Uwsgi && UWSGI_CLEAN_EXITS.contains(&code));
-            return if clean { ExitReason::Recycled } else { ExitReason::Crashed };
-        }
-        match libc::WTERMSIG(status) {
-            libc::SIGKILL => ExitReason::Killed,
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT | libc::SIGHUP => ExitReason::Recycled,
-            _ => ExitReason::Crashed,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExitReason::Recycled => "recycled",
-            ExitReason::Killed => "killed",
-            ExitReason::Crashed => "crashed",
-        }
-    }
-}
 
 /// Routes beyond this many distinct values per service are reported as `other`.
 pub const DEFAULT_MAX_ROUTES: usize = 500;
@@ -366,7 +230,7 @@ impl<'m> Aggregator<'m> {
         let route = normalise(path);
         // Client errors (404 for a path that does not exist, 400, 405…) earn no place; a
         // success, a server error or an aborted request does: those are routes to name.
-        let earns = !r.status.starts_with('4');
+        let earns = !r.status.is_client_error();
         match self.routes.admit(&route, earns) {
             Decision::Own => (route, true),
             Decision::Replaced { evicted } => {
@@ -428,7 +292,7 @@ impl<'m> Aggregator<'m> {
             by_route.push(label("worker", slot.to_string()));
         }
         let mut by_status = by_route.clone();
-        by_status.push(label("status", r.status.clone()));
+        by_status.push(label("status", r.status.to_string()));
         let mut route_only = self.service_labels();
         route_only.push(label("route", route.clone()));
         if capped {
@@ -564,22 +428,6 @@ impl<'m> Aggregator<'m> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn slots_reuse_the_lowest_free_number() {
-        let mut s = Slots::default();
-        assert_eq!(s.assign(100), (0, true));
-        assert_eq!(s.assign(101), (1, true));
-        assert_eq!(s.assign(102), (2, true));
-        assert_eq!(s.assign(101), (1, false));
-        assert_eq!(s.release(101), Some(1));
-        assert_eq!(s.release(100), Some(0));
-        assert_eq!(s.release(100), None);
-        assert_eq!(s.assign(103), (0, true));
-        assert_eq!(s.assign(104), (1, true));
-        assert_eq!(s.assign(105), (3, true));
-        assert_eq!(s.in_use(), 4);
-    }
-
     fn base(service: &str) -> Labels {
         vec![label("service", service.to_string())]
     }
@@ -598,7 +446,7 @@ mod tests {
             client: None,
             method: "GET".into(),
             path: Some(path.into()),
-            status: "200".into(),
+            status: crate::reconstruct::Status::Code(200),
             accept_wait: None,
             duration: 0.05,
             write_seconds: 0.001,
@@ -697,23 +545,11 @@ mod tests {
     }
 
     #[test]
-    fn kernel_losses_are_counted_once() {
-        let m = Metrics::new();
-        let mut k = KernelStats::new(&m);
-        k.update([3, 0, 1]);
-        k.update([5, 0, 1]);
-        let text = m.encode();
-        assert!(text.contains(r#"wsgiscope_lost_events_total{reason="ringbuf_full"} 5"#), "{text}");
-        assert!(text.contains(r#"wsgiscope_lost_events_total{reason="pending_table_full"} 1"#));
-        assert!(text.contains(r#"wsgiscope_lost_events_total{reason="conn_table_full"} 0"#));
-    }
-
-    #[test]
     fn busy_time_is_credited_while_in_progress_and_completed_at_the_record() {
         let m = Metrics::new();
         let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
         a.worker_started(7);
-        let ip = |start_ns, write_calls, last_write_ns| InProgress { tgid: 7, fd: 9, start_ns, write_calls, last_write_ns };
+        let ip = |start_ns, write_calls, last_write_ns| InProgress { root: 1, tgid: 7, fd: 9, start_ns, write_calls, last_write_ns };
         // Computing for 20 ms, then 30 ms: credited as it goes, the gauges show it.
         a.in_progress(1_020_000_000, &[ip(1_000_000_000, 0, 0)]);
         a.in_progress(1_030_000_000, &[ip(1_000_000_000, 0, 0)]);
@@ -735,24 +571,6 @@ mod tests {
         let busy = Metrics::value(&text, r#"wsgi_worker_busy_seconds_total{service="app",worker="0"}"#);
         assert!((busy - 0.06).abs() < 1e-9, "busy {busy}: 10 ms more, not the idle second");
         assert!(text.contains(r#"wsgi_worker_active_requests{service="app",worker="0"} 0"#), "idle after its last write");
-    }
-
-    #[test]
-    fn exit_reasons_from_wait_status_and_signals() {
-        let exited = |code: i32| code << 8;
-        use ServerKind::{Gunicorn, Uwsgi};
-        assert_eq!(ExitReason::classify(Gunicorn, exited(0), false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(Gunicorn, exited(1), false), ExitReason::Crashed);
-        assert_eq!(ExitReason::classify(Gunicorn, exited(1), true), ExitReason::Killed); // gunicorn on SIGABRT
-        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGKILL, false), ExitReason::Killed);
-        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGTERM, false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(Gunicorn, libc::SIGSEGV | 0x80, false), ExitReason::Crashed);
-        // uWSGI: reload 17, stop and scale-down 30; a segfault exits 1 through its handler.
-        assert_eq!(ExitReason::classify(Uwsgi, exited(17), false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(Uwsgi, exited(30), false), ExitReason::Recycled);
-        assert_eq!(ExitReason::classify(Uwsgi, exited(1), false), ExitReason::Crashed);
-        assert_eq!(ExitReason::classify(Uwsgi, exited(3), false), ExitReason::Crashed);
-        assert_eq!(ExitReason::classify(Gunicorn, exited(30), false), ExitReason::Crashed);
     }
 
     #[test]

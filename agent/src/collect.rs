@@ -1,6 +1,6 @@
-//! Collect: read the kernel's records and route each to the session of the server it belongs
-//! to (its root master), follow servers as they start and stop, keep /metrics up. The three
-//! ways to run wsgiscope (`attach`, `run`, `daemon`) share this loop.
+//! Collect: read the kernel's records, decode them (`record`) and route each to the session of
+//! the server it belongs to (its root master); follow servers as they start and stop; keep
+//! /metrics up. The three ways to run wsgiscope (`commands`) share this loop.
 use std::{
     collections::HashMap,
     path::Path,
@@ -8,7 +8,7 @@ use std::{
     time::{Duration as StdDuration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use log::{info, warn};
 use tokio::{
     io::unix::AsyncFd,
@@ -16,19 +16,18 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     time::{interval, Duration, MissedTickBehavior},
 };
-use wsgiscope_common::CONN_IN_REQUEST;
 
 use crate::{
-    aggregate::{Aggregator, InProgress, KernelStats, Options},
-    attach::Probes,
-    cli::{AttachArgs, DaemonArgs, ExportArgs, RunArgs},
+    aggregate::{Aggregator, Options},
     discover::{self, Target},
     export, k8s,
+    kernel::Kernel,
+    kernel_stats::KernelStats,
     labels::label,
     metrics::Metrics,
     python::{self, GcProbes},
-    reconstruct::{self, Event},
-    session::{orphan_request, Session},
+    record::{self, Event, InProgress},
+    session::Session,
 };
 
 /// A process that exec'd a server name stays a candidate this long while it is not yet
@@ -36,7 +35,7 @@ use crate::{
 const CANDIDATE_PATIENCE: StdDuration = StdDuration::from_secs(10);
 /// `daemon`: how often /proc is rescanned for servers the exec tracepoint cannot see (started
 /// as `python -m gunicorn`, or daemonized away from their exec'd parent).
-const RESCAN_EVERY: StdDuration = StdDuration::from_secs(5);
+pub const RESCAN_EVERY: StdDuration = StdDuration::from_secs(5);
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -47,11 +46,11 @@ fn monotonic_ns() -> u64 {
 
 pub struct Collector<'m> {
     metrics: &'m Metrics,
-    probes: Probes,
+    kernel: Kernel,
     options: Options,
     /// Watched servers by master PID (the kernel's root).
     sessions: HashMap<u32, Session<'m>>,
-    kernel: KernelStats<'m>,
+    kernel_stats: KernelStats<'m>,
     /// `daemon`: processes that exec'd a server name, until they show as WSGI masters.
     candidates: HashMap<u32, Instant>,
     /// Records of candidates, kept until they are recognised (then replayed) or given up:
@@ -64,37 +63,32 @@ pub struct Collector<'m> {
 /// Records held per candidate at most (a busy server that never gets recognised).
 const HELD_MAX: usize = 100_000;
 
-/// The server (root master) a record belongs to.
-fn root_of(event: &Event) -> u32 {
-    match event {
-        Event::Request(ev) => ev.root,
-        Event::Fork { root, .. } | Event::Exit { root, .. } | Event::Signal { root, .. } | Event::Reap { root, .. } => *root,
-        Event::Exec { pid } => *pid,
-        Event::Gc { root, .. } => *root,
-    }
-}
-
 impl<'m> Collector<'m> {
-    fn new(metrics: &'m Metrics, probes: Probes, options: Options) -> Self {
+    pub fn new(metrics: &'m Metrics, kernel: Kernel, options: Options) -> Self {
         Collector {
             metrics,
-            probes,
+            kernel,
             options,
             sessions: HashMap::new(),
-            kernel: KernelStats::new(metrics),
+            kernel_stats: KernelStats::new(metrics),
             candidates: HashMap::new(),
             held: HashMap::new(),
             ended: Vec::new(),
         }
     }
 
+    /// Servers watched now.
+    pub fn watched(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// Starts watching a server: traces it and every process below it, gives its workers slots.
-    fn watch(&mut self, target: Target) -> Result<()> {
+    pub fn watch(&mut self, target: Target) -> Result<()> {
         let master = target.master;
         // Master first: from here on the kernel follows every fork; then those forked before.
-        self.probes.trace(master, master)?;
+        self.kernel.trace(master, master)?;
         for pid in discover::descendants_of(master) {
-            self.probes.trace(pid, master)?;
+            self.kernel.trace(pid, master)?;
         }
         // Two servers of one app on a node (outside Kubernetes) keep apart by master PID.
         let mut service = target.service.clone();
@@ -139,7 +133,7 @@ impl<'m> Collector<'m> {
             GcProbes::Symbol(s) => s,
             GcProbes::None => "nothing",
         };
-        match self.probes.attach_gc(&rt) {
+        match self.kernel.attach_gc(&rt) {
             Ok(true) => info!("{service}: Python {} in {}: GC probed at {how}", rt.version, rt.path.display()),
             Ok(false) => warn!(
                 "{service}: Python {} in {} has neither USDT notes nor the {} symbol (stripped?): no GC data",
@@ -152,7 +146,7 @@ impl<'m> Collector<'m> {
     }
 
     fn handle(&mut self, event: Event) {
-        let root = root_of(&event);
+        let root = event.root();
         if !matches!(event, Event::Exec { .. }) && !self.sessions.contains_key(&root) && self.candidates.contains_key(&root) {
             let held = self.held.entry(root).or_default();
             if held.len() < HELD_MAX {
@@ -174,11 +168,10 @@ impl<'m> Collector<'m> {
             Event::Exit { tgid, root } => {
                 let now = monotonic_ns();
                 let orphans: Vec<_> = self
-                    .probes
+                    .kernel
                     .take_connections(tgid)
                     .into_iter()
-                    .filter(|(_, c)| c.flags & CONN_IN_REQUEST != 0)
-                    .map(|(fd, c)| orphan_request(tgid, fd, &c, now))
+                    .filter_map(|(fd, c)| record::orphan(tgid, fd, &c, now))
                     .collect();
                 self.candidates.remove(&tgid);
                 let Some(s) = self.sessions.get_mut(&root) else { return };
@@ -187,9 +180,9 @@ impl<'m> Collector<'m> {
                     self.end_session(root);
                 }
             }
-            Event::Signal { tgid, sig, ts_ns, root } => {
+            Event::Signal { tgid, signal, ts_ns, root } => {
                 if let Some(s) = self.sessions.get_mut(&root) {
-                    s.signalled(tgid, sig, ts_ns);
+                    s.signalled(tgid, signal, ts_ns);
                 }
             }
             Event::Reap { child, status, root, .. } => {
@@ -212,17 +205,20 @@ impl<'m> Collector<'m> {
     /// (daemon) servers to start watching.
     fn tick(&mut self) {
         let mut running: HashMap<u32, Vec<InProgress>> = HashMap::new();
-        let (in_progress, connections) = self.probes.in_progress();
-        for (root, r) in in_progress {
-            running.entry(root).or_default().push(r);
+        let mut connections = 0;
+        for (key, c) in self.kernel.connections() {
+            connections += 1;
+            if let Some(r) = record::in_progress(key, &c) {
+                running.entry(r.root).or_default().push(r);
+            }
         }
         let now = monotonic_ns();
         for (root, s) in &mut self.sessions {
             s.agg.in_progress(now, running.get(root).map(Vec::as_slice).unwrap_or_default());
             s.decide();
         }
-        self.kernel.update(self.probes.stats());
-        self.kernel.map_sizes(&self.probes.map_sizes(connections));
+        self.kernel_stats.update(self.kernel.stats());
+        self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections));
         self.check_candidates();
         // A master that died before the kernel traced it sends no exit record.
         let gone: Vec<u32> = self.sessions.keys().copied().filter(|&m| !discover::is_alive(m)).collect();
@@ -253,7 +249,7 @@ impl<'m> Collector<'m> {
                     let held = self.held.remove(&pid).unwrap_or_default();
                     let master = t.master;
                     if master != pid {
-                        self.probes.untrace_root(pid);
+                        self.kernel.untrace_root(pid);
                     }
                     if let Err(e) = self.watch(t) {
                         warn!("cannot watch the server of process {pid}: {e:#}");
@@ -268,14 +264,14 @@ impl<'m> Collector<'m> {
                 Err(_) => {
                     self.candidates.remove(&pid);
                     self.held.remove(&pid);
-                    self.probes.untrace_root(pid);
+                    self.kernel.untrace_root(pid);
                 }
             }
         }
     }
 
     /// `daemon`: every WSGI master on the node not watched yet.
-    fn rescan(&mut self) {
+    pub fn rescan(&mut self) {
         for t in discover::find_masters() {
             if !self.sessions.contains_key(&t.master) {
                 if let Err(e) = self.watch(t) {
@@ -290,7 +286,7 @@ impl<'m> Collector<'m> {
 fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
     let mut batch = Vec::new();
     while let Some(item) = ring.next() {
-        match reconstruct::decode(item.as_ref()) {
+        match record::decode(item.as_ref()) {
             Some(ev) => batch.push(ev),
             None => warn!("ignored a malformed kernel record of {} bytes", item.len()),
         }
@@ -298,14 +294,8 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
     batch
 }
 
-async fn bind(export: &ExportArgs) -> Result<TcpListener> {
-    TcpListener::bind(export.listen).await.with_context(|| {
-        format!("cannot listen on {} for /metrics: choose another address with --listen", export.listen)
-    })
-}
-
 /// How the loop ends.
-enum Until {
+pub enum Until {
     /// `attach`: the master exits, or SIGINT/SIGTERM.
     MasterExits,
     /// `run`: the server exits; SIGINT/SIGTERM are passed on to it.
@@ -318,7 +308,7 @@ enum Until {
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// The shared loop: serve /metrics, read records, tick every 500 ms.
-async fn collect(
+pub async fn collect(
     mut c: Collector<'_>,
     events: aya::maps::RingBuf<aya::maps::MapData>,
     listener: TcpListener,
@@ -386,87 +376,9 @@ async fn collect(
     for ev in drain(events.get_mut()) {
         c.handle(ev);
     }
-    c.kernel.update(c.probes.stats());
+    c.kernel_stats.update(c.kernel.stats());
     server.abort();
-    c.probes.detach();
+    c.kernel.detach();
     Ok(())
 }
 
-/// `wsgiscope attach`: runs until SIGINT/SIGTERM or until the server's master exits.
-pub async fn attach(args: AttachArgs) -> Result<()> {
-    let options = args.export.options()?;
-    let target = discover::find_target(args.pid, args.service.as_deref())?;
-    let listener = bind(&args.export).await?;
-    let (probes, events) = Probes::load(false)?;
-    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, probes, options);
-    c.watch(target)?;
-    collect(c, events, listener, metrics.clone(), Until::MasterExits).await
-}
-
-/// `wsgiscope daemon`: every WSGI server on the node, now and later, until SIGINT/SIGTERM.
-pub async fn daemon(args: DaemonArgs) -> Result<()> {
-    let options = args.export.options()?;
-    let listener = bind(&args.export).await?;
-    let (probes, events) = Probes::load(true)?;
-    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, probes, options);
-    c.rescan();
-    info!("daemon: watching {} servers; new ones are found at exec and by a /proc rescan every {RESCAN_EVERY:?}", c.sessions.len());
-    collect(c, events, listener, metrics.clone(), Until::Signal).await
-}
-
-/// `wsgiscope run -- SERVER…`: starts the server held at a gate (a shell waiting on a pipe)
-/// until its PID is traced, so its very first fork and request are seen; returns its exit code.
-pub async fn run(args: RunArgs) -> Result<i32> {
-    let options = args.export.options()?;
-    let argv0 = args.command.first().ok_or_else(|| anyhow!("no server command given after --"))?;
-    let comm: String = argv0.rsplit('/').next().unwrap_or(argv0).chars().take(15).collect();
-    let Some(kind) = discover::server_kind(&comm, &args.command) else {
-        bail!(
-            "`{}` is not a server wsgiscope knows: `wsgiscope run` starts gunicorn, uWSGI or Apache \
-             (e.g. `wsgiscope run -- gunicorn -w 4 app:app`). To watch another process, use \
-             `wsgiscope attach --pid`",
-            args.command.join(" ")
-        );
-    };
-    let listener = bind(&args.export).await?;
-    let (probes, events) = Probes::load(false)?;
-
-    let mut gate = [0i32; 2];
-    // SAFETY: pipe2 fills the two fds.
-    if unsafe { libc::pipe2(gate.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
-    }
-    let [gate_r, gate_w] = gate;
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.args(["-c", "read -r _ <&3 && exec \"$@\" 3<&-", "wsgiscope-run"]).args(&args.command);
-    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if gate_r == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(gate_r, 3) };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", args.command.join(" ")))?;
-    let pid = child.id().ok_or_else(|| anyhow!("the server exited at once"))?;
-    // SAFETY: our end of the gate's read side is not needed any more.
-    unsafe { libc::close(gate_r) };
-
-    let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, probes, options);
-    c.watch(Target::new(pid, kind, &args.command, args.service.as_deref()))?;
-    // Traced: open the gate.
-    // SAFETY: writes one byte to our pipe, then closes it.
-    unsafe {
-        libc::write(gate_w, b"\n".as_ptr().cast(), 1);
-        libc::close(gate_w);
-    }
-    collect(c, events, listener, metrics.clone(), Until::ChildExits(pid)).await?;
-    let status = child.wait().await.context("waiting for the server")?;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
-}

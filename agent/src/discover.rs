@@ -1,27 +1,9 @@
 //! Discover: from a PID to the server to attach to — its master, its workers, its kind, and a
 //! service name. Everything comes from /proc.
-use std::fmt;
-
 use anyhow::{bail, Context, Result};
 use procfs::process::Process;
 
-/// The WSGI servers wsgiscope recognises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerKind {
-    Gunicorn,
-    Uwsgi,
-    ModWsgi,
-}
-
-impl fmt::Display for ServerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ServerKind::Gunicorn => "gunicorn",
-            ServerKind::Uwsgi => "uwsgi",
-            ServerKind::ModWsgi => "mod_wsgi",
-        })
-    }
-}
+pub use crate::server::ServerKind;
 
 /// A server to attach to.
 #[derive(Debug)]
@@ -74,11 +56,13 @@ pub fn server_kind(comm: &str, cmdline: &[String]) -> Option<ServerKind> {
     let script = cmdline.iter().take(2).any(|a| a.rsplit('/').next() == Some("gunicorn"));
     let module = python_module(cmdline);
     let gunicorn_module = module.is_some_and(|m| m == "gunicorn" || m.starts_with("gunicorn."));
-    if comm == "gunicorn" || first.starts_with("gunicorn:") || script || gunicorn_module {
+    if let Some(kind) = ServerKind::from_comm(comm) {
+        Some(kind)
+    } else if first.starts_with("gunicorn:") || script || gunicorn_module {
         Some(ServerKind::Gunicorn)
-    } else if comm == "uwsgi" || first.rsplit('/').next().is_some_and(|b| b.starts_with("uwsgi")) {
+    } else if first.rsplit('/').next().is_some_and(|b| b.starts_with("uwsgi")) {
         Some(ServerKind::Uwsgi)
-    } else if comm == "apache2" || comm == "httpd" || first.starts_with("(wsgi:") {
+    } else if first.starts_with("(wsgi:") {
         Some(ServerKind::ModWsgi)
     } else {
         None

@@ -7,16 +7,22 @@
 //! `session` keeps the state of one watched server, `route` normalises paths, `k8s` finds pod
 //! labels.
 pub mod aggregate;
-pub mod attach;
 pub mod cli;
 pub mod collect;
+pub mod commands;
 pub mod discover;
+pub mod exits;
 pub mod export;
 pub mod k8s;
+pub mod kernel;
+pub mod kernel_stats;
 pub mod labels;
 pub mod metrics;
 pub mod python;
 pub mod reconstruct;
+pub mod record;
 pub mod route;
 pub mod route_cap;
+pub mod server;
 pub mod session;
+pub mod slots;

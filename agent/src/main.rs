@@ -8,9 +8,9 @@ fn main() {
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match cli.command {
-                Command::Attach(args) => wsgiscope::collect::attach(args).await.map(|()| 0),
-                Command::Run(args) => wsgiscope::collect::run(args).await,
-                Command::Daemon(args) => wsgiscope::collect::daemon(args).await.map(|()| 0),
+                Command::Attach(args) => wsgiscope::commands::attach(args).await.map(|()| 0),
+                Command::Run(args) => wsgiscope::commands::run(args).await,
+                Command::Daemon(args) => wsgiscope::commands::daemon(args).await.map(|()| 0),
             }
         })
     });

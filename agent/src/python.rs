@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
-use wsgiscope_common::{GEN_IN_MEM, GEN_IN_REG};
+use wsgiscope_common::{reg, GC_FUNCTION_GENERATION_REG, GEN_IN_MEM, GEN_IN_REG};
 
 /// A USDT probe of the interpreter binary, as the uprobe PMU wants it.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,21 +159,7 @@ fn usdt_notes<'d, R: object::ReadRef<'d>>(obj: &object::File<'d, R>) -> Result<V
 /// Index of an x86_64 register in `pt_regs` (any width: `%esi`, `%rsi`, `%r12d`).
 fn reg_index(name: &str) -> Option<u64> {
     let n = name.trim_start_matches('%');
-    Some(match n {
-        "r15" | "r15d" => 0,
-        "r14" | "r14d" => 1,
-        "r13" | "r13d" => 2,
-        "r12" | "r12d" => 3,
-        "rbp" | "ebp" => 4,
-        "rbx" | "ebx" => 5,
-        "rax" | "eax" => 10,
-        "rcx" | "ecx" => 11,
-        "rdx" | "edx" => 12,
-        "rsi" | "esi" => 13,
-        "rdi" | "edi" => 14,
-        "rsp" | "esp" => 19,
-        _ => return None,
-    })
+    reg::NAMES.iter().find(|(wide, narrow, _)| *wide == n || *narrow == n).map(|r| r.2)
 }
 
 /// The attach cookie telling the kernel program where an int argument is, from a USDT
@@ -191,9 +177,9 @@ pub fn arg_cookie(spec: &str) -> Result<u64> {
     bail!("argument spec {spec:?} not supported")
 }
 
-/// `gc_collect_main(tstate, generation, …)`: the generation is the second argument (rsi).
+/// Where `gc_collect_main` has the generation: a register.
 pub fn symbol_generation_cookie() -> u64 {
-    GEN_IN_REG | 13
+    GEN_IN_REG | GC_FUNCTION_GENERATION_REG
 }
 
 #[cfg(test)]
@@ -219,8 +205,8 @@ mod tests {
     fn argument_specs_become_cookies() {
         assert_eq!(arg_cookie("-4@112(%rsp)").unwrap(), GEN_IN_MEM | 19 << 16 | 112);
         assert_eq!(arg_cookie("-4@-20(%rbp)").unwrap(), GEN_IN_MEM | 4 << 16 | (-20i16 as u16 as u64));
-        assert_eq!(arg_cookie("-4@%esi").unwrap(), GEN_IN_REG | 13);
-        assert_eq!(arg_cookie("8@%r12").unwrap(), GEN_IN_REG | 3);
+        assert_eq!(arg_cookie("-4@%esi").unwrap(), GEN_IN_REG | reg::RSI);
+        assert_eq!(arg_cookie("8@%r12").unwrap(), GEN_IN_REG | reg::R12);
         assert!(arg_cookie("-4@$5").is_err());
         assert!(arg_cookie("-4@%xmm0").is_err());
     }

@@ -3,12 +3,14 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::{debug, info};
-use wsgiscope_common::{ConnState, RequestEvent, END_PROCESS_EXIT, EVENT_REQUEST, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::RequestEvent;
 
 use crate::{
-    aggregate::{Aggregator, ExitReason},
-    discover::{self, ServerKind},
-    reconstruct::{self, Protocol},
+    aggregate::Aggregator,
+    discover,
+    exits::ExitReason,
+    reconstruct::{self, Facts, Protocol},
+    server::ServerKind,
 };
 
 pub struct Session<'m> {
@@ -31,23 +33,6 @@ pub struct Session<'m> {
 /// Collections kept per process, and for how long (ns), to attribute them to requests.
 const GC_KEEP: usize = 4096;
 const GC_KEEP_NS: u64 = 300_000_000_000;
-
-/// A request still open on a socket of a process that exited, as a kernel record would carry it.
-pub fn orphan_request(tgid: u32, fd: u32, c: &ConnState, now_ns: u64) -> RequestEvent {
-    RequestEvent {
-        kind: EVENT_REQUEST,
-        end_reason: END_PROCESS_EXIT,
-        tgid,
-        fd,
-        root: c.root,
-        _pad: 0,
-        end_ns: now_ns,
-        agg: c.agg,
-        // The kept part of the (twice as large) connection-state buffers.
-        req_head: c.req_head[..REQ_HEAD_LEN].try_into().expect("buffer holds the kept head"),
-        resp_head: c.resp_head[..RESP_HEAD_LEN].try_into().expect("buffer holds the kept head"),
-    }
-}
 
 impl<'m> Session<'m> {
     pub fn new(kind: ServerKind, master: u32, http_is_relay: bool, agg: Aggregator<'m>) -> Self {
@@ -77,7 +62,15 @@ impl<'m> Session<'m> {
     }
 
     pub fn request(&mut self, ev: &RequestEvent) {
-        let Some(mut r) = reconstruct::reconstruct(self.kind, ev) else {
+        // What the record cannot say: a kill signal sent to its process, its collections.
+        let gcs = self.gcs.get_mut(&ev.tgid).map(|q| {
+            while q.front().is_some_and(|&(_, e)| e + GC_KEEP_NS < ev.agg.start_ns) {
+                q.pop_front();
+            }
+            &*q.make_contiguous()
+        });
+        let facts = Facts { killed_at: self.kill_signalled.get(&ev.tgid).copied(), gcs: gcs.unwrap_or_default() };
+        let Some(r) = reconstruct::reconstruct(self.kind, ev, facts) else {
             self.agg.unparsed();
             return;
         };
@@ -98,23 +91,6 @@ impl<'m> Session<'m> {
             r.bytes,
             ev.end_reason
         );
-        // In progress when its worker was sent SIGKILL/SIGABRT: whatever the dying worker
-        // wrote after (gunicorn's error page on its --timeout), the request was aborted.
-        if let Some(&killed_at) = self.kill_signalled.get(&r.tgid) {
-            let end = r.end_ns();
-            if r.start_ns <= killed_at && killed_at <= end {
-                r.status = "aborted".to_string();
-            }
-        }
-        // The process's collections inside the request (a GC stops every thread of it).
-        if let Some(gcs) = self.gcs.get_mut(&r.tgid) {
-            let end = r.end_ns();
-            while gcs.front().is_some_and(|&(_, e)| e + GC_KEEP_NS < r.start_ns) {
-                gcs.pop_front();
-            }
-            let inside: u64 = gcs.iter().map(|&(s, e)| e.min(end).saturating_sub(s.max(r.start_ns))).sum();
-            r.gc_seconds = inside as f64 / 1e9;
-        }
         match r.protocol {
             // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.
             Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,

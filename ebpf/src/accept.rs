@@ -6,7 +6,8 @@ use wsgiscope_common::{conn_key, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE
 use crate::{
     conn::{finish_request, now},
     maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, SCRATCH},
-    syscall::{entry_args, pid_tgid, programs, read_user, ret},
+    tp::{pid_tgid, programs, ret},
+    user::{entry_args, read_user},
 };
 
 const AF_INET: u16 = 2;

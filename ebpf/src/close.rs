@@ -5,7 +5,7 @@ use wsgiscope_common::{conn_key, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
 use crate::{
     conn::{finish_request, now},
     maps::{root_of, CONNS},
-    syscall::{arg, pid_tgid},
+    tp::{arg, pid_tgid},
 };
 
 #[tracepoint]

@@ -4,11 +4,11 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use wsgiscope_common::{
-    ConnState, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, CONN_SERVED, EVENT_REQUEST,
-    REQ_HEAD_LEN, RESP_HEAD_LEN, STAT_RINGBUF_FULL,
+    ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, CONN_SERVED,
+    REQ_HEAD_LEN, RESP_HEAD_LEN,
 };
 
-use crate::maps::{bump, quiet_submit, EVENTS};
+use crate::{events, sniff::bytes_after_head};
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -89,40 +89,6 @@ pub fn start_pipelined(c: &mut ConnState, ts: u64) {
     c.agg.pipeline_index = index.saturating_add(1);
 }
 
-/// Did the read of `n` bytes that started the request hold more than an HTTP head? Scans the
-/// captured head for its blank line; unknown (false) when the head is not all captured.
-#[inline(always)]
-fn bytes_after_head(c: &ConnState, n: u64) -> bool {
-    let len = c.agg.req_head_len as usize;
-    // HTTP only: a method's first letter (uwsgi and mod_wsgi requests come one per connection).
-    if len < 16 || !c.req_head[0].is_ascii_uppercase() {
-        return false;
-    }
-    let h = c.req_head.as_ptr();
-    let mut i = 3;
-    while i < REQ_HEAD_LEN {
-        if i >= len {
-            return false;
-        }
-        // SAFETY: 3 <= i < REQ_HEAD_LEN, inside the 2 × REQ_HEAD_LEN buffer. (Raw reads: an
-        // indexing bounds check would leave a panic path the verifier refuses.)
-        let blank = unsafe { *h.add(i) == b'\n' && *h.add(i - 1) == b'\r' && *h.add(i - 2) == b'\n' && *h.add(i - 3) == b'\r' };
-        if blank {
-            return (i as u64 + 1) < n;
-        }
-        i += 1;
-    }
-    false
-}
-
-/// Do the bytes start with `HTTP/1.`? (Compared byte by byte: a slice comparison would call
-/// memcmp, which eBPF does not have.)
-#[inline(always)]
-pub fn is_http1(b: &[u8]) -> bool {
-    const P: &[u8; 7] = b"HTTP/1.";
-    b.len() >= 7 && b[0] == P[0] && b[1] == P[1] && b[2] == P[2] && b[3] == P[3] && b[4] == P[4] && b[5] == P[5] && b[6] == P[6]
-}
-
 /// Emits the request in progress on `c` (if any) as one ring-buffer record and clears it.
 #[inline(always)]
 pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
@@ -130,15 +96,12 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
         return;
     }
     c.flags &= !CONN_IN_REQUEST;
-    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-        bump(STAT_RINGBUF_FULL);
-        return;
-    };
+    let Some(mut entry) = events::reserve::<RequestEvent>() else { return };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points to reserved ring-buffer memory of the right size; written field by
     // field because the record is larger than the BPF stack.
     unsafe {
-        (*e).kind = EVENT_REQUEST;
+        (*e).kind = EventKind::Request as u32;
         (*e).end_reason = reason;
         (*e).tgid = (key >> 32) as u32;
         (*e).fd = key as u32;
@@ -157,5 +120,5 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
             c.resp_head.as_ptr().cast(),
         );
     }
-    entry.submit(quiet_submit());
+    events::submit(entry);
 }

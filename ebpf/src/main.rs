@@ -6,20 +6,27 @@
 //! `write` (response writes), `close` (close and shutdown end a request), `tcp` (handshakes
 //! completed, for the accept-queue wait), `signal` (workers killed from outside), `python`
 //! (CPython garbage collections, by uprobe).
-//! `conn` holds the connection-state helpers they share, `maps` the maps.
+//! `conn` holds the connection-state helpers they share, `maps` the maps, `events` every write
+//! to the ring buffer; `tp` reads tracepoint records, `user` the traced process's memory,
+//! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes.
+//! What both sides agree on (records, state, names, offsets) is in `wsgiscope_common`.
 #![no_std]
 #![no_main]
 
 mod accept;
 mod close;
 mod conn;
+mod events;
 mod maps;
+mod pending;
 mod process;
 mod python;
 mod read;
 mod signal;
-mod syscall;
+mod sniff;
 mod tcp;
+mod tp;
+mod user;
 mod write;
 
 #[cfg(not(test))]

@@ -1,9 +1,9 @@
-//! The maps shared by all hook families (and read by the agent).
+//! The maps shared by all hook families (and read by the agent, by the names in
+//! `wsgiscope_common::layout`: `MAP_*`).
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use wsgiscope_common::{ConnState, Pending, STAT_COUNT};
 
 /// Traced processes and threads: task id → tgid of the attached master (the "root").
@@ -20,23 +20,11 @@ pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(8192, 0);
 pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(8192, 0);
 
 /// Size of `EVENTS`.
-const EVENTS_BYTES: u32 = 8 << 20;
+pub const EVENTS_BYTES: u32 = 8 << 20;
 
 /// Request, fork and exit records for the agent.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-
-/// Flags for submitting a record to `EVENTS`. The agent drains the ring on its own every few
-/// milliseconds, so waking it per record would only cost every request a cross-CPU wakeup (and
-/// the agent an epoll round trip); it is woken only once the ring is a quarter full.
-#[inline(always)]
-pub fn quiet_submit() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > (EVENTS_BYTES / 4) as u64 {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
-}
 
 /// Per-CPU counters of what could not be recorded (`STAT_*`).
 #[map]

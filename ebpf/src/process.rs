@@ -1,16 +1,18 @@
 //! Which processes are traced: the attached master and every descendant, followed on fork in
 //! the kernel (a worker forked between two agent polls keeps its first request).
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use aya_ebpf::helpers::bpf_get_current_comm;
-use wsgiscope_common::{ProcessEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REAP, STAT_RINGBUF_FULL};
+use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SERVER_COMMS};
 
 use crate::{
     conn::now,
-    maps::{bump, root_of, EVENTS, PENDING, TRACED},
-    syscall::{entry_args, pid_tgid, programs, read_user, ret},
+    events::emit,
+    maps::{root_of, PENDING, TRACED},
+    tp::{pid_tgid, programs, ret},
+    user::{entry_args, read_user},
 };
 
-/// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs.
+/// Field offsets of sched tracepoints differ between kernels; the agent reads them from tracefs
+/// and rewrites these globals (named in `wsgiscope_common::layout`: `GLOBAL_*`).
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: u32 = 20;
 /// 0 when the kernel's sched_process_exit has no `group_dead` field.
@@ -21,23 +23,17 @@ static EXIT_GROUP_DEAD_OFFSET: u32 = 32;
 #[unsafe(no_mangle)]
 static WATCH_EXECS: u32 = 0;
 
-pub fn emit(kind: u32, tgid: u32, child: u32, root: u32, status: i32) {
-    let ev = ProcessEvent { kind, tgid, child, root, status, _pad: 0, ts_ns: now() };
-    if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
-        bump(STAT_RINGBUF_FULL);
-    }
-}
-
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let (_, parent) = pid_tgid();
     let Some(root) = root_of(parent) else { return 0 };
     // SAFETY: volatile read of a global the loader may have rewritten.
     let off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
+    // SAFETY: the helper behind read_at reports a bad offset instead of faulting.
     let Ok(child) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
     // The child may be a thread; its tid in TRACED is harmless and removed when it exits.
     let _ = TRACED.insert(&child, &root, 0);
-    emit(EVENT_FORK, parent, child, root, 0);
+    emit(&ForkEvent { kind: EventKind::Fork as u32, parent, child, root, ts_ns: now() });
     0
 }
 
@@ -50,16 +46,18 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if tid != tgid {
         let _ = TRACED.remove(&tid);
     }
+    // SAFETY: volatile read of a global the loader may have rewritten.
     let off = unsafe { core::ptr::read_volatile(&EXIT_GROUP_DEAD_OFFSET) } as usize;
     let group_dead = if off == 0 {
         tid == tgid
     } else {
+        // SAFETY: the helper behind read_at reports a bad offset instead of faulting.
         unsafe { ctx.read_at::<u8>(off) }.unwrap_or(0) != 0
     };
     if group_dead {
         // The agent ends requests still open on this process's sockets.
         let _ = TRACED.remove(&tgid);
-        emit(EVENT_EXIT, tgid, 0, root, 0);
+        emit(&ExitEvent { kind: EventKind::Exit as u32, tgid, root, _pad: 0, ts_ns: now() });
     }
     0
 }
@@ -79,7 +77,8 @@ fn wait_done(ctx: &TracePointContext) {
         return;
     }
     if let Some(status) = read_user::<i32>(status_ptr) {
-        emit(EVENT_REAP, tgid, reaped as u32, root, status);
+        let (kind, child) = (EventKind::Reap as u32, reaped as u32);
+        emit(&ReapEvent { kind, parent: tgid, child, root, status, _pad: 0, ts_ns: now() });
     }
 }
 
@@ -94,8 +93,8 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Ok(comm) = bpf_get_current_comm() else { return 0 };
-    let name_is = |n: &[u8]| comm.starts_with(n) && comm.get(n.len()) == Some(&0);
-    if !(name_is(b"gunicorn") || name_is(b"uwsgi") || name_is(b"apache2") || name_is(b"httpd")) {
+    let name_is = |n: &str| comm.starts_with(n.as_bytes()) && comm.get(n.len()) == Some(&0);
+    if !(name_is(SERVER_COMMS[0]) || name_is(SERVER_COMMS[1]) || name_is(SERVER_COMMS[2]) || name_is(SERVER_COMMS[3])) {
         return 0;
     }
     let (_, tgid) = pid_tgid();
@@ -103,6 +102,6 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         return 0; // already followed, as a descendant of a watched server
     }
     let _ = TRACED.insert(&tgid, &tgid, 0);
-    emit(EVENT_EXEC, tgid, 0, tgid, 0);
+    emit(&ExecEvent { kind: EventKind::Exec as u32, tgid, ts_ns: now() });
     0
 }

@@ -10,13 +10,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
-use wsgiscope_common::{GcEvent, GcStart, EVENT_GC, GEN_IN_MEM, GEN_IN_REG, STAT_RINGBUF_FULL};
+use wsgiscope_common::{reg as r, EventKind, GcEvent, GcStart, GEN_IN_MEM, GEN_IN_REG};
 
-use crate::{
-    conn::now,
-    maps::{bump, quiet_submit, root_of, EVENTS},
-    syscall::{pid_tgid, read_user},
-};
+use crate::{conn::now, events::emit, maps::root_of, tp::pid_tgid, user::read_user};
 
 /// Collections in progress: pid_tgid → start.
 #[map]
@@ -35,20 +31,20 @@ fn reg(ctx: &ProbeContext, idx: u64) -> Option<u64> {
         return None;
     }
     // SAFETY: initialised by the successful read.
-    let r = unsafe { regs.assume_init() };
+    let regs = unsafe { regs.assume_init() };
     Some(match idx {
-        4 => r.rbp,
-        5 => r.rbx,
-        12 => r.rdx,
-        13 => r.rsi,
-        14 => r.rdi,
-        19 => r.rsp,
-        3 => r.r12,
-        2 => r.r13,
-        1 => r.r14,
-        0 => r.r15,
-        10 => r.rax,
-        11 => r.rcx,
+        r::RBP => regs.rbp,
+        r::RBX => regs.rbx,
+        r::RDX => regs.rdx,
+        r::RSI => regs.rsi,
+        r::RDI => regs.rdi,
+        r::RSP => regs.rsp,
+        r::R12 => regs.r12,
+        r::R13 => regs.r13,
+        r::R14 => regs.r14,
+        r::R15 => regs.r15,
+        r::RAX => regs.rax,
+        r::RCX => regs.rcx,
         _ => return None,
     })
 }
@@ -90,7 +86,7 @@ fn gc_end() {
     let _ = GC_STARTED.remove(&id);
     let Some(root) = root_of(tgid) else { return };
     let ev = GcEvent {
-        kind: EVENT_GC,
+        kind: EventKind::Gc as u32,
         tgid,
         tid: id as u32,
         root,
@@ -99,9 +95,7 @@ fn gc_end() {
         start_ns: start.start_ns,
         end_ns: now(),
     };
-    if EVENTS.output::<GcEvent>(&ev, quiet_submit()).is_err() {
-        bump(STAT_RINGBUF_FULL);
-    }
+    emit(&ev);
 }
 
 #[uprobe]

@@ -9,7 +9,9 @@ use wsgiscope_common::{
 use crate::{
     conn::{append_head, finish_request, now, start_request},
     maps::{root_of, CONNS},
-    syscall::{entry_args, first_piece, looks_like_request, pid_tgid, programs, ret},
+    sniff::looks_like_request,
+    tp::{pid_tgid, programs, ret},
+    user::{entry_args, first_piece},
 };
 
 #[inline(always)]

@@ -2,25 +2,22 @@
 //! harakiri, the OOM killer, an operator) and SIGABRT (gunicorn's `--timeout`). The exit status
 //! alone cannot tell them apart from a crash: gunicorn workers exit(1) on SIGABRT.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::EVENT_SIGNAL;
+use wsgiscope_common::{signal_generate::{PID, SIG}, EventKind, SignalEvent};
 
-use crate::{maps::root_of, process::emit, syscall::field};
-
-/// signal:signal_generate field offsets (stable since 4.x; the agent checks them in tracefs).
-const SIG_OFFSET: usize = 8;
-const PID_OFFSET: usize = 36;
+use crate::{conn::now, events::emit, maps::root_of, tp::field};
 
 #[tracepoint]
 pub fn signal_generate(ctx: TracePointContext) -> u32 {
     const SIGABRT: i32 = 6;
     const SIGKILL: i32 = 9;
-    let sig = field::<i32>(&ctx, SIG_OFFSET);
+    // Read at fixed offsets (the agent checks them in tracefs before attaching).
+    let sig = field::<i32>(&ctx, SIG as usize);
     if sig != SIGKILL && sig != SIGABRT {
         return 0;
     }
-    let pid = field::<u32>(&ctx, PID_OFFSET);
+    let pid = field::<u32>(&ctx, PID as usize);
     if let Some(root) = root_of(pid) {
-        emit(EVENT_SIGNAL, pid, sig as u32, root, 0);
+        emit(&SignalEvent { kind: EventKind::Signal as u32, tgid: pid, signal: sig as u32, root, ts_ns: now() });
     }
     0
 }

@@ -2,21 +2,19 @@
 //! (SYN_RECV → ESTABLISHED) the connection waits in the listen queue until a worker accepts it.
 //! Remembered here by peer address and port; `accept.rs` takes it when a traced worker accepts.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::sock_state::{DADDR, DADDR_V6, DPORT, FAMILY, NEWSTATE, OLDSTATE, PROTOCOL};
 
 use crate::{
     conn::now,
     maps::{PeerKey, ESTABLISHED},
-    syscall::field,
+    tp,
 };
 
-/// sock:inet_sock_set_state field offsets (stable since 4.16; the agent checks them in tracefs).
-const OLDSTATE: usize = 16;
-const NEWSTATE: usize = 20;
-const DPORT: usize = 26;
-const FAMILY: usize = 28;
-const PROTOCOL: usize = 30;
-const DADDR: usize = 36;
-const DADDR_V6: usize = 56;
+/// A field at its fixed offset (the agent checks the offsets in tracefs before attaching).
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: u32) -> T {
+    tp::field(ctx, offset as usize)
+}
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {

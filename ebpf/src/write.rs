@@ -6,9 +6,12 @@ use wsgiscope_common::{
 };
 
 use crate::{
-    conn::{append_head, finish_request, is_http1, now, start_pipelined},
+    conn::{append_head, finish_request, now, start_pipelined},
     maps::CONNS,
-    syscall::{arg, first_piece, prefix8, programs, read_user, ret, stash, stash_fd, take},
+    pending::{stash, stash_fd, take},
+    sniff::{is_interim, is_response_head},
+    tp::{arg, programs, ret},
+    user::{first_piece, prefix8, read_user},
 };
 
 #[inline(always)]
@@ -62,13 +65,6 @@ fn write_done(ctx: &TracePointContext) {
     }
 }
 
-/// Does the head start with an interim response, `HTTP/1.x 1xx` other than `101` (which
-/// switches protocols and is final)?
-#[inline(always)]
-fn is_interim(h: &[u8; 2 * RESP_HEAD_LEN], len: u32) -> bool {
-    len >= 13 && is_http1(h) && h[8] == b' ' && h[9] == b'1' && !(h[10] == b'0' && h[11] == b'1')
-}
-
 /// Pipelining: the request's read held more than its head, so the server may be answering
 /// the next request read with it. A write that begins a new response head (not continuing a
 /// partial write, not the final head after an interim one) ends this request and starts that
@@ -80,12 +76,7 @@ fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
         return;
     }
     let (src, avail) = first_piece(p.op, p.buf, n);
-    if avail < 13 {
-        return;
-    }
-    let Some(b) = read_user::<[u8; 13]>(src) else { return };
-    let digit = |i: usize| b[i].is_ascii_digit();
-    if is_http1(&b) && b[8] == b' ' && digit(9) && digit(10) && digit(11) && (b[12] == b' ' || b[12] == b'\r') {
+    if is_response_head(src, avail) {
         let previous_end = c.agg.last_write_ns;
         finish_request(c, p.key, END_PIPELINED, p.enter_ns);
         start_pipelined(c, previous_end);

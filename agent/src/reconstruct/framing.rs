@@ -3,7 +3,7 @@
 use wsgiscope_common::RequestAgg;
 
 use super::modwsgi;
-use crate::discover::ServerKind;
+use crate::server::ServerKind;
 
 /// gunicorn's chunked-encoding terminator, always its own `sendto`.
 const CHUNK_TERMINATOR: &[u8] = b"0\r\n\r\n";

@@ -1,62 +1,16 @@
-//! Reconstruct: turn one kernel request record into a request — protocol, method, route,
-//! status, latency, write time, write calls, application blocks, bytes.
+//! Reconstruct: turn one kernel request record (decoded by `record`) and what the session knows
+//! of its process into a request — protocol, method, path, status, latency, write time, write
+//! calls, application blocks, bytes, GC time. Pure parsing: nothing is patched afterwards.
 pub mod framing;
 pub mod http;
 pub mod modwsgi;
 pub mod uwsgi;
 
-use wsgiscope_common::{
-    GcEvent, ProcessEvent, RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_GC, EVENT_REAP, EVENT_REQUEST,
-    EVENT_SIGNAL, REQ_HEAD_LEN, RESP_HEAD_LEN,
-};
+use std::fmt;
 
-use crate::discover::ServerKind;
+use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
-/// A record read from the ring buffer.
-pub enum Event {
-    Request(Box<RequestEvent>),
-    /// `root`: the master the processes descend from (which server they belong to).
-    Fork { parent: u32, child: u32, root: u32 },
-    Exit { tgid: u32, root: u32 },
-    /// SIGKILL or SIGABRT generated for a traced process, at `ts_ns`.
-    Signal { tgid: u32, sig: i32, ts_ns: u64, root: u32 },
-    /// `parent` reaped `child`; `status` as wait4 gives it.
-    Reap { parent: u32, child: u32, status: i32, root: u32 },
-    /// `wsgiscope daemon`: a process exec'd a WSGI server name and is traced from now on.
-    Exec { pid: u32 },
-    /// A garbage collection of generation `generation` (-1: unknown) in `tgid`.
-    Gc { tgid: u32, root: u32, generation: i32, start_ns: u64, end_ns: u64 },
-}
-
-/// Decodes one ring-buffer record; `None` for a record of unknown kind or size.
-pub fn decode(bytes: &[u8]) -> Option<Event> {
-    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
-    match kind {
-        EVENT_REQUEST if bytes.len() >= size_of::<RequestEvent>() => {
-            // SAFETY: size checked; RequestEvent is plain data valid for any bytes.
-            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RequestEvent>()) };
-            Some(Event::Request(Box::new(ev)))
-        }
-        EVENT_FORK | EVENT_EXIT | EVENT_SIGNAL | EVENT_REAP | EVENT_EXEC if bytes.len() >= size_of::<ProcessEvent>() => {
-            // SAFETY: as above.
-            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
-            let root = ev.root;
-            Some(match kind {
-                EVENT_FORK => Event::Fork { parent: ev.tgid, child: ev.child, root },
-                EVENT_EXIT => Event::Exit { tgid: ev.tgid, root },
-                EVENT_SIGNAL => Event::Signal { tgid: ev.tgid, sig: ev.child as i32, ts_ns: ev.ts_ns, root },
-                EVENT_REAP => Event::Reap { parent: ev.tgid, child: ev.child, status: ev.status, root },
-                _ => Event::Exec { pid: ev.tgid },
-            })
-        }
-        EVENT_GC if bytes.len() >= size_of::<GcEvent>() => {
-            // SAFETY: as above.
-            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<GcEvent>()) };
-            Some(Event::Gc { tgid: ev.tgid, root: ev.root, generation: ev.generation, start_ns: ev.start_ns, end_ns: ev.end_ns })
-        }
-        _ => None,
-    }
-}
+use crate::server::ServerKind;
 
 /// The protocol a request arrived in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +130,47 @@ pub fn parse_request_head(head: &[u8], index: u16) -> Option<Head> {
     Some(Head { protocol, method, path: vars.path(), client: vars.remote_addr.clone() })
 }
 
+/// How a request ended, as far as its response shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The final status code of the response.
+    Code(u16),
+    /// Nothing was written (uWSGI closes silently when the application raises).
+    None,
+    /// Written, but no status line was recognised.
+    Unknown,
+    /// The worker died, or was sent SIGKILL/SIGABRT, while the request was in progress.
+    Aborted,
+}
+
+impl Status {
+    /// A client error (4xx): the path or request was bad (see `route_cap`).
+    pub fn is_client_error(self) -> bool {
+        matches!(self, Status::Code(400..=499))
+    }
+}
+
+/// The `status` label value.
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Code(c) => write!(f, "{c}"),
+            Status::None => f.write_str("none"),
+            Status::Unknown => f.write_str("unknown"),
+            Status::Aborted => f.write_str("aborted"),
+        }
+    }
+}
+
+/// What the session knows about the request's process beyond its record.
+#[derive(Clone, Copy, Default)]
+pub struct Facts<'a> {
+    /// When SIGKILL or SIGABRT was sent to the process, if it was.
+    pub killed_at: Option<u64>,
+    /// The process's recent garbage collections: (start, end) in ns.
+    pub gcs: &'a [(u64, u64)],
+}
+
 /// One reconstructed request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
@@ -190,8 +185,7 @@ pub struct Request {
     pub method: String,
     /// Path without query string; `None` when the kernel's capture cut it off.
     pub path: Option<String>,
-    /// Status code; `none` when nothing was written; `aborted` when the worker died during it.
-    pub status: String,
+    pub status: Status,
     /// First request of a TCP connection: established → accepted (seconds).
     pub accept_wait: Option<f64>,
     /// First request byte read → last response byte written (seconds).
@@ -203,19 +197,13 @@ pub struct Request {
     pub partial_writes: u64,
     pub blocks: u64,
     pub bytes: u64,
-    /// Garbage-collection time of its process that fell inside it (set by the session).
+    /// Garbage-collection time of its process that fell inside it (a collection stops every
+    /// thread of the process).
     pub gc_seconds: f64,
 }
 
-impl Request {
-    /// Where it ended (ns): its last response write, or where the kernel ended it.
-    pub fn end_ns(&self) -> u64 {
-        self.start_ns + (self.duration * 1e9) as u64
-    }
-}
-
-/// The request in a kernel record, or `None` when its bytes are not an HTTP request.
-pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
+/// The request in a kernel record, or `None` when its bytes are not a request.
+pub fn reconstruct(kind: ServerKind, ev: &RequestEvent, facts: Facts<'_>) -> Option<Request> {
     let a = &ev.agg;
     let req_head = &ev.req_head[..(a.req_head_len as usize).min(REQ_HEAD_LEN)];
     let resp_head = &ev.resp_head[..(a.resp_head_len as usize).min(RESP_HEAD_LEN)];
@@ -231,15 +219,18 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         Protocol::ModWsgi => (modwsgi::parse_status(&resp_head[handshake..]), 0),
         _ => http::parse_status(resp_head),
     };
-    let status = match code {
-        // The worker died with the request open (killed, crashed): whatever it had written.
-        _ if ev.end_reason == END_PROCESS_EXIT => "aborted".to_string(),
-        Some(code) => code.to_string(),
-        None if a.write_calls == 0 => "none".to_string(),
-        None => "unknown".to_string(),
-    };
     // Without a response the request ends where the kernel ended it (close, exit).
     let end = if a.write_calls > 0 { a.last_write_ns } else { ev.end_ns };
+    // In progress when its worker died, or was sent SIGKILL/SIGABRT: whatever the dying worker
+    // wrote after (gunicorn's error page on its --timeout), the request was aborted.
+    let killed = facts.killed_at.is_some_and(|k| a.start_ns <= k && k <= end);
+    let status = match code {
+        _ if ev.end_reason == END_PROCESS_EXIT || killed => Status::Aborted,
+        Some(code) => Status::Code(code),
+        None if a.write_calls == 0 => Status::None,
+        None => Status::Unknown,
+    };
+    let gc_ns: u64 = facts.gcs.iter().map(|&(s, e)| e.min(end).saturating_sub(s.max(a.start_ns))).sum();
     Some(Request {
         tgid: ev.tgid,
         fd: ev.fd,
@@ -257,18 +248,19 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent) -> Option<Request> {
         partial_writes: a.continuations as u64,
         blocks: framing::app_blocks(kind, a, resp_head, interim),
         bytes: a.write_bytes.saturating_sub(handshake as u64),
-        gc_seconds: 0.0,
+        gc_seconds: gc_ns as f64 / 1e9,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wsgiscope_common::END_CLOSE;
+    use wsgiscope_common::{EventKind, END_CLOSE};
 
     fn event(req: &[u8], resp: &[u8], calls: u32, last: &[u8]) -> RequestEvent {
+        // SAFETY: RequestEvent is plain data; all zeroes is a valid value to fill in.
         let mut ev: RequestEvent = unsafe { std::mem::zeroed() };
-        ev.kind = EVENT_REQUEST;
+        ev.kind = EventKind::Request as u32;
         ev.end_reason = END_CLOSE;
         ev.tgid = 42;
         ev.end_ns = 9_000_000_000;
@@ -289,14 +281,15 @@ mod tests {
     #[test]
     fn a_gunicorn_request_round_trips_through_the_ring_buffer_bytes() {
         let ev = event(b"GET /sleep?x=1 HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n", 3, b"0\r\n\r\n");
+        // SAFETY: viewing a plain-data value as its bytes.
         let bytes = unsafe {
             std::slice::from_raw_parts((&ev as *const RequestEvent).cast::<u8>(), size_of::<RequestEvent>())
         };
-        let Some(Event::Request(back)) = decode(bytes) else { panic!("not decoded") };
-        let r = reconstruct(ServerKind::Gunicorn, &back).unwrap();
+        let Some(crate::record::Event::Request(back)) = crate::record::decode(bytes) else { panic!("not decoded") };
+        let r = reconstruct(ServerKind::Gunicorn, &back, Facts::default()).unwrap();
         assert_eq!(r.method, "GET");
         assert_eq!(r.path.as_deref(), Some("/sleep"));
-        assert_eq!(r.status, "200");
+        assert_eq!(r.status, Status::Code(200));
         assert_eq!(r.blocks, 1);
         assert_eq!(r.write_calls, 3);
         assert_eq!(r.bytes, 1234);
@@ -307,21 +300,27 @@ mod tests {
     #[test]
     fn no_response_is_status_none_and_ends_at_close() {
         let ev = event(b"GET /x HTTP/1.1\r\n\r\n", b"", 0, b"");
-        let r = reconstruct(ServerKind::Gunicorn, &ev).unwrap();
-        assert_eq!(r.status, "none");
+        let r = reconstruct(ServerKind::Gunicorn, &ev, Facts::default()).unwrap();
+        assert_eq!(r.status, Status::None);
+        assert_eq!(r.status.to_string(), "none");
         assert!((r.duration - 8.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_kill_inside_the_request_aborts_it_and_gc_inside_it_counts() {
+        let ev = event(b"GET /x HTTP/1.1\r\n\r\n", b"HTTP/1.1 500 Internal\r\n", 1, b"");
+        let gcs = [(900_000_000, 1_010_000_000), (1_020_000_000, 1_030_000_000), (2_000_000_000, 2_100_000_000)];
+        let facts = Facts { killed_at: Some(1_040_000_000), gcs: &gcs };
+        let r = reconstruct(ServerKind::Gunicorn, &ev, facts).unwrap();
+        assert_eq!(r.status, Status::Aborted);
+        assert!((r.gc_seconds - 0.02).abs() < 1e-9, "{}", r.gc_seconds);
+        let later = Facts { killed_at: Some(1_060_000_000), gcs: &[] };
+        assert_eq!(reconstruct(ServerKind::Gunicorn, &ev, later).unwrap().status, Status::Code(500));
     }
 
     #[test]
     fn binary_traffic_is_not_a_request() {
         let ev = event(b"\x00\x01\x02garbage", b"", 0, b"");
-        assert_eq!(reconstruct(ServerKind::Gunicorn, &ev), None);
-    }
-
-    #[test]
-    fn short_or_unknown_records_are_ignored() {
-        assert!(decode(&[1, 0, 0]).is_none());
-        assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]).is_none());
-        assert!(decode(&EVENT_REQUEST.to_ne_bytes()).is_none());
+        assert_eq!(reconstruct(ServerKind::Gunicorn, &ev, Facts::default()), None);
     }
 }

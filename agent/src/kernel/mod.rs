@@ -1,0 +1,236 @@
+//! The kernel side, loaded and attached: checks first (`preflight`), then the programs of the
+//! eBPF object, each tracepoint program attached to the tracepoint it is named after (the
+//! category from `wsgiscope_common::tracepoint_category`), the GC uprobes per interpreter
+//! (`gc`, `usdt`). `Kernel` also reads and seeds the maps the agent shares with the programs.
+//! Dropping it unloads everything; `detach` first closes the links, in parallel.
+mod gc;
+mod preflight;
+mod usdt;
+
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe},
+    Ebpf, EbpfLoader,
+};
+use wsgiscope_common::{
+    conn_key, tracepoint_category, ConnState, Pending, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET,
+    GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
+    STAT_COUNT,
+};
+
+pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
+use preflight::{check_kernel_btf, raise_memlock, sched_format, TRACEFS};
+
+/// The loaded and attached kernel side, with the maps the agent reads.
+pub struct Kernel {
+    // Owns the programs: dropping it unloads them.
+    ebpf: Ebpf,
+    /// The tracepoint and uprobe links, taken out of their programs so `detach` can close
+    /// them all at once (each close waits for an RCU grace period: ~80 ms here, one by one
+    /// 2 s for the whole set).
+    links: Vec<Box<dyn Send>>,
+    /// USDT probes attached by hand (perf event + BPF link): closing them detaches and
+    /// releases the semaphores.
+    usdt_links: Vec<(OwnedFd, OwnedFd)>,
+    /// Interpreter binaries whose GC probes are attached, by (device, inode).
+    gc_binaries: HashSet<(u64, u64)>,
+    traced: HashMap<MapData, u32, u32>,
+    conns: HashMap<MapData, u64, ConnState>,
+    pending: HashMap<MapData, u64, Pending>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Attaches a program that reads its tracepoint at fixed offsets, after checking them.
+fn attach_fixed_layout(prog: &mut TracePoint, category: &str, name: &str, fields: &[(&str, u32)]) -> Result<Box<dyn Send>> {
+    let path = format!("{TRACEFS}/events/{category}/{name}/format");
+    let format = std::fs::read_to_string(&path).with_context(|| format!("this kernel has no {path}"))?;
+    for (field, want) in fields {
+        let got = field_offset(&format, field);
+        if got != Some(*want) {
+            bail!("field {field} is at {got:?} in {path}, the kernel program expects {want}");
+        }
+    }
+    attach_tracepoint(prog, category, name)
+}
+
+/// Loads a tracepoint program and attaches it to the tracepoint it is named after: its link.
+fn attach_tracepoint(prog: &mut TracePoint, category: &str, name: &str) -> Result<Box<dyn Send>> {
+    prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+    let id = prog.attach(category, name).with_context(|| {
+        format!("attaching tracepoint {category}/{name} failed: this kernel lacks it or tracefs is unusable")
+    })?;
+    Ok(Box::new(prog.take_link(id)?))
+}
+
+impl Kernel {
+    /// Loads the kernel programs and attaches every tracepoint.
+    /// Returns them and, apart, the ring buffer their records arrive on.
+    /// `watch_execs` (daemon): the kernel traces every process that execs a WSGI server name.
+    pub fn load(watch_execs: bool) -> Result<(Self, RingBuf<MapData>)> {
+        check_capabilities()?;
+        check_kernel_btf()?;
+        ensure_tracefs()?;
+        raise_memlock();
+        let fork = sched_format("sched_process_fork")?;
+        let child_off = field_offset(&fork, "child_pid")
+            .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
+        // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
+        let group_dead_off = field_offset(&sched_format("sched_process_exit")?, "group_dead").unwrap_or(0);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &child_off, true)
+            .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
+            .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
+            .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
+
+        // Every tracepoint program, where its name says.
+        let mut links = Vec::new();
+        for (name, prog) in ebpf.programs_mut() {
+            let Ok(prog) = <&mut TracePoint>::try_from(prog) else { continue };
+            let category = tracepoint_category(name).ok_or_else(|| anyhow!("program {name}: no tracepoint of that name"))?;
+            match FIXED_LAYOUTS.iter().find(|l| l.name == name) {
+                None => links.push(attach_tracepoint(prog, category, name)?),
+                Some(l) => match attach_fixed_layout(prog, category, name, l.fields) {
+                    Ok(link) => links.push(link),
+                    Err(e) => log::warn!("{category}/{name} unavailable, so {} is not measured: {e:#}", l.feature),
+                },
+            }
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let events = RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?)?;
+        let traced = HashMap::try_from(take(&mut ebpf, MAP_TRACED)?)?;
+        let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?)?;
+        let pending = HashMap::try_from(take(&mut ebpf, MAP_PENDING)?)?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
+        // GC probes are attached per interpreter binary, as servers are found.
+        for name in GC_PROGRAMS {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        let kernel =
+            Self { ebpf, links, usdt_links: Vec::new(), gc_binaries: HashSet::new(), traced, conns, pending, stats };
+        Ok((kernel, events))
+    }
+
+    /// Detaches every probe, closing the links in parallel: their RCU grace periods overlap,
+    /// so the agent stops in a fraction of a second instead of two.
+    pub fn detach(&mut self) {
+        let mut links = std::mem::take(&mut self.links);
+        links.extend(std::mem::take(&mut self.usdt_links).into_iter().map(|l| Box::new(l) as Box<dyn Send>));
+        std::thread::scope(|s| {
+            for link in links {
+                s.spawn(move || drop(link));
+            }
+        });
+    }
+
+    /// Adds a process to the traced set; its future forks are followed in the kernel.
+    pub fn trace(&mut self, pid: u32, root: u32) -> Result<()> {
+        self.traced
+            .insert(pid, root, 0)
+            .with_context(|| format!("cannot add process {pid} to the traced set"))
+    }
+
+    /// Removes and returns the connection states (by fd) still held for an exited process:
+    /// the kernel closed its sockets without a close syscall.
+    pub fn take_connections(&mut self, tgid: u32) -> Vec<(u32, ConnState)> {
+        let lo = conn_key(tgid, 0);
+        let hi = conn_key(tgid, u32::MAX);
+        let keys: Vec<u64> = self.conns.keys().filter_map(Result::ok).filter(|k| (lo..=hi).contains(k)).collect();
+        let mut out = Vec::new();
+        for k in keys {
+            if let Ok(state) = self.conns.get(&k, 0) {
+                out.push((k as u32, state));
+            }
+            let _ = self.conns.remove(&k);
+        }
+        out
+    }
+
+    /// Every connection the kernel holds state for, by `conn_key(tgid, fd)`.
+    pub fn connections(&self) -> impl Iterator<Item = (u64, ConnState)> + '_ {
+        self.conns.iter().filter_map(Result::ok)
+    }
+
+    /// Stops tracing every process traced on behalf of `root` (a process that turned out not
+    /// to be a WSGI server).
+    pub fn untrace_root(&mut self, root: u32) {
+        let tasks: Vec<u32> =
+            self.traced.iter().filter_map(Result::ok).filter(|(_, r)| *r == root).map(|(t, _)| t).collect();
+        for t in tasks {
+            let _ = self.traced.remove(&t);
+        }
+    }
+
+    /// Entries in the maps that hold per-connection, per-syscall and per-process state
+    /// (`connections` as a scan of `connections()` counted them).
+    pub fn map_sizes(&self, connections: usize) -> [(&'static str, usize); 3] {
+        [
+            ("connections", connections),
+            // Slots stay per thread; those holding a syscall in flight count.
+            ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
+            ("traced", self.traced.keys().count()),
+        ]
+    }
+
+    /// Kernel-side counters (`STAT_*`), summed over CPUs.
+    pub fn stats(&self) -> [u64; STAT_COUNT as usize] {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(per_cpu) = self.stats.get(&(i as u32), 0) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    use wsgiscope_common::{
+        tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
+        GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
+    };
+
+    const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf"));
+
+    /// The names the agent looks for are the names the kernel programs have: each map and
+    /// global of the contract is in the object, and every tracepoint program is named after a
+    /// tracepoint the loader knows the category of.
+    #[test]
+    fn the_ebpf_object_matches_the_contract() {
+        let obj = object::File::parse(OBJECT).unwrap();
+        let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS];
+        let globals = [GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_WATCH_EXECS];
+        for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
+            assert!(symbols.contains(name), "{name} missing from the eBPF object");
+        }
+        let mut tracepoints = Vec::new();
+        for sym in obj.symbols().filter(|s| s.kind() == SymbolKind::Text) {
+            let section = sym.section_index().and_then(|i| obj.section_by_index(i).ok());
+            if section.and_then(|s| s.name().ok()).is_some_and(|n| n.starts_with("tracepoint")) {
+                let name = sym.name().unwrap();
+                assert!(tracepoint_category(name).is_some(), "program {name}: no tracepoint category");
+                tracepoints.push(name);
+            }
+        }
+        assert_eq!(tracepoints.len(), 26 + 2, "{tracepoints:?}");
+        for l in FIXED_LAYOUTS {
+            assert!(tracepoints.contains(&l.name), "{}", l.name);
+        }
+    }
+}

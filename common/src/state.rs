@@ -1,0 +1,124 @@
+//! State the kernel keeps in maps: per connection (the request in progress), per syscall in
+//! flight, per collection in progress. The agent reads the connection table too (requests in
+//! progress, and those a dying worker left open).
+/// Bytes of the request head kept per request (for parsing in userspace). 512 so that a uwsgi
+/// packet from nginx still holds REMOTE_ADDR.
+pub const REQ_HEAD_LEN: usize = 512;
+/// Bytes of the response head kept per request: status line and headers.
+pub const RESP_HEAD_LEN: usize = 256;
+// Head buffers in the connection state are twice their kept length so that an append at any
+// offset below the length, of at most the length, provably stays inside the buffer (the
+// verifier cannot relate the offset and the size).
+
+/// `ConnState::flags`
+pub const CONN_IN_REQUEST: u32 = 1;
+/// The server shut its side down: later reads are drains, not requests.
+pub const CONN_SHUT: u32 = 2;
+/// A request already started on this connection (a keep-alive request has no accept wait).
+pub const CONN_SERVED: u32 = 4;
+/// The read that started the request held bytes after its head (a body, or pipelined
+/// requests): a later write that begins a response head starts the next request.
+pub const CONN_MORE_AFTER_HEAD: u32 = 8;
+
+/// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
+pub const AGG_ACCEPT_WAIT: u16 = 1;
+/// `RequestAgg::flags`: the first write was an interim `HTTP/1.x 1xx` response (e.g.
+/// `100 Continue`): reads after it are still this request's body.
+pub const AGG_INTERIM: u16 = 2;
+
+/// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
+/// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
+pub const OP_READ: u32 = 1; // read, recvfrom: buf is the data pointer
+pub const OP_READV: u32 = 2; // readv: buf points to an iovec array
+pub const OP_RECVMSG: u32 = 3; // recvmsg: buf points to a msghdr
+pub const OP_WRITE: u32 = 4; // write, sendto
+pub const OP_WRITEV: u32 = 5; // writev
+pub const OP_SENDMSG: u32 = 6; // sendmsg
+pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
+pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
+
+/// Key of the connection table: one entry per accepted socket of a traced process.
+#[inline(always)]
+pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+/// Per-request aggregate, built in the kernel while the request runs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RequestAgg {
+    /// Exit of the read that returned the first request byte (ns, CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// Enter of the first response write.
+    pub first_write_ns: u64,
+    /// Exit of the last response write.
+    pub last_write_ns: u64,
+    /// Time spent inside write-family syscalls on this socket.
+    pub write_ns: u64,
+    /// Bytes written to the client socket (headers and framing included).
+    pub write_bytes: u64,
+    /// Bytes read from the client socket.
+    pub read_bytes: u64,
+    /// Successful write-family syscalls.
+    pub write_calls: u32,
+    /// Of those, writes that continued a partial write (the rest of the same block).
+    pub continuations: u32,
+    pub read_calls: u32,
+    pub first_write_len: u32,
+    pub last_write_len: u32,
+    /// The last write's bytes when it was at most 8 long (recognises framing such as a chunk
+    /// terminator); zero otherwise.
+    pub last_write_prefix: [u8; 8],
+    pub req_head_len: u32,
+    pub resp_head_len: u32,
+    /// Address family of the accepted socket (AF_UNIX 1, AF_INET 2, AF_INET6 10; 0 unknown):
+    /// set at accept, kept across the requests of the connection.
+    pub family: u16,
+    /// `AGG_*` bits.
+    pub flags: u16,
+    /// First request of a connection: TCP connection established → accepted by the worker.
+    pub accept_wait_ns: u64,
+    /// 0 for a request that began with a read; n for the n-th request after it that came in
+    /// the same read (pipelining). Its head is in the same captured bytes, after the others'.
+    pub pipeline_index: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
+}
+
+/// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnState {
+    /// tgid of the attached master this process descends from.
+    pub root: u32,
+    pub flags: u32,
+    /// Bytes of the last write the kernel did not take (non-blocking partial write): the next
+    /// write continues that block.
+    pub partial_left: u64,
+    pub agg: RequestAgg,
+    pub req_head: [u8; 2 * REQ_HEAD_LEN],
+    pub resp_head: [u8; 2 * RESP_HEAD_LEN],
+}
+
+/// A syscall in flight on one thread, between its enter and exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub key: u64,
+    pub buf: u64,
+    /// Bytes the write asked to transfer (writes only).
+    pub len: u64,
+    pub enter_ns: u64,
+    pub op: u32,
+    pub _pad: u32,
+}
+
+/// A collection in progress on one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GcStart {
+    pub start_ns: u64,
+    pub generation: i32,
+    pub _pad: u32,
+}
+

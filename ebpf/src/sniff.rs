@@ -1,0 +1,78 @@
+//! Recognising HTTP/1.x in the bytes of a syscall: a request line's start, a response head's
+//! start, an interim response, the end of a request head.
+use wsgiscope_common::{ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
+
+use crate::user::read_user;
+
+/// Does this data begin like a new request? (HTTP/1.x: an upper-case method token and a space.)
+#[inline(always)]
+pub fn looks_like_request(src: u64, n: u64) -> bool {
+    if n < 4 {
+        return false;
+    }
+    let Some(b) = read_user::<[u8; 8]>(src) else { return false };
+    let mut i = 0;
+    while i < 8 {
+        let ch = b[i];
+        if ch == b' ' {
+            return i >= 3 && (i as u64) < n;
+        }
+        if !ch.is_ascii_uppercase() {
+            return false;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Do the bytes start with `HTTP/1.`? (Compared byte by byte: a slice comparison would call
+/// memcmp, which eBPF does not have.)
+#[inline(always)]
+fn is_http1(b: &[u8]) -> bool {
+    const P: &[u8; 7] = b"HTTP/1.";
+    b.len() >= 7 && b[0] == P[0] && b[1] == P[1] && b[2] == P[2] && b[3] == P[3] && b[4] == P[4] && b[5] == P[5] && b[6] == P[6]
+}
+
+/// Does user memory at `src` (`avail` bytes) begin a response head, `HTTP/1.x NNN `?
+#[inline(always)]
+pub fn is_response_head(src: u64, avail: u64) -> bool {
+    if avail < 13 {
+        return false;
+    }
+    let Some(b) = read_user::<[u8; 13]>(src) else { return false };
+    let digit = |i: usize| b[i].is_ascii_digit();
+    is_http1(&b) && b[8] == b' ' && digit(9) && digit(10) && digit(11) && (b[12] == b' ' || b[12] == b'\r')
+}
+
+/// Does the captured response head start with an interim response, `HTTP/1.x 1xx` other than
+/// `101` (which switches protocols and is final)?
+#[inline(always)]
+pub fn is_interim(h: &[u8; 2 * RESP_HEAD_LEN], len: u32) -> bool {
+    len >= 13 && is_http1(h) && h[8] == b' ' && h[9] == b'1' && !(h[10] == b'0' && h[11] == b'1')
+}
+
+/// Did the read of `n` bytes that started the request hold more than an HTTP head? Scans the
+/// captured head for its blank line; unknown (false) when the head is not all captured.
+#[inline(always)]
+pub fn bytes_after_head(c: &ConnState, n: u64) -> bool {
+    let len = c.agg.req_head_len as usize;
+    // HTTP only: a method's first letter (uwsgi and mod_wsgi requests come one per connection).
+    if len < 16 || !c.req_head[0].is_ascii_uppercase() {
+        return false;
+    }
+    let h = c.req_head.as_ptr();
+    let mut i = 3;
+    while i < REQ_HEAD_LEN {
+        if i >= len {
+            return false;
+        }
+        // SAFETY: 3 <= i < REQ_HEAD_LEN, inside the 2 × REQ_HEAD_LEN buffer. (Raw reads: an
+        // indexing bounds check would leave a panic path the verifier refuses.)
+        let blank = unsafe { *h.add(i) == b'\n' && *h.add(i - 1) == b'\r' && *h.add(i - 2) == b'\n' && *h.add(i - 3) == b'\r' };
+        if blank {
+            return (i as u64 + 1) < n;
+        }
+        i += 1;
+    }
+    false
+}

@@ -1,0 +1,75 @@
+//! Reading the traced process's memory: syscall buffers, iovecs, and the arguments saved at
+//! syscall entry.
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+};
+use wsgiscope_common::{reg, OP_READV, OP_RECVMSG, OP_SENDFILE, OP_SENDMSG, OP_WRITEV};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoVec {
+    pub base: u64,
+    pub len: u64,
+}
+
+#[inline(always)]
+pub fn read_user<T: Copy>(addr: u64) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: faults are reported by the helper, never taken.
+    let rc = unsafe {
+        bpf_probe_read_user(v.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32, addr as *const _)
+    };
+    // SAFETY: the helper filled `v` when it returned 0.
+    (rc == 0).then(|| unsafe { v.assume_init() })
+}
+
+/// On a syscall's exit: its first two arguments (fd or socket, buffer), from the user registers
+/// the kernel saved at syscall entry (`di` and `si` of `struct pt_regs`). One helper call here
+/// spares an enter program, and every process on the node its cost.
+#[inline(always)]
+pub fn entry_args() -> Option<(u64, u64)> {
+    // `si` and `di` are adjacent in pt_regs, `si` first.
+    const _: () = assert!(reg::RDI == reg::RSI + 1);
+    let mut si_di = [0u64; 2];
+    // SAFETY: the helpers return the current task's saved registers; the read reports faults.
+    let rc = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        bpf_probe_read_kernel(si_di.as_mut_ptr().cast(), 16, regs.wrapping_add(reg::RSI as usize * 8).cast())
+    };
+    (rc == 0).then_some((si_di[1], si_di[0]))
+}
+
+/// The first contiguous piece of the data a syscall transferred: (user address, length).
+/// For vectored calls that is the first iovec (the head of a request or response).
+#[inline(always)]
+pub fn first_piece(op: u32, buf: u64, transferred: u64) -> (u64, u64) {
+    let iov_addr = match op {
+        OP_SENDFILE => return (0, 0),
+        OP_READV | OP_WRITEV => buf,
+        // struct msghdr: msg_name, msg_namelen (+pad), msg_iov at offset 16.
+        OP_RECVMSG | OP_SENDMSG => match read_user::<u64>(buf + 16) {
+            Some(a) => a,
+            None => return (0, 0),
+        },
+        _ => return (buf, transferred),
+    };
+    match read_user::<IoVec>(iov_addr) {
+        Some(iov) => (iov.base, if iov.len < transferred { iov.len } else { transferred }),
+        None => (0, 0),
+    }
+}
+
+/// Copies the first (up to 8) bytes of a write into `dst`.
+#[inline(always)]
+pub fn prefix8(dst: &mut [u8; 8], src: u64, n: u64) {
+    *dst = [0; 8];
+    if n >= 8 {
+        if let Some(b) = read_user::<[u8; 8]>(src) {
+            *dst = b;
+        }
+    } else if n > 0 {
+        let n = (n & 7) as u32;
+        // SAFETY: n < 8 bytes into an 8-byte array; faults are reported, never taken.
+        unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), n, src as *const _) };
+    }
+}
