@@ -1,11 +1,18 @@
 //! wsgiscope: an eBPF profiler for pre-forked Python WSGI servers.
 //!
-//! One request's way, module by module: the kernel programs (ebpf/) aggregate it per
-//! connection and emit one record; `collect` reads the record, `reconstruct` parses it into a
-//! request, `aggregate` updates the series defined in `metrics`, `export` serves them.
-//! `discover` finds the server and its workers, `attach` loads and attaches the probes,
-//! `session` keeps the state of one watched server, `route` normalises paths, `k8s` finds pod
-//! labels.
+//! One request's way, module by module, each using only those before it:
+//! the kernel programs (`ebpf/`) aggregate it per connection and emit one record, in the shapes
+//! `wsgiscope_common` defines → `record` decodes it → `reconstruct` parses it into a typed
+//! request → `session` (one watched server) adds what it knows of the process and hands it to
+//! `aggregate`, which updates the series that `metrics` declares (label values are
+//! `labels::Value`, escaped when written; routes from `route` under `route_cap`) → `export`
+//! serves /metrics.
+//!
+//! Around it: `commands` (attach, run, daemon) set up `kernel` (load, attach, maps) and run the
+//! `collect` loop; `discover` finds servers, workers and services (`server` holds what is known
+//! of each server kind), `python` the interpreter's GC probe points, `k8s` pod labels; `slots`,
+//! `exits` and `kernel_stats` are the aggregator's worker slots, exit causes and the kernel's
+//! own counters; `cli` is the command line.
 pub mod aggregate;
 pub mod cli;
 pub mod collect;

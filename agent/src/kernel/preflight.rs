@@ -11,6 +11,7 @@ pub fn ensure_tracefs() -> Result<()> {
     if Path::new(TRACEFS).join("events").is_dir() {
         return Ok(());
     }
+    // SAFETY: mount(2) with NUL-terminated literals and no data.
     let rc = unsafe {
         libc::mount(
             c"nodev".as_ptr(),

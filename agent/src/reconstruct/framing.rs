@@ -54,6 +54,7 @@ mod tests {
     }
 
     fn agg(calls: u32, last: &[u8]) -> RequestAgg {
+        // SAFETY: RequestAgg is plain data; all zeroes is a valid value to fill in.
         let mut a: RequestAgg = unsafe { core::mem::zeroed() };
         a.write_calls = calls;
         a.last_write_len = last.len() as u32;
