@@ -612,8 +612,8 @@ fn commands(md: &mut String, r: &Results) {
         md,
         "WSGISCOPE_BENCH_MIDDLEWARE=none|timing|prometheus WSGISCOPE_BENCH_LOOP=target/debug/xtask \\\n  \
          [PROMETHEUS_MULTIPROC_DIR=target/xtask-bench/prometheus-multiproc] \\\n  \
-         .venv/bin/gunicorn {} tests/apps benchapp:app",
-        procs::gunicorn_args("127.0.0.1:PORT").join(" ")
+         {}",
+        procs::gunicorn_spec("127.0.0.1:PORT", "tests/apps").shell_line()
     );
     let _ = writeln!(md, "target/release/wsgiscope attach --pid <gunicorn master pid> --listen 127.0.0.1:<free port>");
     let _ = writeln!(md, "# saturation (calibration: -d{}s):", p.calibrate_secs);
