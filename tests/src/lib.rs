@@ -22,7 +22,9 @@ pub use prometheus::Prometheus;
 pub use server::{Server, UwsgiMode};
 pub use truth::Truth;
 pub use wsgiscope_devkit::{
+    apps_dir,
     exposition::Metrics,
+    gunicorn::Gunicorn,
     http::{get as http_get, scrape, url_encode},
     repo_root,
     wire::{self, get, get_keepalive, Response},
