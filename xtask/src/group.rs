@@ -134,6 +134,7 @@ pub fn gunicorn(name: &str, mut cmd: Command, addr: SocketAddr, log_path: &Path)
     Ok(group)
 }
 
+/// The release agent that demo and bench run.
 pub fn agent_binary(root: &Path) -> PathBuf {
     root.join("target/release/wsgiscope")
 }

@@ -39,7 +39,7 @@ pub struct Gunicorn {
 }
 
 /// gunicorn's options for the bench (also printed in the report).
-pub const GUNICORN_ARGS: [&str; 4] = ["--worker-class", "sync", "-w", "2"];
+const GUNICORN_ARGS: [&str; 4] = ["--worker-class", "sync", "-w", "2"];
 
 /// The bench app's gunicorn command line, bound to `bind`, its app directory `apps`.
 pub fn gunicorn_spec(
