@@ -5,46 +5,18 @@
 //! scrape passes `promtool check metrics`, and a real Prometheus keeps the target up.
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     process::Command,
     time::{Duration, Instant},
 };
 
-use wsgiscope_integration::{scrape, serial, Agent, Metrics, Prometheus, Server, TempDir, UwsgiMode};
+use wsgiscope_integration::{scrape, serial, wire, Agent, Metrics, Prometheus, Server, TempDir, UwsgiMode};
 
 /// Sends `bytes` on a new connection and returns the final statuses of the responses read back
-/// (interim 1xx ones skipped) until the server closes or goes quiet.
+/// (interim 1xx ones skipped) until the server closes or goes quiet (the test app's bodies hold
+/// no `HTTP/1.` text).
 fn send_raw(port: u16, bytes: &[u8]) -> Vec<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-    }
-    statuses(&raw)
-}
-
-/// The statuses of the response heads in a byte stream (the test app's bodies hold no
-/// `HTTP/1.` text), without interim 1xx responses.
-fn statuses(raw: &[u8]) -> Vec<u16> {
-    let mut out = Vec::new();
-    for (i, w) in raw.windows(13).enumerate() {
-        let at_line_start = i == 0 || raw[i - 1] == b'\n';
-        if at_line_start && w.starts_with(b"HTTP/1.") && w[8] == b' ' {
-            if let Ok(code) = std::str::from_utf8(&w[9..12]).unwrap_or("").parse::<u16>() {
-                if !(100..200).contains(&code) {
-                    out.push(code);
-                }
-            }
-        }
-    }
-    out
+    wire::final_statuses(&wire::send_raw(port, bytes, Duration::from_millis(1500)).unwrap())
 }
 
 fn request(path: &[u8]) -> Vec<u8> {

@@ -2,10 +2,13 @@
 //! the node, now and later), and the route options every mode shares.
 use std::{net::TcpStream, process::Command, time::Duration};
 
-use wsgiscope_integration::{agent_bin, free_port, get, repo_root, serial, Agent, Server, TempDir};
+use wsgiscope_integration::{agent_bin, apps_dir, free_port, get, repo_root, serial, Agent, Gunicorn, Server, TempDir};
 
-fn gunicorn() -> String {
-    repo_root().join(".venv/bin/gunicorn").display().to_string()
+/// `-- gunicorn <arguments>`, gunicorn as the harness launches it, for `wsgiscope run`.
+fn run_line(gunicorn: &Gunicorn) -> Vec<String> {
+    let mut line = vec!["--".to_string(), gunicorn.program(&repo_root()).display().to_string()];
+    line.extend(gunicorn.argv());
+    line
 }
 
 #[test]
@@ -15,8 +18,8 @@ fn run_starts_the_server_attached_and_counts_its_first_request() {
     let truth = dir.0.join("truth.jsonl");
     let port = free_port();
     let bind = format!("127.0.0.1:{port}");
-    let apps = repo_root().join("tests/apps").display().to_string();
-    let server = ["--", &gunicorn(), "--no-control-socket", "-b", &bind, "-w", "2", "--chdir", &apps, "testapp:app"];
+    let server = run_line(&Gunicorn::new(&bind, apps_dir(), "testapp:app").args(&["-w", "2"]));
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
     let mut agent = Agent::start(&["run"], &server, &[("WSGISCOPE_TRUTH_LOG", truth.as_path())]).unwrap();
 
     // The first request goes out the moment the server accepts: it must be counted.
@@ -47,8 +50,8 @@ fn run_exits_with_the_servers_exit_code_and_refuses_other_programs() {
     let port = free_port();
     let listen = format!("127.0.0.1:{}", free_port());
     let out = Command::new(agent_bin())
-        .args(["run", "--listen", &listen, "--", &gunicorn(), "--no-control-socket"])
-        .args(["-b", &format!("127.0.0.1:{port}"), "no_such_module:app"])
+        .args(["run", "--listen", &listen])
+        .args(run_line(&Gunicorn::new(format!("127.0.0.1:{port}"), apps_dir(), "no_such_module:app")))
         .output()
         .unwrap();
     // gunicorn exits 3 when its app cannot be loaded.
@@ -168,8 +171,8 @@ fn python_dash_m_gunicorn_is_found_by_attach_and_by_daemon() {
     std::fs::copy(repo_root().join("tests/apps/testapp.py"), dir.0.join("pym_app.py")).unwrap();
     let port = free_port();
     let mut server = Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-u", "-m", "gunicorn", "--no-control-socket", "-w", "2", "-b", &format!("127.0.0.1:{port}")])
-        .args(["--chdir", dir.0.to_str().unwrap(), "pym_app:app"])
+        .args(["-u", "-m", "gunicorn"])
+        .args(Gunicorn::new(format!("127.0.0.1:{port}"), &dir.0, "pym_app:app").args(&["-w", "2"]).argv())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

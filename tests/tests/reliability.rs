@@ -10,8 +10,8 @@ use std::{
 };
 
 use wsgiscope_integration::{
-    agent_bin, bpf_program_exists, free_port, gc_semaphore, get, scrape, serial, tracepoint_program_ids, Agent, Metrics,
-    Server, TempDir, UwsgiMode,
+    agent_bin, bpf_program_exists, free_port, gc_semaphore, get, scrape, serial, tracepoint_program_ids, wire, Agent,
+    Metrics, Server, TempDir, UwsgiMode,
 };
 
 #[test]
@@ -165,14 +165,7 @@ fn hostile_traffic_is_survived_counted_and_leaves_no_kernel_state() {
     server.wait_workers(1).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
     let port = server.port;
-    let send = |bytes: &[u8]| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(bytes).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        out
-    };
+    let send = |bytes: &[u8]| wire::send_raw(port, bytes, Duration::from_secs(10)).unwrap();
     // Random binary bytes (not a request), then a 64 KiB request line: gunicorn answers 414, a
     // request counted with route "other" (its path was cut by the kernel's capture).
     let noise: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
@@ -268,7 +261,7 @@ fn without_tracefs_the_agent_mounts_it_and_without_capabilities_or_btf_it_says_w
     }
     assert_eq!(get(server.port, "/hello").unwrap().status, 200);
     let start = Instant::now();
-    while Metrics::parse(&scrape(&listen).unwrap()).sum("wsgi_requests_total", &[]) < 1.0 {
+    while Metrics::parse(&scrape(&listen).unwrap()).unwrap().sum("wsgi_requests_total", &[]) < 1.0 {
         assert!(start.elapsed() < Duration::from_secs(10), "not counted");
         std::thread::sleep(Duration::from_millis(100));
     }

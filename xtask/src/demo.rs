@@ -3,11 +3,8 @@
 //! /metrics can be looked at (or scraped) until Ctrl-C.
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::Path,
-    process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Mutex,
@@ -18,11 +15,12 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use wsgiscope_devkit::{apps_dir, gunicorn::Gunicorn, http, Metrics};
 
 use crate::{
     cargo,
-    group::{self, check_stop, wait_until, Group},
-    metrics_text, run_checked, setup,
+    group::{self, check_stop, Group},
+    run_checked, setup,
 };
 
 #[derive(Args)]
@@ -65,57 +63,21 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let log_dir = root.join("target/xtask-demo");
     std::fs::create_dir_all(&log_dir)?;
     let gunicorn_log = log_dir.join("gunicorn.log");
-    let log = File::create(&gunicorn_log)?;
     // Dropped in reverse order of declaration, on any error too: the agent first (SIGINT, so it
     // detaches cleanly), then gunicorn (SIGTERM, graceful shutdown).
-    let mut gunicorn = Group::spawn(
-        "gunicorn",
-        Command::new(root.join(".venv/bin/gunicorn"))
-            .args(["--no-control-socket", "-w", "2", "-b", &app_addr.to_string(), "--chdir"])
-            .arg(root.join("tests/apps"))
-            .arg("testapp:app")
-            .env_remove("WSGISCOPE_TRUTH_LOG")
-            .stdout(log.try_clone()?)
-            .stderr(log),
-        libc::SIGTERM,
-    )?;
+    let spec = Gunicorn::new(app_addr, apps_dir(), "testapp:app").args(&["-w", "2"]);
+    let mut gunicorn = group::gunicorn("gunicorn", spec.command(root)?, app_addr, &gunicorn_log)?;
     // The venv script is executed directly, so the child is the gunicorn master.
     let master = gunicorn.pid();
     println!(
         "demo: gunicorn master {master} on http://{app_addr} (log: {})",
         gunicorn_log.display()
     );
-    // A first answered request shows a worker is up (it happens before attaching: not counted).
-    wait_until(
-        "gunicorn to answer",
-        Duration::from_secs(20),
-        &mut [&mut gunicorn],
-        || http_get(app_addr, "/hello").is_ok_and(|(status, _)| status == 200),
-    )
-    .with_context(|| format!("see {}", gunicorn_log.display()))?;
-
-    let mut agent = Group::spawn(
-        "target/release/wsgiscope",
-        Command::new(root.join("target/release/wsgiscope")).args([
-            "attach",
-            "--pid",
-            &master.to_string(),
-            "--listen",
-            &args.metrics.to_string(),
-        ]),
-        libc::SIGINT,
-    )?;
-    // The agent binds /metrics first but serves it only once attached.
-    wait_until(
-        "the agent's /metrics",
-        Duration::from_secs(60),
-        &mut [&mut agent, &mut gunicorn],
-        || http_get(args.metrics, "/metrics").is_ok_and(|(status, _)| status == 200),
-    )?;
+    let mut agent = group::attach_agent(root, master, args.metrics, None, &mut [&mut gunicorn])?;
 
     let sent = drive_traffic(app_addr)?;
-    let text = wait_for_counts(args.metrics, sent, &mut [&mut agent, &mut gunicorn])?;
-    print_summary(&text)?;
+    let metrics = wait_for_counts(args.metrics, sent, &mut [&mut agent, &mut gunicorn])?;
+    print_summary(&metrics);
 
     println!();
     println!(
@@ -164,8 +126,7 @@ fn drive_traffic(addr: SocketAddr) -> Result<usize> {
                 s.spawn(|| -> Result<()> {
                     while let Some(route) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
                         check_stop()?;
-                        let (status, _) =
-                            http_get(addr, route).with_context(|| format!("GET {route}"))?;
+                        let status = http::get_status(addr, route)?;
                         *statuses.lock().unwrap().entry(status).or_default() += 1;
                     }
                     Ok(())
@@ -192,19 +153,13 @@ fn drive_traffic(addr: SocketAddr) -> Result<usize> {
 }
 
 /// The agent reports a request once its kernel events are read; give it a moment to count them all.
-fn wait_for_counts(metrics: SocketAddr, sent: usize, alive: &mut [&mut Group]) -> Result<String> {
+fn wait_for_counts(metrics: SocketAddr, sent: usize, alive: &mut [&mut Group]) -> Result<Metrics> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, body) = http_get(metrics, "/metrics").context("GET /metrics")?;
-        let text = String::from_utf8(body).context("/metrics is not UTF-8")?;
-        let samples = metrics_text::parse(&text)?;
-        let counted: f64 = samples
-            .iter()
-            .filter(|s| s.name == "wsgi_requests_total")
-            .map(|s| s.value)
-            .sum();
+        let metrics = Metrics::parse(&http::scrape(metrics)?)?;
+        let counted = metrics.sum("wsgi_requests_total", &[]);
         if counted as usize >= sent {
-            return Ok(text);
+            return Ok(metrics);
         }
         check_stop()?;
         for group in alive.iter_mut() {
@@ -212,21 +167,19 @@ fn wait_for_counts(metrics: SocketAddr, sent: usize, alive: &mut [&mut Group]) -
         }
         if Instant::now() > deadline {
             println!("demo: note: the agent counted {counted} of the {sent} requests sent");
-            return Ok(text);
+            return Ok(metrics);
         }
         thread::sleep(Duration::from_millis(250));
     }
 }
 
-fn print_summary(text: &str) -> Result<()> {
-    use metrics_text::{histograms_by, sum_by};
-    let samples = metrics_text::parse(text)?;
-    let requests = sum_by(&samples, "wsgi_requests_total", "route");
-    let duration = histograms_by(&samples, "wsgi_request_duration_seconds", "route");
-    let write_time = histograms_by(&samples, "wsgi_response_write_seconds", "route");
-    let blocks = histograms_by(&samples, "wsgi_response_blocks", "route");
-    let bytes = histograms_by(&samples, "wsgi_response_bytes", "route");
-    let write_calls = sum_by(&samples, "wsgi_response_write_calls_total", "route");
+fn print_summary(m: &Metrics) {
+    let requests = m.sum_by("wsgi_requests_total", "route");
+    let duration = m.histograms_by("wsgi_request_duration_seconds", "route");
+    let write_time = m.histograms_by("wsgi_response_write_seconds", "route");
+    let blocks = m.histograms_by("wsgi_response_blocks", "route");
+    let bytes = m.histograms_by("wsgi_response_bytes", "route");
+    let write_calls = m.sum_by("wsgi_response_write_calls_total", "route");
 
     // Our routes in traffic order, then anything else the agent reported.
     let mut routes: Vec<&str> = TRAFFIC
@@ -274,55 +227,4 @@ fn print_summary(text: &str) -> Result<()> {
         );
     }
     println!("(quantiles estimated from histogram buckets; blocks, bytes and write time are means per response)");
-    Ok(())
 }
-
-/// A minimal HTTP/1.1 GET: one request per connection, read to EOF. Returns status and body.
-pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let header_end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("incomplete response from {addr}{path}"))?;
-    let head = String::from_utf8_lossy(&response[..header_end]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line from {addr}{path}"))?;
-    let body = response.split_off(header_end + 4);
-    if head
-        .lines()
-        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"))
-    {
-        return Ok((status, dechunk(&body)?));
-    }
-    Ok((status, body))
-}
-
-/// Decodes a chunked body (`<hex size>\r\n<data>\r\n` ... `0\r\n\r\n`).
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("bad chunk"))?;
-        let size_field = String::from_utf8_lossy(&body[..line_end]);
-        let size = usize::from_str_radix(size_field.split(';').next().unwrap_or("").trim(), 16)?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        out.extend_from_slice(body.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?);
-        body = body.get(size + 2..).unwrap_or_default();
-    }
-}
-

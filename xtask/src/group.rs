@@ -1,15 +1,20 @@
-//! Processes that `demo` and `bench` start, and Ctrl-C. Every started process runs in its own
-//! process group and is stopped, with its children, when its guard is dropped: on success, on
-//! error and on Ctrl-C alike (Ctrl-C only sets a flag that long waits poll).
+//! Processes that `demo` and `bench` start (gunicorn and the agent here, the same way for both),
+//! and Ctrl-C. Every started process runs in its own process group and is stopped, with its
+//! children, when its guard is dropped: on success, on error and on Ctrl-C alike (Ctrl-C only
+//! sets a flag that long waits poll).
 use std::{
-    process::{Child, Command, Stdio},
+    fs::File,
+    net::SocketAddr,
     os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use wsgiscope_devkit::http;
 
 /// Set by SIGINT/SIGTERM once `catch_stop` ran.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -102,18 +107,67 @@ pub fn wait_until(
     alive: &mut [&mut Group],
     mut ready: impl FnMut() -> bool,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    wsgiscope_devkit::wait_for(what, timeout, Duration::from_millis(100), || {
         if ready() {
-            return Ok(());
+            return Ok(true);
         }
         check_stop()?;
         for group in alive.iter_mut() {
             group.check_alive()?;
         }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(100));
+        Ok(false)
+    })
+}
+
+/// gunicorn (`cmd`, from `wsgiscope_devkit::gunicorn`, the launch the tests use too) on `addr`,
+/// its output in `log_path`; ready once GET /hello answers 200, i.e. a worker is up (that
+/// request happens before any agent attaches: it is never counted).
+pub fn gunicorn(name: &str, mut cmd: Command, addr: SocketAddr, log_path: &Path) -> Result<Group> {
+    let log = File::create(log_path)?;
+    cmd.stdout(log.try_clone()?).stderr(log);
+    // SIGTERM: gunicorn's graceful shutdown.
+    let mut group = Group::spawn(name, &mut cmd, libc::SIGTERM)?;
+    wait_until(name, Duration::from_secs(30), &mut [&mut group], || {
+        http::get_status(addr, "/hello").is_ok_and(|status| status == 200)
+    })
+    .with_context(|| format!("see {}", log_path.display()))?;
+    Ok(group)
+}
+
+/// The release agent that demo and bench run.
+pub fn agent_binary(root: &Path) -> PathBuf {
+    root.join("target/release/wsgiscope")
+}
+
+/// `wsgiscope attach --pid <master> --listen <metrics>`, its output appended to `log_path` (or
+/// on the terminal); ready once it serves /metrics (it binds first, serves once attached).
+/// Dropping it sends SIGINT, so it detaches cleanly.
+pub fn attach_agent(
+    root: &Path,
+    master: u32,
+    metrics: SocketAddr,
+    log_path: Option<&Path>,
+    alive: &mut [&mut Group],
+) -> Result<Group> {
+    let mut cmd = Command::new(agent_binary(root));
+    cmd.args(["attach", "--pid", &master.to_string(), "--listen"])
+        .arg(metrics.to_string());
+    if let Some(path) = log_path {
+        let log = File::options().create(true).append(true).open(path)?;
+        cmd.stdout(log.try_clone()?).stderr(log);
     }
+    let mut agent = Group::spawn("wsgiscope", &mut cmd, libc::SIGINT)?;
+    let mut all: Vec<&mut Group> = vec![&mut agent];
+    all.extend(alive.iter_mut().map(|g| &mut **g));
+    wait_until(
+        "the agent's /metrics",
+        Duration::from_secs(60),
+        &mut all,
+        || http::get_status(metrics, "/metrics").is_ok_and(|status| status == 200),
+    )
+    .with_context(|| match log_path {
+        Some(path) => format!("see {}", path.display()),
+        None => "see the agent's output above".to_string(),
+    })?;
+    Ok(agent)
 }

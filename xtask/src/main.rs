@@ -2,15 +2,10 @@
 mod bench;
 mod demo;
 mod group;
-mod metrics_text;
 mod setup;
 mod test;
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{ffi::OsString, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -46,7 +41,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let root = repo_root();
+    let root = wsgiscope_devkit::repo_root();
     let result = match cli.command {
         Cmd::Setup => setup::run(&root),
         Cmd::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
@@ -59,14 +54,6 @@ fn main() {
         eprintln!("xtask: error: {err:#}");
         std::process::exit(1);
     }
-}
-
-/// The workspace root: xtask/ lives directly under it.
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent directory")
-        .to_path_buf()
 }
 
 /// The cargo that runs us (set by `cargo run`), so nested builds use the same toolchain.

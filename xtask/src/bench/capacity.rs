@@ -10,14 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
+use wsgiscope_devkit::{http, Metrics};
 
 use super::{
     load::{self, Run},
     procs::{self, Middleware},
     Plan,
 };
-use crate::{demo::http_get, group::check_stop, metrics_text};
+use crate::group::check_stop;
 
 /// What the agent has counted so far.
 #[derive(Clone, Debug, Default)]
@@ -30,21 +31,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn read(metrics: SocketAddr) -> Result<Snapshot> {
-        let (status, body) = http_get(metrics, "/metrics").context("GET /metrics")?;
-        ensure!(status == 200, "/metrics answered {status}");
-        let samples = metrics_text::parse(&String::from_utf8_lossy(&body))?;
-        let total = |name: &str| {
-            samples
-                .iter()
-                .filter(|s| s.name == name)
-                .map(|s| s.value)
-                .sum()
-        };
+        let m = Metrics::parse(&http::scrape(metrics)?)?;
         Ok(Snapshot {
-            requests: total("wsgi_requests_total"),
-            requests_by_route: metrics_text::sum_by(&samples, "wsgi_requests_total", "route"),
-            blocks_by_route: metrics_text::sum_by(&samples, "wsgi_response_blocks_sum", "route"),
-            lost: total("wsgiscope_lost_events_total"),
+            requests: m.sum("wsgi_requests_total", &[]),
+            requests_by_route: m.sum_by("wsgi_requests_total", "route"),
+            blocks_by_route: m.sum_by("wsgi_response_blocks_sum", "route"),
+            lost: m.sum("wsgiscope_lost_events_total", &[]),
         })
     }
 }
@@ -93,7 +85,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Capacity> {
     let cpu0 = procs::cpu_seconds(agent_pid)?;
     let t = Instant::now();
     for _ in 0..plan.bytes1_requests {
-        let status = load::get(server.addr, "/bytes1")?;
+        let status = http::get_status(server.addr, "/bytes1")?;
         ensure!(status == 200, "/bytes1 answered {status}");
     }
     let seconds = t.elapsed().as_secs_f64();

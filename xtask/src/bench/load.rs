@@ -1,8 +1,8 @@
-//! Load generators: wrk (Debian) at saturation, and a small HTTP client of our own for a fixed
-//! request rate (open loop) and for an exactly counted burst (closed loop).
+//! Load generators: wrk (Debian) at saturation, and clients of our own (one connection per
+//! request, through `wsgiscope_devkit::http`) for a fixed request rate (open loop) and for an
+//! exactly counted burst (closed loop).
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     process::Command,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use wsgiscope_devkit::http;
 
 use super::stats::percentile;
 use crate::group::check_stop;
@@ -128,7 +129,7 @@ pub fn paced(
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        match get(addr, path) {
+        match http::get_status(addr, path) {
             Ok(200) => latencies.push(due.elapsed().as_secs_f64() * 1e3),
             _ => *errors += 1,
         }
@@ -145,7 +146,7 @@ pub fn burst(addr: SocketAddr, path: &str, connections: usize, duration: Duratio
     let run = collect(connections, |latencies, errors| {
         while Instant::now() < end {
             let t = Instant::now();
-            match get(addr, path) {
+            match http::get_status(addr, path) {
                 Ok(200) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
                 _ => *errors += 1,
             }
@@ -185,33 +186,6 @@ fn finish((mut latencies, errors, ended): (Vec<f64>, u64, Instant), start: Insta
         p50_ms: percentile(&latencies, 0.5).unwrap_or(f64::NAN),
         p99_ms: percentile(&latencies, 0.99).unwrap_or(f64::NAN),
     }
-}
-
-/// One GET on a new connection (gunicorn's sync worker closes after each response); reads the
-/// whole response and returns its status.
-pub fn get(addr: SocketAddr, path: &str) -> Result<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0u8; 16];
-    let mut got = 0;
-    while got < head.len() {
-        match stream.read(&mut head[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    let mut sink = [0u8; 64 * 1024];
-    while stream.read(&mut sink)? > 0 {}
-    // "HTTP/1.1 200 OK"
-    std::str::from_utf8(&head[..got])
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line from {addr}{path}"))
 }
 
 #[cfg(test)]

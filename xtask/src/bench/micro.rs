@@ -16,13 +16,14 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
+use wsgiscope_devkit::http;
 
 use super::{
     procs::{self, Gunicorn, Middleware},
     stats::median,
     Plan,
 };
-use crate::{demo::http_get, group::check_stop};
+use crate::group::check_stop;
 
 /// Bytes per write: a small write, like one chunk-framed block of a streaming response.
 pub const WRITE_SIZE: usize = 16;
@@ -177,8 +178,7 @@ fn set_nonblocking(fd: &impl AsRawFd) -> Result<()> {
 /// The loop as a child of a gunicorn worker (through the bench app's /loop route).
 pub fn traced(server: &Gunicorn, mode: Mode, iters: u64) -> Result<f64> {
     let path = format!("/loop?mode={}&iters={iters}", mode.name());
-    let (status, body) = http_get(server.addr, &path).with_context(|| format!("GET {path}"))?;
-    let text = String::from_utf8_lossy(&body);
+    let (status, text) = http::get(server.addr, &path)?;
     ensure!(status == 200, "GET {path} answered {status}: {text}");
     text.trim()
         .parse()

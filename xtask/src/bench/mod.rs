@@ -131,7 +131,9 @@ fn mitigations() -> String {
     let dir = std::path::Path::new("/sys/devices/system/cpu/vulnerabilities");
     let mut found = Vec::new();
     for name in ["spectre_v2", "retbleed", "spec_rstack_overflow"] {
-        let Ok(state) = std::fs::read_to_string(dir.join(name)) else { continue };
+        let Ok(state) = std::fs::read_to_string(dir.join(name)) else {
+            continue;
+        };
         let state = state.trim();
         if state.starts_with("Mitigation") || state.contains("Safe RET") {
             found.push(format!("{name}: {state}"));
@@ -270,7 +272,7 @@ fn environment(root: &Path) -> Environment {
     let versions = vec![
         (
             "wsgiscope".to_string(),
-            text(Command::new(procs::agent_binary(root)).arg("--version")),
+            text(Command::new(group::agent_binary(root)).arg("--version")),
         ),
         (
             "gunicorn".to_string(),

@@ -2,7 +2,7 @@
 //! it reads about processes from /proc.
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -10,11 +10,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use wsgiscope_devkit::{self as devkit, apps_dir, free_addr, procfs};
 
-use crate::{
-    demo::http_get,
-    group::{wait_until, Group},
-};
+use crate::group::{self, wait_until, Group};
 
 /// What a gunicorn instance serves: the bench app alone or wrapped in in-process instrumentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,22 +38,26 @@ pub struct Gunicorn {
     pub group: Group,
 }
 
+/// gunicorn's options for the bench (also printed in the report).
+const GUNICORN_ARGS: [&str; 4] = ["--worker-class", "sync", "-w", "2"];
+
+/// The bench app's gunicorn command line, bound to `bind`, its app directory `apps`.
+pub fn gunicorn_spec(
+    bind: impl std::fmt::Display,
+    apps: impl Into<PathBuf>,
+) -> devkit::gunicorn::Gunicorn {
+    devkit::gunicorn::Gunicorn::new(bind, apps, "benchapp:app").args(&GUNICORN_ARGS)
+}
+
 /// gunicorn sync, 2 workers, serving tests/apps/benchapp.py on a free loopback port.
 pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware) -> Result<Gunicorn> {
     let addr = free_addr()?;
     let name = format!("gunicorn ({})", middleware.env_value());
     let log_path = work.join(format!("gunicorn-{}.log", middleware.env_value()));
-    let log = File::create(&log_path)?;
-    let mut cmd = Command::new(root.join(".venv/bin/gunicorn"));
-    cmd.args(gunicorn_args(&addr.to_string()))
-        .arg(root.join("tests/apps"))
-        .arg("benchapp:app")
-        .env("WSGISCOPE_BENCH_MIDDLEWARE", middleware.env_value())
+    let mut cmd = gunicorn_spec(addr, apps_dir()).command(root)?;
+    cmd.env("WSGISCOPE_BENCH_MIDDLEWARE", middleware.env_value())
         .env("WSGISCOPE_BENCH_LOOP", std::env::current_exe()?)
-        .env_remove("WSGISCOPE_TRUTH_LOG")
-        .env_remove("PROMETHEUS_MULTIPROC_DIR")
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .env_remove("PROMETHEUS_MULTIPROC_DIR");
     if middleware == Middleware::Prometheus {
         let dir = work.join("prometheus-multiproc");
         // Multiprocess mode must start from an empty directory.
@@ -63,32 +65,11 @@ pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware) -> Result<Guni
         std::fs::create_dir_all(&dir)?;
         cmd.env("PROMETHEUS_MULTIPROC_DIR", dir);
     }
-    let mut group = Group::spawn(&name, &mut cmd, libc::SIGTERM)?;
-    wait_until(&name, Duration::from_secs(30), &mut [&mut group], || {
-        http_get(addr, "/hello").is_ok_and(|(status, _)| status == 200)
-    })
-    .with_context(|| format!("see {}", log_path.display()))?;
     Ok(Gunicorn {
         addr,
         middleware,
-        group,
+        group: group::gunicorn(&name, cmd, addr, &log_path)?,
     })
-}
-
-/// gunicorn's arguments before the app directory and module (also printed in the report).
-pub fn gunicorn_args(bind: &str) -> Vec<String> {
-    [
-        "--no-control-socket",
-        "--worker-class",
-        "sync",
-        "-w",
-        "2",
-        "-b",
-        bind,
-        "--chdir",
-    ]
-    .map(String::from)
-    .to_vec()
 }
 
 pub struct Agent {
@@ -96,27 +77,16 @@ pub struct Agent {
     pub group: Group,
 }
 
-/// `wsgiscope attach --pid <master>`, ready once it serves /metrics (it binds first, serves once attached).
+/// `wsgiscope attach --pid <master>` on a free port, its output appended to work/agent.log.
 pub fn agent(root: &Path, work: &Path, master: u32) -> Result<Agent> {
     let metrics = free_addr()?;
-    let log_path = work.join("agent.log");
-    let log = File::options().create(true).append(true).open(&log_path)?;
-    let mut group = Group::spawn(
-        "wsgiscope",
-        Command::new(agent_binary(root))
-            .args(["attach", "--pid", &master.to_string(), "--listen"])
-            .arg(metrics.to_string())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-        libc::SIGINT,
+    let group = group::attach_agent(
+        root,
+        master,
+        metrics,
+        Some(&work.join("agent.log")),
+        &mut [],
     )?;
-    wait_until(
-        "the agent's /metrics",
-        Duration::from_secs(60),
-        &mut [&mut group],
-        || http_get(metrics, "/metrics").is_ok_and(|(status, _)| status == 200),
-    )
-    .with_context(|| format!("see {}", log_path.display()))?;
     Ok(Agent { metrics, group })
 }
 
@@ -144,23 +114,11 @@ pub fn bpftrace(work: &Path, program: &str) -> Result<Group> {
     Ok(group)
 }
 
-pub fn agent_binary(root: &Path) -> PathBuf {
-    root.join("target/release/wsgiscope")
-}
-
-/// A loopback address with a port that was free a moment ago.
-pub fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// User + system CPU time a process has used so far, in seconds (fields 14 and 15 of /proc/PID/stat).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may contain spaces and parentheses: fields are counted after the last ')'.
-    let after = &stat[stat.rfind(')').context("bad /proc stat")? + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // `after` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
-    let ticks: u64 = fields
+    let stat = procfs::stat(pid).with_context(|| format!("no /proc/{pid}/stat"))?;
+    // The fields start at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    let ticks: u64 = stat
         .get(11..13)
         .context("short /proc stat")?
         .iter()
@@ -174,28 +132,11 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 /// CPU seconds used so far by the children of `parent` (gunicorn's workers). On a shared machine
 /// this is steadier than throughput: other load slows the server, but does not add to its CPU time.
 pub fn children_cpu_seconds(parent: u32) -> Result<f64> {
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue; // exited meanwhile
-        };
-        // Field 4 (ppid) is the second after the command name.
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            total += cpu_seconds(pid).unwrap_or(0.0);
-        }
-    }
-    Ok(total)
+    // A worker that exited meanwhile counts nothing.
+    Ok(procfs::children(parent)
+        .into_iter()
+        .map(|pid| cpu_seconds(pid).unwrap_or(0.0))
+        .sum())
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
@@ -215,10 +156,8 @@ pub fn peak_rss_kib(pid: u32) -> Result<u64> {
 /// wsgiscope agents running on the machine that this benchmark did not start (another
 /// engineer's tests, say): their probes fire for every process, ours included.
 pub fn foreign_agents(ours: &[u32]) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    procfs::pids()
+        .into_iter()
         .filter(|pid| !ours.contains(pid))
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))

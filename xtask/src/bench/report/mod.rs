@@ -1,0 +1,182 @@
+//! BENCHMARKS.md from the results: targets first (pass or miss, never adjusted, `targets.rs`),
+//! then each part's table (`sections.rs`, from the figures of `figures.rs`), the exact commands
+//! and the versions.
+mod figures;
+mod sections;
+mod targets;
+#[cfg(test)]
+mod tests;
+
+use std::fmt::Write;
+
+use super::{load, procs, Results};
+
+pub fn render(r: &Results) -> String {
+    let mut md = String::new();
+    header(&mut md, r);
+    targets::targets(&mut md, r);
+    sections::overhead(&mut md, r);
+    sections::agent_counts(&mut md, &r.overhead);
+    sections::probes(&mut md, r);
+    sections::capacity(&mut md, &r.capacity);
+    commands(&mut md, r);
+    versions(&mut md, r);
+    md
+}
+
+fn header(md: &mut String, r: &Results) {
+    let e = &r.env;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench{}` on {} (took {:.0} min), wsgiscope at commit {}.",
+        if r.plan.quick { " --quick" } else { "" },
+        e.date,
+        e.elapsed.as_secs_f64() / 60.0,
+        e.commit
+    );
+    if r.plan.quick {
+        let _ = writeln!(
+            md,
+            "\n**Quick mode: runs of a few seconds, one round. These numbers only show that the harness works.**"
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n- Machine: {}, {} RAM, `{}`",
+        e.cpu, e.memory, e.uname
+    );
+    if !e.mitigations.is_empty() {
+        let _ = writeln!(
+            md,
+            "- CPU mitigations in force: {}. They tax every call and return in the kernel, so each BPF \
+             program run and each helper it calls costs several times what it would on bare metal.",
+            e.mitigations
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- Load average (1, 5, 15 min) before: {}, after: {}. The load generators, gunicorn and the \
+         agent share these cores; nothing is pinned.",
+        e.load_before, e.load_after
+    );
+    let foreign = foreign_counts(r);
+    if foreign.0 > 0 {
+        let _ = writeln!(
+            md,
+            "- **Shared machine:** in {} of {} measurements another wsgiscope agent (not started by the \
+             benchmark) was running; its probes fire for every process, so those measurements carry \
+             its cost too, including the \"agent off\" ones.",
+            foreign.0, foreign.1
+        );
+    }
+}
+
+fn foreign_counts(r: &Results) -> (usize, usize) {
+    let flags: Vec<bool> = r
+        .overhead
+        .measurements
+        .iter()
+        .map(|m| m.foreign_agent)
+        .chain(r.micro.iter().map(|s| s.foreign_agent))
+        .chain([r.capacity.burst.foreign_agent])
+        .collect();
+    (flags.iter().filter(|&&f| f).count(), flags.len())
+}
+
+pub(super) fn verdict(pass: bool) -> &'static str {
+    if pass {
+        "pass"
+    } else {
+        "**miss**"
+    }
+}
+
+pub(super) fn percent(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:+.1} %", 100.0 * x)
+    } else {
+        "-".into()
+    }
+}
+
+pub(super) fn num(x: Option<f64>, decimals: usize) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "-".into(),
+    }
+}
+
+/// "pass" when the whole measured value meets the bound; a missing value is a miss.
+pub(super) fn at_most(value: Option<f64>, max: f64) -> &'static str {
+    verdict(value.is_some_and(|v| v <= max))
+}
+
+fn commands(md: &mut String, r: &Results) {
+    let p = &r.plan;
+    let _ = writeln!(md, "\n## Exact commands\n");
+    let _ = writeln!(md, "```sh");
+    let _ = writeln!(
+        md,
+        "cargo xtask bench{}",
+        if p.quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "# the servers (one per middleware; PORT = a free loopback port):"
+    );
+    let _ = writeln!(
+        md,
+        "WSGISCOPE_BENCH_MIDDLEWARE=none|timing|prometheus WSGISCOPE_BENCH_LOOP=target/debug/xtask \\\n  \
+         [PROMETHEUS_MULTIPROC_DIR=target/xtask-bench/prometheus-multiproc] \\\n  \
+         {}",
+        procs::gunicorn_spec("127.0.0.1:PORT", "tests/apps").shell_line()
+    );
+    let _ = writeln!(md, "target/release/wsgiscope attach --pid <gunicorn master pid> --listen 127.0.0.1:<free port>");
+    let _ = writeln!(md, "# saturation (calibration: -d{}s):", p.calibrate_secs);
+    let _ = writeln!(
+        md,
+        "wrk {} http://127.0.0.1:PORT/hello   # and /blocks",
+        load::wrk_args(p.wrk_connections, p.run_secs).join(" ")
+    );
+    let _ = writeln!(
+        md,
+        "# fixed rate: xtask's open-loop client (bench/load.rs `paced`), {} threads, {} s per run",
+        p.paced_threads, p.run_secs
+    );
+    let _ = writeln!(
+        md,
+        "# probe cost, traced: GET /loop?mode=tcp|unix&iters={} (the worker runs the loop below)",
+        p.micro_iters
+    );
+    let _ = writeln!(
+        md,
+        "target/debug/xtask bench-loop --mode tcp|unix|getppid --iters {}   # untraced: started by xtask",
+        p.micro_iters
+    );
+    let _ = writeln!(
+        md,
+        "# capacity: {} × GET /bytes1, then /hello closed loop, {} connections, {} s (bench/load.rs `burst`)",
+        p.bytes1_requests, p.burst_connections, p.burst_secs
+    );
+    let _ = writeln!(md, "```");
+    let _ = writeln!(
+        md,
+        "\nThe timing middleware and the prometheus_client middleware are in \
+         `tests/apps/bench_middleware.py`: the first wraps start_response, write() and the iterable \
+         (per-block counting and timing), the second records one Counter increment and one Histogram \
+         observation per request in multiprocess mode (its /metrics endpoint is not scraped during the \
+         runs; neither is wsgiscope's)."
+    );
+    let _ = writeln!(
+        md,
+        "\nRaw per-run numbers are printed by the command as it runs."
+    );
+}
+
+fn versions(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "\n## Versions\n");
+    for (name, version) in &r.env.versions {
+        let _ = writeln!(md, "- {name}: {version}");
+    }
+}

@@ -1,0 +1,267 @@
+//! The sections of the three parts: overhead on gunicorn, probe cost per syscall, capacity.
+use std::fmt::Write;
+
+use super::{
+    super::{
+        capacity::{Capacity, BYTES1_BLOCKS},
+        micro::{Placement, State, BATCH, CASES, EMPTY_PROBES, WRITE_SIZE},
+        overhead::{Config, Load, Measurement, Overhead, CONFIGS, ROUTES},
+        stats::median,
+        Results,
+    },
+    figures::{cpu_cost, cpu_per_1k, median_of, probe_cost, probe_median, saturation_cost},
+    num, percent,
+    targets::BURST_RATE_GOAL,
+};
+
+pub(super) fn overhead(md: &mut String, r: &Results) {
+    let o = &r.overhead;
+    let _ = writeln!(md, "\n## 1. Overhead on gunicorn\n");
+    let _ = writeln!(
+        md,
+        "gunicorn sync, 2 workers, serving `tests/apps/benchapp.py` (the test app's routes). Four \
+         configurations, each round running all four in an order rotated by one per round; \
+         {} round(s) of {} s per run; every number is the median over rounds. \"app + wsgiscope\" is \
+         the app-alone server with the agent attached for that block of the round (and detached \
+         otherwise, so its probes never run during the other configurations).\n",
+        r.plan.rounds, r.plan.run_secs
+    );
+    let _ = writeln!(
+        md,
+        "- Saturation: `wrk` with {} connections; throughput and wrk's latency percentiles.",
+        r.plan.wrk_connections
+    );
+    let rates: Vec<String> = ROUTES
+        .iter()
+        .map(|route| {
+            format!(
+                "{route} {} req/s (half of {} req/s)",
+                num(o.fixed_rate.get(route).copied(), 0),
+                num(o.calibration.get(route).copied(), 0)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "- Fixed rate, near 50 % utilisation: half the app-alone saturation throughput of a \
+         calibration run: {}. Open-loop client (xtask, {} threads, one connection per request): \
+         latency counts from each request's scheduled send time, so stalls are not hidden \
+         (no coordinated omission).",
+        rates.join(", "),
+        r.plan.paced_threads
+    );
+    let _ = writeln!(
+        md,
+        "- Cost = throughput lost against the app alone (saturation medians); negative = faster, i.e. noise. \
+         Workers' CPU per request = utime + stime of gunicorn's workers over the run (from /proc) over \
+         the requests answered: it includes the time the BPF programs run inside the workers' \
+         syscalls, and is steadier than throughput on a shared machine; CPU cost compares it with the \
+         app alone at saturation."
+    );
+    for route in ROUTES {
+        let what = if route == "/hello" {
+            "one block"
+        } else {
+            "1000 blocks of 128 bytes"
+        };
+        let _ = writeln!(md, "\n### {route} ({what})\n");
+        let _ = writeln!(
+            md,
+            "| configuration | saturation req/s | cost | p50 ms | p99 ms | workers' CPU µs/request | CPU cost | fixed rate req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for config in CONFIGS {
+            let m = |load, f: fn(&Measurement) -> f64| median_of(o, route, load, config, f);
+            let vs_alone = |cost: Option<f64>| match config {
+                Config::Alone => "-".to_string(),
+                _ => cost.map_or("-".into(), percent),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                config.label(),
+                num(m(Load::Saturation, |m| m.run.req_per_s), 0),
+                vs_alone(saturation_cost(o, route, config)),
+                num(m(Load::Saturation, |m| m.run.p50_ms), 2),
+                num(m(Load::Saturation, |m| m.run.p99_ms), 2),
+                num(m(Load::Saturation, |m| m.worker_cpu_us), 0),
+                vs_alone(cpu_cost(o, route, config)),
+                num(m(Load::Fixed, |m| m.run.req_per_s), 0),
+                num(m(Load::Fixed, |m| m.run.p50_ms), 2),
+                num(m(Load::Fixed, |m| m.run.p99_ms), 2),
+            );
+        }
+        let agent_cpu = |load| {
+            median_of(o, route, load, Config::Wsgiscope, |m| {
+                m.agent_cpu_us.unwrap_or(f64::NAN)
+            })
+        };
+        let _ = writeln!(
+            md,
+            "\nThe agent's own CPU time per request (not in the workers' column): {} µs at saturation, {} µs at the fixed rate.",
+            num(agent_cpu(Load::Saturation), 1),
+            num(agent_cpu(Load::Fixed), 1)
+        );
+        let alone: Vec<f64> = o
+            .measurements
+            .iter()
+            .filter(|m| m.route == route && m.load == Load::Saturation && m.config == Config::Alone)
+            .map(|m| m.run.req_per_s)
+            .collect();
+        if alone.len() > 1 {
+            let (lo, hi) = alone
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            let _ = writeln!(
+                md,
+                "\nNoise: the app alone ranged {lo:.0}–{hi:.0} req/s at saturation over the rounds \
+                 ({:.1} % of the median); costs smaller than that are not resolved.",
+                100.0 * (hi - lo) / median(&alone).unwrap_or(f64::NAN)
+            );
+        }
+        let errors: u64 = o
+            .measurements
+            .iter()
+            .filter(|m| m.route == route)
+            .map(|m| m.run.errors)
+            .sum();
+        if errors > 0 {
+            let _ = writeln!(
+                md,
+                "\nClient-side errors on {route} over all runs: {errors}."
+            );
+        }
+    }
+}
+
+pub(super) fn agent_counts(md: &mut String, o: &Overhead) {
+    let _ = writeln!(
+        md,
+        "\nOver all wsgiscope blocks the agent counted {} requests; the clients saw {} answered (wrk \
+         may leave one request per connection in flight when it stops, which the server still \
+         answers); lost events: {}.",
+        o.agent_counted, o.client_completed, o.agent_lost_events
+    );
+}
+
+pub(super) fn probes(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "\n## 2. Probe cost per syscall\n");
+    let _ = writeln!(
+        md,
+        "A loop of {} write(2) calls of {WRITE_SIZE} bytes on a non-blocking socket, in batches of \
+         {BATCH} between which the same thread drains the peer (untimed); after {} untimed warm-up \
+         writes. A loop reports nanoseconds per write in its median batch (robust to preemption on \
+         a shared machine). Each case runs {} loop process(es) per agent state and round, the fastest \
+         taken (a process here runs its whole life in a fast or a ~30 % slower mode, set by the host); {} round(s), each measuring every case with the agent off and attached (which \
+         first alternates). Cost = median over rounds of the paired difference (on − off).\n",
+        r.plan.micro_iters,
+        r.plan.micro_iters / 10,
+        r.plan.micro_reps,
+        r.plan.micro_rounds
+    );
+    let _ = writeln!(
+        md,
+        "- Traced: the loop runs as a child of a gunicorn worker (started by the bench app's \
+         `/loop` route), so it descends from the attached master.\n\
+         - Untraced: the same loop started by xtask, outside the server's process tree.\n\
+         - `tcp`: an accepted loopback TCP connection on which the loop first read an HTTP request, \
+         so in a traced process each write takes the agent's full path (recorded on syscall enter, \
+         aggregated into the request on exit). `unix`: one end of an AF_UNIX socketpair, which \
+         in a traced process is an fd that is not a client connection (the probe looks it up and \
+         stops). `getppid`: no write at all but getppid(2), which the agent does not hook: any \
+         program on a syscall tracepoint sends every syscall of every process through the kernel's \
+         slower traced entry and exit, and this row shows that part alone.\n"
+    );
+    let _ = writeln!(
+        md,
+        "- Empty probes: with nothing else attached, bpftrace runs two programs that do nothing on \
+         `sys_enter_write` and `sys_exit_write` (`{EMPTY_PROBES}`); their cost on the untraced loop \
+         is the floor that any program on these two tracepoints costs on this kernel, whatever it does.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| process | fd | nothing attached ns/call | agent attached ns/call | agent cost ns/call | empty probes ns/call | empty-probe cost ns/call |\n|---|---|---|---|---|---|---|"
+    );
+    for (placement, mode) in CASES {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            match placement {
+                Placement::Traced => "traced",
+                Placement::Untraced => "untraced",
+            },
+            mode.name(),
+            num(probe_median(&r.micro, placement, mode, State::Nothing), 1),
+            num(probe_median(&r.micro, placement, mode, State::Agent), 1),
+            num(probe_cost(&r.micro, placement, mode, State::Agent), 1),
+            num(
+                probe_median(&r.micro, placement, mode, State::EmptyProbes),
+                1
+            ),
+            num(probe_cost(&r.micro, placement, mode, State::EmptyProbes), 1),
+        );
+    }
+    if !r.micro.iter().any(|s| s.state == State::EmptyProbes) {
+        let _ = writeln!(md, "\n(bpftrace was not installed: no empty-probe floor.)");
+    }
+}
+
+pub(super) fn capacity(md: &mut String, c: &Capacity) {
+    let b = &c.bytes1;
+    let burst = &c.burst;
+    let _ = writeln!(md, "\n## 3. Capacity\n");
+    let _ = writeln!(
+        md,
+        "The agent attached to a fresh gunicorn (sync, 2 workers). Client counts are exact (every \
+         request is answered or counted as an error); the agent's are deltas of \
+         `wsgi_requests_total` and `wsgi_response_blocks_sum`, read once it had caught up (or after 10 s).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| check | client | agent | lost events |\n|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| /bytes1 (102,400 one-byte blocks), {} requests one at a time, {:.2} s each | {} requests, {} blocks | {} requests, {} blocks | {} |",
+        b.requests,
+        b.seconds_per_request,
+        b.requests,
+        BYTES1_BLOCKS * b.requests as f64,
+        b.counted,
+        b.blocks_counted,
+        b.lost
+    );
+    let _ = writeln!(
+        md,
+        "| burst: /hello closed loop, {} connections, {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | {} requests ({} errors) | {} requests | {} |",
+        burst.connections,
+        burst.run.req_per_s,
+        burst.run.p50_ms,
+        burst.run.p99_ms,
+        burst.run.requests,
+        burst.run.errors,
+        burst.counted,
+        burst.lost
+    );
+    let _ = writeln!(
+        md,
+        "\nAgent CPU over the burst (utime + stime from /proc, from the burst's start until it had \
+         counted every request, over the burst's duration): {:.2} % of one core at {:.0} req/s = \
+         {} % per 1k req/s. During the /bytes1 requests: {:.2} CPU-seconds for {} requests. Peak RSS \
+         (VmHWM) at the end: {:.1} MiB.",
+        burst.agent_cpu_percent,
+        burst.run.req_per_s,
+        num(cpu_per_1k(c), 2),
+        b.agent_cpu_seconds,
+        b.requests,
+        c.agent_peak_rss_kib as f64 / 1024.0
+    );
+    if burst.run.req_per_s < BURST_RATE_GOAL {
+        let _ = writeln!(
+            md,
+            "\nThe ~{BURST_RATE_GOAL:.0} req/s burst was not reached: {:.0} req/s is what gunicorn's two \
+             sync workers served with the client on the same {} cores.",
+            burst.run.req_per_s,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
+}
