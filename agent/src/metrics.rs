@@ -152,13 +152,6 @@ impl Metrics {
         Self::with_buckets(&BucketConfig::default())
     }
 
-    /// The value of one series in exposition `text` (0 when absent): for tests and logs.
-    pub fn value(text: &str, series: &str) -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
     /// The exposition text (OpenMetrics).
     pub fn encode(&self) -> String {
         let mut out = String::new();

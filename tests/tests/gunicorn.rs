@@ -158,6 +158,7 @@ fn worker_killed_mid_request_is_recorded_once_and_replaced() {
     let client = std::thread::spawn(move || get(port, "/hang"));
     // Wait until the request is inside the app, then kill its worker.
     std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: plain kill(2) on a process this test started.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     assert!(client.join().unwrap().is_err(), "the client saw the connection die");
 

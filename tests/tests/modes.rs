@@ -39,6 +39,7 @@ fn run_starts_the_server_attached_and_counts_its_first_request() {
     assert_eq!(m.sum("wsgi_worker_requests_total", &[]), 10.0);
 
     // SIGTERM goes on to gunicorn, which stops cleanly; wsgiscope exits with its code.
+    // SAFETY: plain kill(2) on a process this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     assert_eq!(agent.wait(Duration::from_secs(30)), Some(0), "{}", agent.log_text());
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "gunicorn stopped");
@@ -109,6 +110,7 @@ fn daemon_finds_running_and_new_servers_and_outlives_them() {
     let log = daemon.log_text();
     assert!(log.contains("master") && log.contains("exited"), "the daemon saw uWSGI go: {log}");
     assert!(!log.contains("ERROR") && !log.contains("cannot watch"), "{log}");
+    // SAFETY: plain kill(2) on a process this test started.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
     assert_eq!(daemon.wait(Duration::from_secs(10)), Some(0));
 }
@@ -193,6 +195,7 @@ fn python_dash_m_gunicorn_is_found_by_attach_and_by_daemon() {
         let m = agent.metrics_when("3 requests", |m| m.sum("wsgi_requests_total", &[("service", "pym_app")]) >= 3.0);
         assert_eq!(m.sum("wsgi_requests_total", &[("service", "pym_app"), ("route", "/hello")]), 3.0);
     }
+    // SAFETY: plain kill(2) on a process this test started.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     server.wait().unwrap();
 }

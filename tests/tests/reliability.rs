@@ -75,6 +75,7 @@ fn reloads_keep_counters_monotonic_and_follow_the_new_workers() {
             assert_eq!(get(server.port, "/hello").unwrap().status, 200);
         }
         agent.metrics_when("10 requests", |m| m.sum("wsgi_requests_total", &[]) >= 10.0);
+        // SAFETY: plain kill(2) on a process this test started.
         unsafe { libc::kill(server.master() as i32, reload) };
         let start = Instant::now();
         while server.workers().len() != 2 || server.workers().iter().any(|w| old.contains(w)) {
@@ -116,6 +117,7 @@ fn an_agent_killed_outright_leaves_nothing_behind() {
     let programs = tracepoint_program_ids(agent.pid());
     assert!(!programs.is_empty());
     assert!(gc_semaphore(worker) > before, "USDT semaphore on while attached");
+    // SAFETY: plain kill(2) on a process this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
     let start = Instant::now();
     while programs.iter().any(|&id| bpf_program_exists(id)) {
@@ -223,6 +225,7 @@ fn a_server_exiting_during_attach_ends_cleanly() {
     let pid = agent.id();
     let watchdog = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
+        // SAFETY: plain kill(2) on a process this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     });
     let out = agent.wait_with_output().unwrap();

@@ -95,6 +95,7 @@ impl Drop for Group {
             thread::sleep(Duration::from_millis(50));
         }
         // Whatever is left of the group (workers of a master that died first, say).
+        // SAFETY: plain kill(2) on the process group this xtask started.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = self.child.wait();
     }
