@@ -4,8 +4,8 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use wsgiscope_common::{
-    ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, CONN_SERVED,
-    REQ_HEAD_LEN, RESP_HEAD_LEN,
+    ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
+    CONN_SERVED, REQ_HEAD_LEN, RESP_HEAD_LEN,
 };
 
 use crate::{events, sniff::bytes_after_head};
@@ -87,6 +87,13 @@ pub fn start_pipelined(c: &mut ConnState, ts: u64) {
     let index = c.agg.pipeline_index;
     reset(c, ts);
     c.agg.pipeline_index = index.saturating_add(1);
+}
+
+/// Has the request's response begun? An interim `100 Continue` written first does not count:
+/// the client answers it with the body, not with a new request.
+#[inline(always)]
+pub fn response_begun(c: &ConnState) -> bool {
+    c.agg.write_calls > u32::from(c.agg.flags & AGG_INTERIM != 0)
 }
 
 /// Emits the request in progress on `c` (if any) as one ring-buffer record and clears it.

@@ -3,11 +3,11 @@
 //! Only the syscall exits are hooked: the fd and buffer come from the saved registers.
 use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
-    conn_key, AGG_INTERIM, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG, REQ_HEAD_LEN,
+    conn_key, CONN_IN_REQUEST, CONN_SHUT, END_NEXT_REQUEST, OP_READ, OP_READV, OP_RECVMSG, REQ_HEAD_LEN,
 };
 
 use crate::{
-    conn::{append_head, finish_request, now, start_request},
+    conn::{append_head, finish_request, now, response_begun, start_request},
     maps::{root_of, CONNS},
     sniff::looks_like_request,
     tp::{pid_tgid, programs, ret},
@@ -32,14 +32,12 @@ fn read_done(ctx: &TracePointContext, op: u32) {
     let c = unsafe { &mut *c };
     let (src, avail) = first_piece(op, buf, n);
     let ts = now();
-    // After an interim response (`100 Continue`) the client sends the body, not a new request.
-    let interim = u32::from(c.agg.flags & AGG_INTERIM != 0);
     if c.flags & CONN_IN_REQUEST == 0 {
         if c.flags & CONN_SHUT != 0 {
             return; // draining after our shutdown
         }
         start_request(c, ts, src, avail, n);
-    } else if c.agg.write_calls > interim && looks_like_request(src, avail) {
+    } else if response_begun(c) && looks_like_request(src, avail) {
         finish_request(c, key, END_NEXT_REQUEST, ts);
         start_request(c, ts, src, avail, n);
     } else {

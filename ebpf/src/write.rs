@@ -6,7 +6,7 @@ use wsgiscope_common::{
 };
 
 use crate::{
-    conn::{append_head, finish_request, now, start_pipelined},
+    conn::{append_head, finish_request, now, response_begun, start_pipelined},
     maps::CONNS,
     pending::{stash, stash_fd, take},
     sniff::{is_interim, is_response_head},
@@ -71,8 +71,7 @@ fn write_done(ctx: &TracePointContext) {
 /// one. Costs one 13-byte user read per write, on such connections only.
 #[inline(always)]
 fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
-    let interim = u32::from(c.agg.flags & AGG_INTERIM != 0);
-    if c.agg.write_calls <= interim || c.partial_left > 0 || n < 13 {
+    if !response_begun(c) || c.partial_left > 0 || n < 13 {
         return;
     }
     let (src, avail) = first_piece(p.op, p.buf, n);

@@ -296,10 +296,13 @@ impl<'m> Aggregator<'m> {
         let mut route_only = self.service_labels();
         route_only.push(label("route", route.clone()));
         if capped {
-            let [a, b, c] = self.route_series.entry(route.clone()).or_default();
-            a.insert(by_status.clone());
-            b.insert(by_route.clone());
-            c.insert(route_only.clone());
+            // Cloned only the first time a label set is seen (this runs per request).
+            let sets = self.route_series.entry(route.clone()).or_default();
+            for (set, labels) in sets.iter_mut().zip([&by_status, &by_route, &route_only]) {
+                if !set.contains(labels) {
+                    set.insert(labels.clone());
+                }
+            }
         }
         let m = self.metrics;
         m.requests.get_or_create(&by_status).inc();

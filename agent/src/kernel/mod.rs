@@ -23,7 +23,7 @@ use wsgiscope_common::{
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
-use preflight::{check_kernel_btf, raise_memlock, sched_format, TRACEFS};
+use preflight::{check_kernel_btf, raise_memlock, tracepoint_format};
 
 /// The loaded and attached kernel side, with the maps the agent reads.
 pub struct Kernel {
@@ -46,12 +46,11 @@ pub struct Kernel {
 
 /// Attaches a program that reads its tracepoint at fixed offsets, after checking them.
 fn attach_fixed_layout(prog: &mut TracePoint, category: &str, name: &str, fields: &[(&str, u32)]) -> Result<Box<dyn Send>> {
-    let path = format!("{TRACEFS}/events/{category}/{name}/format");
-    let format = std::fs::read_to_string(&path).with_context(|| format!("this kernel has no {path}"))?;
+    let format = tracepoint_format(category, name)?;
     for (field, want) in fields {
         let got = field_offset(&format, field);
         if got != Some(*want) {
-            bail!("field {field} is at {got:?} in {path}, the kernel program expects {want}");
+            bail!("field {field} of {category}/{name} is at {got:?}, the kernel program expects {want}");
         }
     }
     attach_tracepoint(prog, category, name)
@@ -75,11 +74,11 @@ impl Kernel {
         check_kernel_btf()?;
         ensure_tracefs()?;
         raise_memlock();
-        let fork = sched_format("sched_process_fork")?;
+        let fork = tracepoint_format("sched", "sched_process_fork")?;
         let child_off = field_offset(&fork, "child_pid")
             .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
         // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
-        let group_dead_off = field_offset(&sched_format("sched_process_exit")?, "group_dead").unwrap_or(0);
+        let group_dead_off = field_offset(&tracepoint_format("sched", "sched_process_exit")?, "group_dead").unwrap_or(0);
 
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &child_off, true)

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-pub const TRACEFS: &str = "/sys/kernel/tracing";
+const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Mounts tracefs if it is not mounted (a fresh host often has it unmounted).
 pub fn ensure_tracefs() -> Result<()> {
@@ -45,11 +45,11 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
-pub fn sched_format(event: &str) -> Result<String> {
-    let path = format!("{TRACEFS}/events/sched/{event}/format");
-    std::fs::read_to_string(&path).with_context(|| {
-        format!("cannot read {path}: this kernel lacks the sched tracepoints wsgiscope needs")
-    })
+/// The tracefs format file of a tracepoint (its record layout).
+pub fn tracepoint_format(category: &str, event: &str) -> Result<String> {
+    let path = format!("{TRACEFS}/events/{category}/{event}/format");
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {path}: this kernel lacks the {category}/{event} tracepoint wsgiscope needs"))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):

@@ -13,9 +13,6 @@ pub struct RequestLine {
     /// The path without query string or fragment; `None` when the captured bytes end inside it
     /// (a request line longer than the kernel keeps) or the target is no path.
     pub path: Option<String>,
-    /// Bytes of the whole head (through its blank line) and of the body that follows by its
-    /// `Content-Length`, when both are known: where a pipelined next request begins.
-    pub next_at: Option<usize>,
 }
 
 /// The request line of an HTTP/1.x head, leniently: a method token and a space are enough to
@@ -35,7 +32,7 @@ pub fn parse_request(head: &[u8]) -> Option<RequestLine> {
     let path_end = target.iter().position(|&c| c == b'?' || c == b'#');
     let complete = path_end.is_some() || target_end.is_some();
     let path = if complete { origin_path(&target[..path_end.unwrap_or(target.len())]) } else { None };
-    Some(RequestLine { method, path, next_at: next_request_at(head) })
+    Some(RequestLine { method, path })
 }
 
 /// The path of a request target: origin form (`/a/b`) as it is, absolute form
@@ -59,8 +56,8 @@ fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-/// Where the next request would begin: after the blank line and a `Content-Length` body
-/// (unknown for a chunked body or a head not captured whole).
+/// Where the next request would begin (pipelining): after the blank line and a
+/// `Content-Length` body (unknown for a chunked body or a head not captured whole).
 fn next_request_at(head: &[u8]) -> Option<usize> {
     let end = head.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let mut body = 0usize;
@@ -86,8 +83,10 @@ pub fn parse_pipelined(head: &[u8], index: u16) -> Option<Option<RequestLine>> {
     }
     let mut at = 0usize;
     for _ in 0..index {
-        let Some(line) = parse_request(&head[at..]) else { return Some(None) };
-        match line.next_at {
+        if parse_request(&head[at..]).is_none() {
+            return Some(None);
+        }
+        match next_request_at(&head[at..]) {
             Some(n) if at + n < head.len() => at += n,
             _ => return Some(None),
         }
