@@ -10,7 +10,8 @@
 //!
 //! Around it: `commands` (attach, run, daemon) set up `kernel` (load, attach, maps) and run the
 //! `collect` loop; `discover` finds servers, workers and services (`server` holds what is known
-//! of each server kind), `python` the interpreter's GC probe points, `k8s` pod labels; `slots`,
+//! of each server kind), `python` the interpreter's GC probe points, `k8s` pod labels, `sockets`
+//! the downstream connections a worker opened before the agent attached; `slots`,
 //! `exits` and `kernel_stats` are the aggregator's worker slots, exit causes and the kernel's
 //! own counters; `cli` is the command line.
 pub mod aggregate;
@@ -33,3 +34,4 @@ pub mod route_cap;
 pub mod server;
 pub mod session;
 pub mod slots;
+pub mod sockets;
