@@ -19,6 +19,7 @@ pub mod cli;
 pub mod collect;
 pub mod commands;
 pub mod discover;
+pub mod downstream;
 pub mod exits;
 pub mod export;
 pub mod k8s;

@@ -1,0 +1,4 @@
+//! Downstream calls: what a worker asked of its database, cache or HTTP service, recognised from
+//! the first bytes it wrote and read (`protocol`), with SQL reduced to a template (`sql`).
+pub mod protocol;
+pub mod sql;
