@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    aggregate::{Options, DEFAULT_MAX_ROUTES},
+    aggregate::{Options, DEFAULT_MAX_OPERATIONS, DEFAULT_MAX_ROUTES, DEFAULT_REPEATED_CALLS},
     metrics::{BucketConfig, BLOCK_BUCKETS, BYTE_BUCKETS, LATENCY_BUCKETS},
     route::Templates,
 };
@@ -69,6 +69,14 @@ pub struct ExportArgs {
     /// Distinct routes kept per service; the rest are reported as route="other".
     #[arg(long, default_value_t = DEFAULT_MAX_ROUTES)]
     pub max_routes: usize,
+    /// Distinct downstream operations (SQL templates, Redis commands…) and peers kept per
+    /// service; the rest are reported as operation="other" / peer="other".
+    #[arg(long, default_value_t = DEFAULT_MAX_OPERATIONS)]
+    pub max_operations: usize,
+    /// A request that makes at least this many downstream calls of one operation is counted
+    /// in wsgi_repeated_call_requests_total (N+1 queries).
+    #[arg(long, default_value_t = DEFAULT_REPEATED_CALLS, value_parser = clap::value_parser!(u64).range(2..))]
+    pub repeated_calls: u64,
     /// Route templates, one per line (e.g. `/users/{id}/posts`); they take precedence over the
     /// automatic normalisation of ids, UUIDs and tokens.
     #[arg(long, value_name = "FILE")]
@@ -90,7 +98,13 @@ impl ExportArgs {
             Some(path) => Templates::load(path)?,
             None => Templates::default(),
         };
-        Ok(Options { per_worker: self.per_worker, max_routes: self.max_routes, templates })
+        Ok(Options {
+            per_worker: self.per_worker,
+            max_routes: self.max_routes,
+            max_operations: self.max_operations,
+            repeated_calls: self.repeated_calls,
+            templates,
+        })
     }
 
     pub fn buckets(&self) -> BucketConfig {

@@ -28,6 +28,7 @@ use crate::{
     python::{self, GcProbes},
     record::{self, Event, InProgress},
     session::Session,
+    sockets,
 };
 
 /// A process that exec'd a server name stays a candidate this long while it is not yet
@@ -111,6 +112,10 @@ impl<'m> Collector<'m> {
         for w in &workers {
             session.agg.worker_started(*w);
         }
+        // Connections the processes opened before we attached (pools, persistent DB connections).
+        for pid in std::iter::once(master).chain(workers.iter().copied()) {
+            self.seed_downstream(&mut session, pid, master);
+        }
         info!(
             "attached to {} master {master} (service \"{service}\"{}): {} workers {workers:?}",
             target.kind,
@@ -119,6 +124,22 @@ impl<'m> Collector<'m> {
         );
         self.sessions.insert(master, session);
         Ok(())
+    }
+
+    /// Makes the downstream sockets process `pid` has open now known to the kernel and the
+    /// session (later ones are seen connecting).
+    fn seed_downstream(&mut self, session: &mut Session<'m>, pid: u32, root: u32) {
+        let sockets = match sockets::downstream_of(pid) {
+            Ok(s) => s,
+            Err(e) => return warn!("cannot list the sockets of process {pid}: {e:#}; its calls on connections opened before attach are not seen"),
+        };
+        for (fd, peer) in sockets {
+            if let Err(e) = self.kernel.seed_downstream(pid, fd, root) {
+                warn!("{e:#}");
+                break;
+            }
+            session.connected(pid, fd, Some(&peer));
+        }
     }
 
     /// Finds the server's CPython and attaches the GC probes to it; GC data is optional.
@@ -173,6 +194,7 @@ impl<'m> Collector<'m> {
                     .into_iter()
                     .filter_map(|(fd, c)| record::orphan(tgid, fd, &c, now))
                     .collect();
+                self.kernel.forget_downstream(tgid);
                 self.candidates.remove(&tgid);
                 let Some(s) = self.sessions.get_mut(&root) else { return };
                 s.exited(tgid, &orphans);
@@ -198,6 +220,16 @@ impl<'m> Collector<'m> {
                     s.gc(tgid, generation, start_ns, end_ns);
                 }
             }
+            Event::Call(ev) => {
+                if let Some(s) = self.sessions.get_mut(&ev.root) {
+                    s.call(&ev);
+                }
+            }
+            Event::Connect { tgid, fd, root, peer } => {
+                if let Some(s) = self.sessions.get_mut(&root) {
+                    s.connected(tgid, fd, peer.as_ref());
+                }
+            }
         }
     }
 
@@ -216,6 +248,7 @@ impl<'m> Collector<'m> {
         for (root, s) in &mut self.sessions {
             s.agg.in_progress(now, running.get(root).map(Vec::as_slice).unwrap_or_default());
             s.decide();
+            s.expire_calls(now);
         }
         self.kernel_stats.update(self.kernel.stats());
         self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections));

@@ -45,8 +45,8 @@ mod tests {
     fn kernel_losses_are_counted_once() {
         let m = Metrics::new();
         let mut k = KernelStats::new(&m);
-        k.update([3, 0, 1]);
-        k.update([5, 0, 1]);
+        k.update([3, 0, 1, 0, 0]);
+        k.update([5, 0, 1, 0, 0]);
         let text = m.encode();
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="ringbuf_full"} 5"#), "{text}");
         assert!(text.contains(r#"wsgiscope_lost_events_total{reason="pending_table_full"} 1"#));

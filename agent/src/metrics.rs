@@ -25,6 +25,11 @@ pub const BLOCK_BUCKETS: &[f64] =
 pub const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 const GC_BUCKETS: &[f64] =
     &[0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+const DOWNSTREAM_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const CALLS_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0];
+const CPU_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ACCEPT_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -95,6 +100,8 @@ metrics! { buckets =>
         "wsgi_response_partial_writes", "Of the write calls, those that continued a partial write (the reader did not keep up)";
     bytes: Histograms = Family::new_with_constructor(Buckets::new(&buckets.bytes)),
         "wsgi_response_bytes", "Bytes written to the client socket per response";
+    cpu: Histograms = Family::new_with_constructor(Buckets::new(CPU_BUCKETS)),
+        "wsgi_request_cpu_seconds", "CPU time (user + system) of the serving thread from the first request byte read to the last response byte written";
     worker_requests: Family<Labels, Counter> = Family::default(),
         "wsgi_worker_requests", "Requests served by a worker slot";
     worker_blocks: Family<Labels, Counter> = Family::default(),
@@ -103,6 +110,8 @@ metrics! { buckets =>
         "wsgi_worker_response_bytes", "Bytes written to client sockets by a worker slot";
     worker_write_seconds: Family<Labels, Counter<f64, AtomicU64>> = Family::default(),
         "wsgi_worker_response_write_seconds", "Time a worker slot spent inside write-family syscalls";
+    worker_cpu: Family<Labels, Counter<f64, AtomicU64>> = Family::default(),
+        "wsgi_worker_cpu_seconds", "CPU time a worker slot's serving threads spent on requests";
     worker_info: Family<Labels, Gauge> = Family::default(),
         "wsgi_worker_info", "Process currently holding a worker slot (value 1)";
     workers: Family<Labels, Gauge> = Family::default(),
@@ -137,6 +146,18 @@ metrics! { buckets =>
         "wsgiscope_route_evictions", "Routes that lost their place under the cap to a route requested more often (their series stay, frozen, until --max-routes more are evicted)";
     truncated: Family<Labels, Counter> = Family::default(),
         "wsgiscope_truncated_requests", "Requests counted as route=\"other\" because their path was not captured whole (a request head longer than the kernel keeps) or is longer than 256 bytes";
+    downstream_duration: Histograms = Family::new_with_constructor(Buckets::new(DOWNSTREAM_BUCKETS)),
+        "wsgi_downstream_duration_seconds", "Downstream calls made by workers during requests (PostgreSQL, MySQL, Redis, HTTP, tls, other): first byte written to last response byte read";
+    request_downstream_seconds: Histograms = Family::new_with_constructor(Buckets::new(DOWNSTREAM_BUCKETS)),
+        "wsgi_request_downstream_seconds", "Per request, time in downstream calls of one protocol (requests that made such calls)";
+    request_downstream_calls: Histograms = Family::new_with_constructor(Buckets::new(CALLS_BUCKETS)),
+        "wsgi_request_downstream_calls", "Per request, downstream calls of one protocol (requests that made such calls)";
+    repeated_calls: Family<Labels, Counter> = Family::default(),
+        "wsgi_repeated_call_requests", "Requests that made --repeated-calls or more calls of one downstream operation (N+1 queries)";
+    unattributed_calls: Family<Labels, Counter> = Family::default(),
+        "wsgiscope_unattributed_calls", "Downstream calls not attributed to a request: outside_request (start-up, background threads), ambiguous (an event-loop worker with several requests in progress), late (the request's record was lost or never came)";
+    operation_overflow: Family<Labels, Counter> = Family::default(),
+        "wsgiscope_operation_overflow", "Downstream calls counted as operation=\"other\" or peer=\"other\" because the cap (--max-operations) was full";
     relayed: Family<Labels, Counter> = Family::default(),
         "wsgiscope_relayed_requests", "Requests seen on a front-end process (e.g. the uWSGI HTTP router); its workers count them";
 }

@@ -2,10 +2,14 @@
 //! records, the requests a dying process left open in the connection table, and the requests
 //! in progress there. The first step of a request's way: record → reconstruct → session and
 //! aggregate → metrics → export.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use wsgiscope_common::{
-    ConnState, EventKind, ExecEvent, ExitEvent, ForkEvent, GcEvent, ReapEvent, RequestEvent, SignalEvent,
-    CONN_IN_REQUEST, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN,
+    CallEvent, ConnState, ConnectEvent, EventKind, ExecEvent, ExitEvent, ForkEvent, GcEvent, ReapEvent,
+    RequestEvent, SignalEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN, UNIX_PATH_LEN,
 };
+
+use crate::sockets::Peer;
 
 /// A record read from the ring buffer.
 pub enum Event {
@@ -21,6 +25,10 @@ pub enum Event {
     Exec { pid: u32 },
     /// A garbage collection of generation `generation` (-1: unknown) in `tgid`.
     Gc { tgid: u32, root: u32, generation: i32, start_ns: u64, end_ns: u64 },
+    /// A downstream call ended.
+    Call(Box<CallEvent>),
+    /// `tgid` connected socket `fd` to `peer` (`None`: an address wsgiscope cannot name).
+    Connect { tgid: u32, fd: u32, root: u32, peer: Option<Peer> },
 }
 
 impl Event {
@@ -30,7 +38,8 @@ impl Event {
             Event::Request(ev) => ev.root,
             Event::Fork { root, .. } | Event::Exit { root, .. } | Event::Signal { root, .. } | Event::Reap { root, .. } => *root,
             Event::Exec { pid } => *pid,
-            Event::Gc { root, .. } => *root,
+            Event::Gc { root, .. } | Event::Connect { root, .. } => *root,
+            Event::Call(ev) => ev.root,
         }
     }
 }
@@ -68,7 +77,38 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
             let e = read::<GcEvent>(bytes)?;
             Event::Gc { tgid: e.tgid, root: e.root, generation: e.generation, start_ns: e.start_ns, end_ns: e.end_ns }
         }
+        EventKind::Call => Event::Call(Box::new(read::<CallEvent>(bytes)?)),
+        EventKind::Connect => {
+            let e = read::<ConnectEvent>(bytes)?;
+            Event::Connect { tgid: e.tgid, fd: e.fd, root: e.root, peer: peer(&e) }
+        }
     })
+}
+
+/// The peer a connect record names: an IP address and port, or a UNIX path (abstract names,
+/// which begin with a NUL byte, as `@name`).
+fn peer(e: &ConnectEvent) -> Option<Peer> {
+    const AF_UNIX: u16 = 1;
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    let ip = match e.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3])),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(e.addr)),
+        AF_UNIX => {
+            let path = &e.path[..(e.path_len as usize).min(UNIX_PATH_LEN)];
+            let (abstract_name, path) = match path.split_first() {
+                Some((0, rest)) => (true, rest),
+                _ => (false, path.split(|&b| b == 0).next().unwrap_or_default()),
+            };
+            if path.is_empty() {
+                return None; // an unnamed (autobind) address
+            }
+            let name = String::from_utf8_lossy(path);
+            return Some(Peer::Unix(if abstract_name { format!("@{name}") } else { name.into_owned() }));
+        }
+        _ => return None,
+    };
+    Some(Peer::Tcp(SocketAddr::new(ip, e.port)))
 }
 
 /// A request still open on a socket of a process that exited (the kernel closed the socket
@@ -132,6 +172,39 @@ mod tests {
         assert!(matches!(decode(bytes(&reap)), Some(Event::Reap { parent: 10, child: 11, status: 256, root: 10 })));
         let exec = ExecEvent { kind: EventKind::Exec as u32, tgid: 42, ts_ns: 0 };
         assert!(matches!(decode(bytes(&exec)), Some(Event::Exec { pid: 42 })));
+    }
+
+    fn connect(family: u16, addr: [u8; 16], port: u16, path: &[u8]) -> Option<Peer> {
+        let mut e = ConnectEvent {
+            kind: EventKind::Connect as u32,
+            tgid: 7,
+            fd: 9,
+            root: 1,
+            family,
+            port,
+            path_len: path.len() as u32,
+            addr,
+            path: [0; UNIX_PATH_LEN],
+        };
+        e.path[..path.len()].copy_from_slice(path);
+        match decode(bytes(&e)) {
+            Some(Event::Connect { tgid: 7, fd: 9, root: 1, peer }) => peer,
+            _ => panic!("a connect record decodes as one"),
+        }
+    }
+
+    #[test]
+    fn connect_records_name_their_peer() {
+        let mut v4 = [0; 16];
+        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(connect(2, v4, 5432, b"").unwrap().to_string(), "127.0.0.1:5432");
+        assert_eq!(connect(10, Ipv6Addr::LOCALHOST.octets(), 6379, b"").unwrap().to_string(), "[::1]:6379");
+        // A path as Python passes it (NUL-terminated within the address length) or not.
+        assert_eq!(connect(1, [0; 16], 0, b"/tmp/x/.s.PGSQL.5432\0").unwrap().to_string(), "/tmp/x/.s.PGSQL.5432");
+        assert_eq!(connect(1, [0; 16], 0, b"/run/redis.sock").unwrap().to_string(), "/run/redis.sock");
+        assert_eq!(connect(1, [0; 16], 0, b"\0hidden").unwrap().to_string(), "@hidden");
+        assert_eq!(connect(1, [0; 16], 0, b""), None);
+        assert_eq!(connect(16, [0; 16], 0, b""), None);
     }
 
     #[test]

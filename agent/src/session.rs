@@ -3,12 +3,14 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::{debug, info};
-use wsgiscope_common::RequestEvent;
+use wsgiscope_common::{CallEvent, RequestEvent};
 
 use crate::{
     aggregate::Aggregator,
     discover,
+    downstream::Calls,
     exits::ExitReason,
+    sockets::Peer,
     reconstruct::{self, Facts, Protocol},
     server::ServerKind,
 };
@@ -28,7 +30,12 @@ pub struct Session<'m> {
     /// Recent garbage collections per process (start, end ns): the requests they fell in
     /// arrive after them.
     gcs: HashMap<u32, VecDeque<(u64, u64)>>,
+    /// Downstream calls: peers, protocol state, and calls waiting for their request's record.
+    calls: Calls,
 }
+
+/// Calls wait this long (ns) for the record of their request before they count as `late`.
+const CALLS_WAIT_NS: u64 = 600_000_000_000;
 
 /// Collections kept per process, and for how long (ns), to attribute them to requests.
 const GC_KEEP: usize = 4096;
@@ -45,6 +52,7 @@ impl<'m> Session<'m> {
             kill_signalled: HashMap::new(),
             exited_workers: HashSet::new(),
             gcs: HashMap::new(),
+            calls: Calls::default(),
         }
     }
 
@@ -70,8 +78,11 @@ impl<'m> Session<'m> {
             &*q.make_contiguous()
         });
         let facts = Facts { killed_at: self.kill_signalled.get(&ev.tgid).copied(), gcs: gcs.unwrap_or_default() };
+        let calls = self.calls.take((ev.tgid, ev.fd, ev.agg.start_ns));
+        let unrecorded = calls.by_protocol.values().map(|(n, _)| n).sum::<u64>();
         let Some(r) = reconstruct::reconstruct(self.kind, ev, facts) else {
             self.agg.unparsed();
+            self.agg.unattributed("late", unrecorded);
             return;
         };
         // One line per request at debug level: the kernel's aggregate, for diagnosing framing.
@@ -96,11 +107,40 @@ impl<'m> Session<'m> {
             Protocol::Uwsgi | Protocol::ModWsgi => self.http_is_relay = true,
             Protocol::Http if self.http_is_relay => {
                 self.agg.relayed(r.tgid);
+                self.agg.unattributed("late", unrecorded);
                 return;
             }
             Protocol::Http => {}
         }
-        self.agg.record(&r);
+        self.agg.record(&r, &calls);
+    }
+
+    /// A downstream call ended (its request's record comes after it).
+    pub fn call(&mut self, ev: &CallEvent) {
+        let (call, attribution) = self.calls.call(ev);
+        debug!(
+            "{} pid {} fd {}: {} call {:?} to {} ({}, {:.6} s), {attribution:?}",
+            self.agg.service(),
+            ev.tgid,
+            ev.fd,
+            call.protocol.as_str(),
+            call.operation,
+            call.peer,
+            call.outcome.as_str(),
+            call.seconds
+        );
+        self.agg.call(&call, attribution);
+    }
+
+    /// Process `tgid` connected (or, found at attach, had connected) socket `fd` to `peer`.
+    pub fn connected(&mut self, tgid: u32, fd: u32, peer: Option<&Peer>) {
+        self.calls.connected(tgid, fd, peer);
+    }
+
+    /// Calls whose request record never came (lost, or not a request) stop waiting.
+    pub fn expire_calls(&mut self, now_ns: u64) {
+        let late = self.calls.expire(now_ns.saturating_sub(CALLS_WAIT_NS));
+        self.agg.unattributed("late", late);
     }
 
     pub fn gc(&mut self, tgid: u32, generation: i32, start_ns: u64, end_ns: u64) {
@@ -126,6 +166,8 @@ impl<'m> Session<'m> {
         }
         self.undecided.retain(|&p| p != tgid);
         self.gcs.remove(&tgid);
+        let late = self.calls.exited(tgid);
+        self.agg.unattributed("late", late);
         if tgid != self.master && self.agg.worker_exited(tgid) {
             self.exited_workers.insert(tgid);
         }

@@ -1,6 +1,6 @@
 //! Ring-buffer records: one struct per kind, each beginning with its `kind` (an [`EventKind`]
 //! as `u32`), so the agent tells them apart by their first four bytes.
-use crate::state::{RequestAgg, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use crate::state::{CallAgg, RequestAgg, CALL_REQ_LEN, CALL_RESP_LEN, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 /// What a record is.
 #[repr(u32)]
@@ -20,6 +20,10 @@ pub enum EventKind {
     Exec = 6,
     /// A CPython garbage collection finished in a traced process: [`GcEvent`].
     Gc = 7,
+    /// A downstream call ended: [`CallEvent`].
+    Call = 8,
+    /// A traced process connected a socket: [`ConnectEvent`].
+    Connect = 9,
 }
 
 impl EventKind {
@@ -32,6 +36,8 @@ impl EventKind {
             5 => EventKind::Reap,
             6 => EventKind::Exec,
             7 => EventKind::Gc,
+            8 => EventKind::Call,
+            9 => EventKind::Connect,
             _ => return None,
         })
     }
@@ -134,4 +140,47 @@ pub struct GcEvent {
     pub _pad: u32,
     pub start_ns: u64,
     pub end_ns: u64,
+}
+
+/// Why a call record was emitted (`CallEvent::end_reason`): the next call on its socket began…
+pub const CALL_END_NEXT: u32 = 1;
+/// …the request it belongs to wrote to its client or ended…
+pub const CALL_END_REQUEST: u32 = 2;
+/// …the thread began a call on another socket…
+pub const CALL_END_OTHER_CALL: u32 = 3;
+/// …its socket was closed.
+pub const CALL_END_CLOSE: u32 = 4;
+
+/// One record per downstream call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallEvent {
+    pub kind: u32,
+    pub end_reason: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    pub root: u32,
+    pub _pad: u32,
+    pub call: CallAgg,
+    pub req_head: [u8; CALL_REQ_LEN],
+    pub resp_head: [u8; CALL_RESP_LEN],
+}
+
+/// Bytes of a UNIX socket path in `sockaddr_un`.
+pub const UNIX_PATH_LEN: usize = 108;
+
+/// Process `tgid` connected socket `fd` to a peer: AF_INET/AF_INET6 `addr` (IPv4 in the first
+/// 4 bytes) and `port`, or an AF_UNIX `path` (`path_len` bytes; abstract names begin with NUL).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnectEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    pub root: u32,
+    pub family: u16,
+    pub port: u16,
+    pub path_len: u32,
+    pub addr: [u8; 16],
+    pub path: [u8; UNIX_PATH_LEN],
 }

@@ -38,6 +38,8 @@ pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_PENDING: &str = "PENDING";
 /// Per-CPU loss counters, indexed by `STAT_*`.
 pub const MAP_STATS: &str = "STATS";
+/// `conn_key(tgid, fd)` → `Downstream` (sockets a traced process connected).
+pub const MAP_DOWNSTREAM: &str = "DOWNSTREAM";
 
 /// Globals the loader rewrites: the offset of `child_pid` in `sched_process_fork` records…
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
@@ -52,8 +54,11 @@ pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
 pub const STAT_RINGBUF_FULL: u32 = 0;
 pub const STAT_CONN_TABLE_FULL: u32 = 1;
 pub const STAT_PENDING_TABLE_FULL: u32 = 2;
-pub const STAT_COUNT: u32 = 3;
-pub const STAT_REASONS: [&str; STAT_COUNT as usize] = ["ringbuf_full", "conn_table_full", "pending_table_full"];
+pub const STAT_DOWNSTREAM_TABLE_FULL: u32 = 3;
+pub const STAT_THREAD_TABLE_FULL: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
+pub const STAT_REASONS: [&str; STAT_COUNT as usize] =
+    ["ringbuf_full", "conn_table_full", "pending_table_full", "downstream_table_full", "thread_table_full"];
 
 // ---- Tracepoint records ---------------------------------------------------------------------
 
@@ -77,6 +82,12 @@ pub mod sock_state {
 pub mod signal_generate {
     pub const SIG: u32 = 8;
     pub const PID: u32 = 36;
+}
+
+/// `sched:sched_switch` (stable since 4.x).
+pub mod sched_switch {
+    pub const PREV_PID: u32 = 24;
+    pub const NEXT_PID: u32 = 56;
 }
 
 /// A tracepoint the kernel programs read at fixed offsets; the agent checks the offsets in
@@ -108,6 +119,12 @@ pub const FIXED_LAYOUTS: &[FixedLayout] = &[
         name: "signal_generate",
         fields: &[("sig", signal_generate::SIG), ("pid", signal_generate::PID)],
         feature: "telling killed workers from crashed ones (wsgi_worker_exits_total)",
+    },
+    FixedLayout {
+        category: "sched",
+        name: "sched_switch",
+        fields: &[("prev_pid", sched_switch::PREV_PID), ("next_pid", sched_switch::NEXT_PID)],
+        feature: "CPU time per request (wsgi_request_cpu_seconds)",
     },
 ];
 

@@ -28,4 +28,6 @@ mod user {
     unsafe impl aya::Pod for RequestAgg {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Pending {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Downstream {}
 }

@@ -19,12 +19,17 @@ pub const CONN_SERVED: u32 = 4;
 /// The read that started the request held bytes after its head (a body, or pipelined
 /// requests): a later write that begins a response head starts the next request.
 pub const CONN_MORE_AFTER_HEAD: u32 = 8;
+/// A downstream call attributed to the request may still be open (on `ConnState::call_fd`):
+/// it ends before the request's next response write, or with the request.
+pub const CONN_OPEN_CALL: u32 = 16;
 
 /// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
 pub const AGG_ACCEPT_WAIT: u16 = 1;
 /// `RequestAgg::flags`: the first write was an interim `HTTP/1.x 1xx` response (e.g.
 /// `100 Continue`): reads after it are still this request's body.
 pub const AGG_INTERIM: u16 = 2;
+/// `RequestAgg::flags`: `cpu_start_ns`/`cpu_end_ns` were measured.
+pub const AGG_CPU: u16 = 4;
 
 /// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
 /// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
@@ -36,6 +41,7 @@ pub const OP_WRITEV: u32 = 5; // writev
 pub const OP_SENDMSG: u32 = 6; // sendmsg
 pub const OP_SENDFILE: u32 = 7; // sendfile64: no user buffer
 pub const OP_POLL: u32 = 8; // poll/ppoll waiting for POLLOUT on a connection: counts as write time
+pub const OP_CONNECT: u32 = 9; // connect: buf is the sockaddr, len its length
 
 /// Key of the connection table: one entry per accepted socket of a traced process.
 #[inline(always)]
@@ -82,7 +88,12 @@ pub struct RequestAgg {
     /// the same read (pipelining). Its head is in the same captured bytes, after the others'.
     pub pipeline_index: u16,
     pub _pad16: u16,
-    pub _pad32: u32,
+    /// The thread that read the request's first byte (its downstream calls are the request's).
+    pub tid: u32,
+    /// That thread's CPU time (ns on CPU since wsgiscope first saw it serve) at the request's
+    /// start, and at its last response write (or its end, without one): valid with `AGG_CPU`.
+    pub cpu_start_ns: u64,
+    pub cpu_end_ns: u64,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
@@ -95,6 +106,9 @@ pub struct ConnState {
     /// Bytes of the last write the kernel did not take (non-blocking partial write): the next
     /// write continues that block.
     pub partial_left: u64,
+    /// Downstream socket of the call `CONN_OPEN_CALL` refers to.
+    pub call_fd: u32,
+    pub _pad: u32,
     pub agg: RequestAgg,
     pub req_head: [u8; 2 * REQ_HEAD_LEN],
     pub resp_head: [u8; 2 * RESP_HEAD_LEN],
@@ -122,3 +136,78 @@ pub struct GcStart {
     pub _pad: u32,
 }
 
+
+/// Bytes of a downstream call's request kept (SQL text, Redis command, HTTP request line)…
+pub const CALL_REQ_LEN: usize = 256;
+/// …and of its response (status, error markers).
+pub const CALL_RESP_LEN: usize = 128;
+
+/// `Downstream::state`: between calls…
+pub const CALL_IDLE: u32 = 0;
+/// …writing a call's request…
+pub const CALL_WRITING: u32 = 1;
+/// …reading its response (the next write starts the next call).
+pub const CALL_READING: u32 = 2;
+
+/// `CallAgg::flags`: the thread serves several requests at once (gevent, eventlet) and more
+/// than one was in progress: the call is not attributed to any.
+pub const CALL_AMBIGUOUS: u32 = 1;
+
+/// One downstream call: a request written to a socket the worker connected (not accepted) and
+/// the response read from it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallAgg {
+    /// Enter of the call's first write (or exit of its first read, if the peer spoke first).
+    pub start_ns: u64,
+    /// Exit of the last read of its response (of its last write if no response came).
+    pub end_ns: u64,
+    /// The request it belongs to: the client connection and the request's `start_ns`
+    /// (0: no request was in progress on the thread).
+    pub req_start_ns: u64,
+    pub req_fd: u32,
+    pub tid: u32,
+    pub write_bytes: u64,
+    pub read_bytes: u64,
+    pub write_calls: u32,
+    pub read_calls: u32,
+    pub req_len: u32,
+    pub resp_len: u32,
+    /// `CALL_*` flag bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A downstream socket of a traced process, keyed by `conn_key(tgid, fd)`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Downstream {
+    pub root: u32,
+    /// `CALL_IDLE`, `CALL_WRITING` or `CALL_READING`.
+    pub state: u32,
+    pub call: CallAgg,
+    pub req_head: [u8; 2 * CALL_REQ_LEN],
+    pub resp_head: [u8; 2 * CALL_RESP_LEN],
+}
+
+/// A thread that serves requests, keyed by tid: the request it read last (on `fd`, started
+/// at `start_ns`), how many requests it has in progress, and its CPU clock.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadReq {
+    pub start_ns: u64,
+    pub fd: u32,
+    /// Requests this thread read and the kernel has not ended yet.
+    pub in_flight: u32,
+    /// `THREAD_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// Time on CPU before `cpu_since_ns`…
+    pub cpu_total_ns: u64,
+    /// …when it last went on CPU (0: off CPU).
+    pub cpu_since_ns: u64,
+}
+
+/// `ThreadReq::flags`: the thread read a request while another it read was still before its
+/// response: it serves requests concurrently (an event loop), so attribution needs care.
+pub const THREAD_CONCURRENT: u32 = 1;

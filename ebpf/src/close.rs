@@ -4,6 +4,7 @@ use wsgiscope_common::{conn_key, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
 
 use crate::{
     conn::{finish_request, now},
+    downstream,
     maps::{root_of, CONNS},
     tp::{arg, pid_tgid},
 };
@@ -19,6 +20,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         // SAFETY: map value pointer valid for this program run.
         finish_request(unsafe { &mut *c }, key, END_CLOSE, now());
         let _ = CONNS.remove(&key);
+    } else {
+        downstream::closed(key);
     }
     0
 }

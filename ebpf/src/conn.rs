@@ -8,7 +8,7 @@ use wsgiscope_common::{
     CONN_SERVED, REQ_HEAD_LEN, RESP_HEAD_LEN,
 };
 
-use crate::{events, sniff::bytes_after_head};
+use crate::{events, sniff::bytes_after_head, threads};
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -102,6 +102,7 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
     if c.flags & CONN_IN_REQUEST == 0 {
         return;
     }
+    threads::request_ending(c, key);
     c.flags &= !CONN_IN_REQUEST;
     let Some(mut entry) = events::reserve::<RequestEvent>() else { return };
     let e = entry.as_mut_ptr();

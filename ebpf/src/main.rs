@@ -6,6 +6,8 @@
 //! `write` (response writes), `close` (close and shutdown end a request), `tcp` (handshakes
 //! completed, for the accept-queue wait), `signal` (workers killed from outside), `python`
 //! (CPython garbage collections, by uprobe).
+//! `downstream` (calls to databases, caches and HTTP services on sockets the worker connected),
+//! `threads` (what each serving thread serves, and its CPU time, kept on context switches).
 //! `conn` holds the connection-state helpers they share, `maps` the maps, `events` every write
 //! to the ring buffer; `tp` reads tracepoint records, `user` the traced process's memory,
 //! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes.
@@ -16,6 +18,7 @@
 mod accept;
 mod close;
 mod conn;
+mod downstream;
 mod events;
 mod maps;
 mod pending;
@@ -25,6 +28,7 @@ mod read;
 mod signal;
 mod sniff;
 mod tcp;
+mod threads;
 mod tp;
 mod user;
 mod write;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use wsgiscope_common::{ConnState, Pending, STAT_COUNT};
+use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, STAT_COUNT};
 
 /// Traced processes and threads: task id → tgid of the attached master (the "root").
 /// Seeded by the agent at attach, grown on fork in the kernel so no new worker is missed.
@@ -14,6 +14,16 @@ pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 /// Accepted sockets of traced processes: `conn_key(tgid, fd)` → state of the request in progress.
 #[map]
 pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(8192, 0);
+
+/// Sockets traced processes connected (downstream: databases, caches, HTTP services):
+/// `conn_key(tgid, fd)` → the call in progress. Seeded by the agent for sockets connected
+/// before it attached, grown on connect.
+#[map]
+pub static DOWNSTREAM: HashMap<u64, Downstream> = HashMap::with_max_entries(16384, 0);
+
+/// Threads of traced processes that read a request: tid → that request.
+#[map]
+pub static THREADS: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
 
 /// Syscalls in flight: pid_tgid → what the exit tracepoint needs.
 #[map]
@@ -47,6 +57,10 @@ pub static ESTABLISHED: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(
 /// Room to build a `ConnState` (too large for the 512-byte BPF stack).
 #[map]
 pub static SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Room to build a `Downstream`.
+#[map]
+pub static CALL_SCRATCH: PerCpuArray<Downstream> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn bump(stat: u32) {

@@ -8,6 +8,7 @@ use wsgiscope_common::{
 
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_request},
+    downstream, threads,
     maps::{root_of, CONNS},
     sniff::looks_like_request,
     tp::{pid_tgid, programs, ret},
@@ -20,14 +21,19 @@ fn read_done(ctx: &TracePointContext, op: u32) {
     if n <= 0 {
         return; // EOF, EAGAIN, errors: no data, no request
     }
-    let (_, tgid) = pid_tgid();
+    let (id, tgid) = pid_tgid();
     if root_of(tgid).is_none() {
         return;
     }
     let Some((fd, buf)) = entry_args() else { return };
     let key = conn_key(tgid, fd as u32);
     let n = n as u64;
-    let Some(c) = CONNS.get_ptr_mut(&key) else { return };
+    let Some(c) = CONNS.get_ptr_mut(&key) else {
+        // Not a connection: perhaps a downstream call's response.
+        let (src, avail) = first_piece(op, buf, n);
+        downstream::read(key, src, avail, n, now(), id as u32);
+        return;
+    };
     // SAFETY: map value pointer valid for this program run.
     let c = unsafe { &mut *c };
     let (src, avail) = first_piece(op, buf, n);
@@ -37,9 +43,11 @@ fn read_done(ctx: &TracePointContext, op: u32) {
             return; // draining after our shutdown
         }
         start_request(c, ts, src, avail, n);
+        threads::request_started(c, key, id as u32);
     } else if response_begun(c) && looks_like_request(src, avail) {
         finish_request(c, key, END_NEXT_REQUEST, ts);
         start_request(c, ts, src, avail, n);
+        threads::request_started(c, key, id as u32);
     } else {
         c.agg.read_calls += 1;
         c.agg.read_bytes += n;

@@ -7,17 +7,23 @@ use wsgiscope_common::{
 
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
+    downstream, threads,
     maps::CONNS,
     pending::{stash, stash_fd, take},
     sniff::{is_interim, is_response_head},
-    tp::{arg, programs, ret},
+    tp::{arg, pid_tgid, programs, ret},
     user::{first_piece, prefix8, read_user},
 };
 
 #[inline(always)]
 fn write_done(ctx: &TracePointContext) {
     let Some(p) = take() else { return };
-    let Some(c) = CONNS.get_ptr_mut(&p.key) else { return };
+    let Some(c) = CONNS.get_ptr_mut(&p.key) else {
+        // Not a connection: perhaps a downstream call's request.
+        let (id, _) = pid_tgid();
+        downstream::wrote(&p, ret(ctx), now(), id as u32);
+        return;
+    };
     // SAFETY: map value pointer valid for this program run.
     let c = unsafe { &mut *c };
     if c.flags & CONN_IN_REQUEST == 0 {
@@ -25,6 +31,8 @@ fn write_done(ctx: &TracePointContext) {
     }
     let ts = now();
     let n = ret(ctx);
+    // The request writes to its client: the downstream call it made last is over.
+    downstream::end_open_call(c, p.key);
     if n > 0 && c.flags & CONN_MORE_AFTER_HEAD != 0 {
         next_pipelined(c, &p, n as u64);
     }
@@ -47,6 +55,7 @@ fn write_done(ctx: &TracePointContext) {
     c.agg.write_bytes += n;
     c.agg.last_write_ns = ts;
     c.agg.last_write_len = n as u32;
+    threads::mark_cpu_end(c);
     // User memory is read only where it matters: the response head (first 256 bytes) and
     // short writes (framing such as a chunk terminator); the blocks in between cost nothing.
     let short = n <= 8;
@@ -77,8 +86,13 @@ fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
     let (src, avail) = first_piece(p.op, p.buf, n);
     if is_response_head(src, avail) {
         let previous_end = c.agg.last_write_ns;
+        let previous_cpu_end = c.agg.cpu_end_ns;
         finish_request(c, p.key, END_PIPELINED, p.enter_ns);
         start_pipelined(c, previous_end);
+        let (id, _) = pid_tgid();
+        threads::request_started(c, p.key, id as u32);
+        // Same thread: its CPU time from the previous response's end, like the request's.
+        c.agg.cpu_start_ns = previous_cpu_end;
     }
 }
 

@@ -1,10 +1,13 @@
 //! Aggregate: reconstructed requests into per-route and per-worker series. Workers hold stable
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
+mod downstream;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
 
 use crate::{
+    downstream::RequestCalls,
     exits::ExitReason,
     labels::{label, Labels},
     metrics::Metrics,
@@ -31,6 +34,10 @@ type RequestKey = (u32, u32, u64);
 
 /// Routes beyond this many distinct values per service are reported as `other`.
 pub const DEFAULT_MAX_ROUTES: usize = 500;
+/// Downstream operations (and peers) beyond this many per service are reported as `other`.
+pub const DEFAULT_MAX_OPERATIONS: usize = 200;
+/// Calls of one operation in one request that make it an N+1 request.
+pub const DEFAULT_REPEATED_CALLS: u64 = 20;
 /// The route of requests without a route of their own.
 pub const OTHER_ROUTE: &str = "other";
 /// Longest path given a route of its own (longer ones are `other`).
@@ -52,12 +59,22 @@ pub struct Options {
     pub per_worker: bool,
     /// Distinct routes per service; the rest are `route="other"`.
     pub max_routes: usize,
+    /// Distinct downstream operations, and peers, per service; the rest are `other`.
+    pub max_operations: usize,
+    /// Calls of one operation in one request that make it an N+1 request.
+    pub repeated_calls: u64,
     pub templates: Templates,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { per_worker: false, max_routes: DEFAULT_MAX_ROUTES, templates: Templates::default() }
+        Options {
+            per_worker: false,
+            max_routes: DEFAULT_MAX_ROUTES,
+            max_operations: DEFAULT_MAX_OPERATIONS,
+            repeated_calls: DEFAULT_REPEATED_CALLS,
+            templates: Templates::default(),
+        }
     }
 }
 
@@ -72,8 +89,8 @@ pub struct Aggregator<'m> {
     options: Options,
     routes: RouteCap,
     /// The label sets created per automatic route: those with status, those by route, those
-    /// with the route only (to remove its series).
-    route_series: HashMap<String, [HashSet<Labels>; 3]>,
+    /// with the route only, those with a downstream protocol (to remove its series).
+    route_series: HashMap<String, [HashSet<Labels>; 4]>,
     /// Routes the cap evicted, oldest first: their series stay, frozen, until `max_routes` more
     /// have been evicted after them (so totals stay exact while memory stays bounded).
     retired: VecDeque<String>,
@@ -90,6 +107,11 @@ pub struct Aggregator<'m> {
     busy_seen: HashSet<RequestKey>,
     /// Routes whose small-block pathology was already logged.
     warned_routes: HashSet<String>,
+    /// Downstream operations and peers holding a label of their own (first come).
+    operations: HashSet<String>,
+    peers: HashSet<String>,
+    /// Routes whose N+1 calls were already logged.
+    warned_repeats: HashSet<String>,
 }
 
 impl<'m> Aggregator<'m> {
@@ -111,6 +133,9 @@ impl<'m> Aggregator<'m> {
             busy_credited: HashMap::new(),
             busy_seen: HashSet::new(),
             warned_routes: HashSet::new(),
+            operations: HashSet::new(),
+            peers: HashSet::new(),
+            warned_repeats: HashSet::new(),
         };
         for reason in ExitReason::ALL {
             let mut l = a.service_labels();
@@ -123,6 +148,7 @@ impl<'m> Aggregator<'m> {
         let _ = a.metrics.route_evictions.get_or_create(&a.service_labels());
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
         let _ = a.metrics.relayed.get_or_create(&a.service_labels());
+        a.downstream_series();
         a
     }
 
@@ -193,6 +219,7 @@ impl<'m> Aggregator<'m> {
             let _ = self.metrics.worker_blocks.get_or_create(&w);
             let _ = self.metrics.worker_bytes.get_or_create(&w);
             let _ = self.metrics.worker_write_seconds.get_or_create(&w);
+            let _ = self.metrics.worker_cpu.get_or_create(&w);
             let _ = self.metrics.worker_busy.get_or_create(&w);
             self.metrics.worker_active.get_or_create(&w).set(0);
             self.metrics.worker_oldest.get_or_create(&w).set(0.0);
@@ -260,7 +287,7 @@ impl<'m> Aggregator<'m> {
 
     /// Removes every series of a route.
     fn remove_route(&mut self, route: &str) {
-        let Some([by_status, by_route, route_only]) = self.route_series.remove(route) else { return };
+        let Some([by_status, by_route, route_only, with_protocol]) = self.route_series.remove(route) else { return };
         let m = self.metrics;
         for l in &by_status {
             m.requests.remove(l);
@@ -273,15 +300,22 @@ impl<'m> Aggregator<'m> {
             m.partial_writes.remove(l);
             m.bytes.remove(l);
             m.request_gc.remove(l);
+            m.cpu.remove(l);
         }
         for l in &route_only {
             m.small_blocks.remove(l);
             m.slow_clients.remove(l);
         }
+        for l in &with_protocol {
+            m.request_downstream_seconds.remove(l);
+            m.request_downstream_calls.remove(l);
+            m.repeated_calls.remove(l);
+        }
+        self.warned_repeats.remove(route);
         self.warned_routes.remove(route);
     }
 
-    pub fn record(&mut self, r: &Request) {
+    pub fn record(&mut self, r: &Request, calls: &RequestCalls) {
         // A request is served by a worker: a process not seen fork takes a slot now.
         let slot = self.worker_started(r.tgid).unwrap_or_default();
         self.learn_wire(slot, r);
@@ -313,11 +347,17 @@ impl<'m> Aggregator<'m> {
         m.partial_writes.get_or_create(&by_route).inc_by(r.partial_writes);
         m.bytes.get_or_create(&by_route).observe(r.bytes as f64);
         m.request_gc.get_or_create(&by_route).observe(r.gc_seconds);
+        if let Some(cpu) = r.cpu_seconds {
+            m.cpu.get_or_create(&by_route).observe(cpu);
+        }
         let w = self.worker_labels(slot);
         m.worker_requests.get_or_create(&w).inc();
         m.worker_blocks.get_or_create(&w).inc_by(r.blocks);
         m.worker_bytes.get_or_create(&w).inc_by(r.bytes);
         m.worker_write_seconds.get_or_create(&w).inc_by(r.write_seconds);
+        if let Some(cpu) = r.cpu_seconds {
+            m.worker_cpu.get_or_create(&w).inc_by(cpu);
+        }
         // Busy time: what the scans of requests in progress did not credit yet.
         let credited = self.busy_credited.remove(&(r.tgid, r.fd, r.start_ns)).unwrap_or(0.0);
         if r.duration > credited {
@@ -343,6 +383,7 @@ impl<'m> Aggregator<'m> {
         if r.write_seconds > r.duration / 2.0 && r.write_seconds >= SLOW_CLIENT_MIN_WRITE {
             m.slow_clients.get_or_create(&route_only).inc();
         }
+        self.request_calls(&route, capped, &by_route, &route_only, calls);
     }
 
     /// The requests in progress now (a scan of the kernel's connection table): credits their

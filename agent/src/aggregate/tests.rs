@@ -34,6 +34,7 @@ fn request(path: &str, tgid: u32) -> Request {
         blocks: 1,
         bytes: 100,
         gc_seconds: 0.0,
+        cpu_seconds: Some(0.002),
     }
 }
 
@@ -43,9 +44,9 @@ fn requests_feed_route_and_worker_series() {
     let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
     a.set_python("3.11", true);
     a.worker_started(7);
-    a.record(&request("/a", 7));
-    a.record(&request("/a", 7));
-    a.record(&request("/b", 8));
+    a.record(&request("/a", 7), &Default::default());
+    a.record(&request("/a", 7), &Default::default());
+    a.record(&request("/b", 8), &Default::default());
     let text = m.encode();
     assert!(text.contains(r#"wsgi_requests_total{service="app",method="GET",route="/a",status="200"} 2"#), "{text}");
     assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/b"} 3"#));
@@ -70,7 +71,7 @@ fn routes_beyond_the_cap_are_other() {
     let m = Metrics::new();
     let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 2));
     for p in ["/a", "/users/1", "/c", "/d", "/a", "/users/2"] {
-        a.record(&request(p, 1));
+        a.record(&request(p, 1), &Default::default());
     }
     let text = m.encode();
     assert!(text.contains(r#"route="/a",status="200"} 2"#), "{text}");
@@ -84,9 +85,9 @@ fn routes_beyond_the_cap_are_other() {
 fn a_route_displaced_under_the_cap_keeps_its_series_until_more_are_displaced() {
     let m = Metrics::new();
     let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 1));
-    a.record(&request("/old", 1));
+    a.record(&request("/old", 1), &Default::default());
     for _ in 0..2 {
-        a.record(&request("/new", 1)); // waits, then takes /old's place
+        a.record(&request("/new", 1), &Default::default()); // waits, then takes /old's place
     }
     let text = m.encode();
     assert!(text.contains(r#"route="/old",status="200"} 1"#), "frozen, still exported: {text}");
@@ -95,7 +96,7 @@ fn a_route_displaced_under_the_cap_keeps_its_series_until_more_are_displaced() {
     assert!(text.contains(r#"wsgiscope_route_evictions_total{service="app"} 1"#));
     // A second displacement retires /new; /old, retired before it, is now removed.
     for _ in 0..3 {
-        a.record(&request("/newer", 1));
+        a.record(&request("/newer", 1), &Default::default());
     }
     let text = m.encode();
     assert!(!text.contains(r#"route="/old""#), "{text}");
@@ -109,7 +110,7 @@ fn hostile_label_values_cannot_break_the_exposition() {
     let mut base = base("shop \"eu\"");
     base.push(label("pod", "web\"}\nevil_total 1\n"));
     let mut a = Aggregator::new(&m, base, "gunicorn", opts(false, 10));
-    a.record(&request("/q\"x\\y", 1));
+    a.record(&request("/q\"x\\y", 1), &Default::default());
     let text = m.encode();
     assert!(text.contains(r#"service="shop \"eu\"",pod="web\"}\nevil_total 1\n",method="GET",route="/q\"x\\y""#), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("evil_total")));
@@ -119,7 +120,7 @@ fn hostile_label_values_cannot_break_the_exposition() {
 fn per_worker_option_adds_the_worker_label() {
     let m = Metrics::new();
     let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(true, 10));
-    a.record(&request("/a", 5));
+    a.record(&request("/a", 5), &Default::default());
     assert!(m.encode().contains(r#"wsgi_requests_total{service="app",method="GET",route="/a",worker="0",status="200"} 1"#));
 }
 
@@ -137,7 +138,7 @@ fn busy_time_is_credited_while_in_progress_and_completed_at_the_record() {
     assert!(text.contains(r#"wsgi_worker_active_requests{service="app",worker="0"} 1"#));
     assert!(text.contains(r#"wsgi_worker_oldest_request_seconds{service="app",worker="0"} 0.03"#));
     // The record completes it to its duration (50 ms), never counting twice.
-    a.record(&request("/a", 7));
+    a.record(&request("/a", 7), &Default::default());
     a.in_progress(1_100_000_000, &[]);
     let text = m.encode();
     let busy = busy_seconds(&text);
@@ -159,14 +160,14 @@ fn tiny_blocks_and_slow_writes_are_flagged() {
     let mut r = request("/bytes1", 7);
     r.blocks = 102_400;
     r.bytes = 6 * 102_400 + 100; // chunk framing around one-byte blocks
-    a.record(&r);
+    a.record(&r, &Default::default());
     let mut r = request("/blocks", 7);
     r.blocks = 1000;
     r.bytes = 135_000;
-    a.record(&r);
+    a.record(&r, &Default::default());
     let mut r = request("/slow", 7);
     r.write_seconds = 0.04; // of 0.05
-    a.record(&r);
+    a.record(&r, &Default::default());
     let text = m.encode();
     assert!(text.contains(r#"wsgi_small_block_responses_total{service="app",route="/bytes1"} 1"#), "{text}");
     assert!(!text.contains(r#"wsgi_small_block_responses_total{service="app",route="/blocks"}"#));

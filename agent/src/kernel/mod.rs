@@ -17,9 +17,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{
-    conn_key, tracepoint_category, ConnState, Pending, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET,
-    GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
-    STAT_COUNT,
+    conn_key, tracepoint_category, ConnState, Downstream, Pending, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM,
+    MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -41,6 +41,7 @@ pub struct Kernel {
     traced: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, u64, ConnState>,
     pending: HashMap<MapData, u64, Pending>,
+    downstream: HashMap<MapData, u64, Downstream>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -107,6 +108,7 @@ impl Kernel {
         let traced = HashMap::try_from(take(&mut ebpf, MAP_TRACED)?)?;
         let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, MAP_PENDING)?)?;
+        let downstream = HashMap::try_from(take(&mut ebpf, MAP_DOWNSTREAM)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         // GC probes are attached per interpreter binary, as servers are found.
         for name in GC_PROGRAMS {
@@ -116,8 +118,17 @@ impl Kernel {
                 .try_into()?;
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;
         }
-        let kernel =
-            Self { ebpf, links, usdt_links: Vec::new(), gc_binaries: HashSet::new(), traced, conns, pending, stats };
+        let kernel = Self {
+            ebpf,
+            links,
+            usdt_links: Vec::new(),
+            gc_binaries: HashSet::new(),
+            traced,
+            conns,
+            pending,
+            downstream,
+            stats,
+        };
         Ok((kernel, events))
     }
 
@@ -156,6 +167,28 @@ impl Kernel {
         out
     }
 
+    /// Makes socket `fd` of `tgid` (connected before attach) a downstream socket.
+    pub fn seed_downstream(&mut self, tgid: u32, fd: u32, root: u32) -> Result<()> {
+        // SAFETY: plain data; an idle socket's other fields are set when a call starts.
+        let mut d: Downstream = unsafe { std::mem::zeroed() };
+        d.root = root;
+        d.state = CALL_IDLE;
+        self.downstream.insert(conn_key(tgid, fd), d, 0).with_context(|| {
+            format!("cannot add socket {fd} of process {tgid} to the downstream table (full?): its calls are not seen")
+        })
+    }
+
+    /// Forgets the downstream sockets of an exited process (closed without a close syscall).
+    pub fn forget_downstream(&mut self, tgid: u32) {
+        let lo = conn_key(tgid, 0);
+        let hi = conn_key(tgid, u32::MAX);
+        let keys: Vec<u64> =
+            self.downstream.keys().filter_map(Result::ok).filter(|k| (lo..=hi).contains(k)).collect();
+        for k in keys {
+            let _ = self.downstream.remove(&k);
+        }
+    }
+
     /// Every connection the kernel holds state for, by `conn_key(tgid, fd)`.
     pub fn connections(&self) -> impl Iterator<Item = (u64, ConnState)> + '_ {
         self.conns.iter().filter_map(Result::ok)
@@ -173,9 +206,10 @@ impl Kernel {
 
     /// Entries in the maps that hold per-connection, per-syscall and per-process state
     /// (`connections` as a scan of `connections()` counted them).
-    pub fn map_sizes(&self, connections: usize) -> [(&'static str, usize); 3] {
+    pub fn map_sizes(&self, connections: usize) -> [(&'static str, usize); 4] {
         [
             ("connections", connections),
+            ("downstream", self.downstream.keys().count()),
             // Slots stay per thread; those holding a syscall in flight count.
             ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
             ("traced", self.traced.keys().count()),
@@ -201,7 +235,7 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
+        GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
     };
 
     const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf"));
@@ -213,7 +247,7 @@ mod tests {
     fn the_ebpf_object_matches_the_contract() {
         let obj = object::File::parse(OBJECT).unwrap();
         let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
-        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS];
+        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM];
         let globals = [GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_WATCH_EXECS];
         for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
             assert!(symbols.contains(name), "{name} missing from the eBPF object");
@@ -227,7 +261,7 @@ mod tests {
                 tracepoints.push(name);
             }
         }
-        assert_eq!(tracepoints.len(), 26 + 2, "{tracepoints:?}");
+        assert_eq!(tracepoints.len(), 28 + 3, "{tracepoints:?}");
         for l in FIXED_LAYOUTS {
             assert!(tracepoints.contains(&l.name), "{}", l.name);
         }

@@ -8,7 +8,7 @@ pub mod uwsgi;
 
 use std::fmt;
 
-use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::server::ServerKind;
 
@@ -200,6 +200,9 @@ pub struct Request {
     /// Garbage-collection time of its process that fell inside it (a collection stops every
     /// thread of the process).
     pub gc_seconds: f64,
+    /// CPU time (user + system) of the serving thread from the first request byte read to the
+    /// last response byte written; `None` when not measured.
+    pub cpu_seconds: Option<f64>,
 }
 
 /// The request in a kernel record, or `None` when its bytes are not a request.
@@ -249,6 +252,7 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent, facts: Facts<'_>) -> Opt
         blocks: framing::app_blocks(kind, a, resp_head, interim),
         bytes: a.write_bytes.saturating_sub(handshake as u64),
         gc_seconds: gc_ns as f64 / 1e9,
+        cpu_seconds: (a.flags & AGG_CPU != 0).then(|| a.cpu_end_ns.saturating_sub(a.cpu_start_ns) as f64 / 1e9),
     })
 }
 

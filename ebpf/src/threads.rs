@@ -1,0 +1,119 @@
+//! The threads that serve requests (`THREADS`): which request each read last, how many it has
+//! in progress (its downstream calls are attributed by these), and its CPU clock.
+//!
+//! CPU time to the nanosecond: a serving thread's time on CPU is summed on its context
+//! switches (`sched:sched_switch`) and read at a request's start and end as that sum plus the
+//! time since it last went on CPU. (The kernel's own per-task runtime is brought up to date
+//! only at ticks and switches: too coarse for 1 ms requests.) A thread's entry is made when it
+//! reads its first request and dropped when it exits.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use wsgiscope_common::{
+    conn_key,
+    sched_switch::{NEXT_PID, PREV_PID},
+    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT,
+};
+
+use crate::{
+    conn::{now, response_begun},
+    downstream::end_open_call,
+    maps::{bump, CONNS, THREADS},
+    tp::{field, pid_tgid},
+};
+
+/// Every context switch on the node: two lookups, the whole cost for threads that serve no
+/// requests.
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    let ts = now();
+    let prev = field::<u32>(&ctx, PREV_PID as usize);
+    if let Some(t) = THREADS.get_ptr_mut(&prev) {
+        // SAFETY: map value pointer valid for this program run.
+        let t = unsafe { &mut *t };
+        if t.cpu_since_ns != 0 {
+            t.cpu_total_ns += ts.saturating_sub(t.cpu_since_ns);
+            t.cpu_since_ns = 0;
+        }
+    }
+    let next = field::<u32>(&ctx, NEXT_PID as usize);
+    if let Some(t) = THREADS.get_ptr_mut(&next) {
+        // SAFETY: as above.
+        unsafe { (*t).cpu_since_ns = ts };
+    }
+    0
+}
+
+/// CPU time of a thread that is running now (at `ts`).
+#[inline(always)]
+fn cpu_now(t: &ThreadReq, ts: u64) -> u64 {
+    t.cpu_total_ns + if t.cpu_since_ns != 0 { ts.saturating_sub(t.cpu_since_ns) } else { 0 }
+}
+
+/// The current thread `tid` read the first byte of the request on `c` (`key`) at
+/// `c.agg.start_ns`: its downstream calls are that request's from now on, and its CPU time
+/// counts from here. A thread that reads a request while another it read has not begun its
+/// response serves requests concurrently (gevent, eventlet): it is marked so.
+#[inline(always)]
+pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
+    c.agg.tid = tid;
+    let fd = key as u32;
+    let start_ns = c.agg.start_ns;
+    if let Some(t) = THREADS.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer valid for this program run; only this thread writes it
+        // (and sched_switch on this CPU, which cannot run while this program does).
+        let t = unsafe { &mut *t };
+        if t.in_flight > 0 && t.fd != fd && t.flags & THREAD_CONCURRENT == 0 {
+            let other = conn_key((key >> 32) as u32, t.fd);
+            if let Some(o) = CONNS.get_ptr(&other) {
+                // SAFETY: as above.
+                let o = unsafe { &*o };
+                if o.flags & CONN_IN_REQUEST != 0 && o.agg.start_ns == t.start_ns && !response_begun(o) {
+                    t.flags |= THREAD_CONCURRENT;
+                }
+            }
+        }
+        t.fd = fd;
+        t.start_ns = start_ns;
+        t.in_flight = t.in_flight.saturating_add(1);
+        let cpu = cpu_now(t, now());
+        c.agg.cpu_start_ns = cpu;
+        c.agg.cpu_end_ns = cpu;
+        c.agg.flags |= AGG_CPU;
+        return;
+    }
+    // Running now: its clock starts at zero.
+    let t = ThreadReq { start_ns, fd, in_flight: 1, flags: 0, _pad: 0, cpu_total_ns: 0, cpu_since_ns: now() };
+    if THREADS.insert(&tid, &t, 0).is_ok() {
+        c.agg.cpu_start_ns = 0;
+        c.agg.cpu_end_ns = 0;
+        c.agg.flags |= AGG_CPU;
+    } else {
+        bump(STAT_THREAD_TABLE_FULL);
+    }
+}
+
+/// The serving thread's CPU time now, if the current thread is it: a request's CPU time ends
+/// at its last response write (or where it ends without one).
+#[inline(always)]
+pub fn mark_cpu_end(c: &mut ConnState) {
+    if c.agg.flags & AGG_CPU == 0 || c.agg.tid != pid_tgid().0 as u32 {
+        return;
+    }
+    // SAFETY: u64 fields copied out at once.
+    if let Some(t) = unsafe { THREADS.get(&c.agg.tid) } {
+        c.agg.cpu_end_ns = cpu_now(t, now());
+    }
+}
+
+/// The request on `c` (`key`) ends: a call still open for it ends first (its record must
+/// precede the request's), and its thread has one request less in flight.
+#[inline(always)]
+pub fn request_ending(c: &mut ConnState, key: u64) {
+    end_open_call(c, key);
+    if c.agg.write_calls == 0 {
+        mark_cpu_end(c);
+    }
+    if let Some(t) = THREADS.get_ptr_mut(&c.agg.tid) {
+        // SAFETY: map value pointer valid for this program run.
+        unsafe { (*t).in_flight = (*t).in_flight.saturating_sub(1) };
+    }
+}
