@@ -1,11 +1,13 @@
 //! Harness for the integration tests: real servers (`server`), the real agent (`agent`), a real
 //! HTTP client over TCP and the metrics as Prometheus would read them (both from
 //! `wsgiscope-devkit`, which xtask shares), a real Prometheus server (`prometheus`), and what
-//! the kernel holds (`kernel`).
+//! the kernel holds (`kernel`); real downstream services and the app that calls them
+//! (`services`).
 mod agent;
 mod kernel;
 mod prometheus;
 mod server;
+pub mod services;
 mod truth;
 
 use std::{
@@ -20,7 +22,7 @@ pub use agent::{agent_bin, run_agent, Agent};
 pub use kernel::{bpf_program_exists, gc_semaphore, tracepoint_program_ids};
 pub use prometheus::Prometheus;
 pub use server::{Server, UwsgiMode};
-pub use truth::Truth;
+pub use truth::{DownstreamCall, DownstreamRequest, DownstreamTruth, Truth};
 pub use wsgiscope_devkit::{
     apps_dir,
     exposition::Metrics,

@@ -7,7 +7,7 @@ mod uwsgi;
 use std::{
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
@@ -50,6 +50,18 @@ impl Server {
         Self::start_gunicorn(venv, &apps_dir(), "testapp", args, TempDir::new("server"))
     }
 
+    /// gunicorn from `venv` serving another app of tests/apps (`module`.py, callable `app`) with
+    /// extra environment, its log in `dir`.
+    pub fn gunicorn_app(dir: TempDir, venv: &str, module: &str, args: &[&str], env: &[(&str, String)]) -> Result<Self> {
+        let port = free_port();
+        let mut cmd = Gunicorn::new(format!("127.0.0.1:{port}"), apps_dir(), &format!("{module}:app"))
+            .venv(venv)
+            .args(args)
+            .command(&repo_root())?;
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        Self::spawn(cmd, port, port, dir)
+    }
+
     fn start_gunicorn(venv: &str, chdir: &Path, module: &str, args: &[&str], dir: TempDir) -> Result<Self> {
         let port = free_port();
         let cmd = Gunicorn::new(format!("127.0.0.1:{port}"), chdir, &format!("{module}:app"))
@@ -82,6 +94,16 @@ impl Server {
     /// Sends `sig` to the master.
     pub fn signal(&self, sig: i32) {
         signal(self.master(), sig);
+    }
+
+    /// The master's exit status if it has exited (gunicorn exits when a worker fails to boot).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// The server's own log (its stderr).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
     }
 
     pub fn master(&self) -> u32 {

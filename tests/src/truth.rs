@@ -46,3 +46,104 @@ impl Truth {
         ("Status: ".len() + self.status_line.len() + 2 + fields + 2) as u64
     }
 }
+
+/// One downstream call as tests/apps/downstream.py made it (a `"kind": "call"` line).
+#[derive(Debug, Clone)]
+pub struct DownstreamCall {
+    pub pid: u32,
+    pub tid: u32,
+    pub route: String,
+    /// `postgresql`, `mysql`, `redis` or `http`.
+    pub protocol: String,
+    /// `tcp` or `unix`.
+    pub transport: String,
+    /// The SQL as sent, the Redis command name, the HTTP method, or `connect`/`terminate`.
+    pub operation: String,
+    /// `ok` or `error`.
+    pub outcome: String,
+    /// Commands sent in the call: a Redis pipeline's length, else 1.
+    pub commands: u64,
+    /// CLOCK_MONOTONIC around the library call.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// The HTTP status of an HTTP call.
+    pub status: Option<u16>,
+}
+
+/// One request of tests/apps/downstream.py (a `"kind": "request"` line).
+#[derive(Debug, Clone)]
+pub struct DownstreamRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub route: String,
+    /// CLOCK_MONOTONIC from the WSGI call to the end of the body's iteration.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// CPU time of the serving thread over the same span.
+    pub thread_cpu_ns: u64,
+    /// The sum of its calls' durations.
+    pub downstream_ns: u64,
+    /// How many calls it made.
+    pub calls: u64,
+}
+
+/// The downstream app's log: every call, every request, and the workers that opened their
+/// connections.
+#[derive(Debug, Default)]
+pub struct DownstreamTruth {
+    pub calls: Vec<DownstreamCall>,
+    pub requests: Vec<DownstreamRequest>,
+    /// PIDs of workers that opened their connections (one `"kind": "ready"` line each).
+    pub ready: Vec<u32>,
+}
+
+impl DownstreamTruth {
+    /// Reads the log at `path` (empty if it does not exist yet).
+    pub fn read(path: &std::path::Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut truth = DownstreamTruth::default();
+        // A line being appended right now has no newline yet: left for the next read.
+        for line in text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')) {
+            let v: serde_json::Value = serde_json::from_str(line).expect("downstream log line is JSON");
+            let num = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {line}"));
+            let text = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{k} missing in {line}")).to_string();
+            match v["kind"].as_str() {
+                Some("call") => truth.calls.push(DownstreamCall {
+                    pid: num("pid") as u32,
+                    tid: num("tid") as u32,
+                    route: text("route"),
+                    protocol: text("protocol"),
+                    transport: text("transport"),
+                    operation: text("operation"),
+                    outcome: text("outcome"),
+                    commands: num("commands"),
+                    start_ns: num("start_ns"),
+                    end_ns: num("end_ns"),
+                    status: v["status"].as_u64().map(|s| s as u16),
+                }),
+                Some("request") => truth.requests.push(DownstreamRequest {
+                    pid: num("pid") as u32,
+                    tid: num("tid") as u32,
+                    route: text("route"),
+                    start_ns: num("start_ns"),
+                    end_ns: num("end_ns"),
+                    thread_cpu_ns: num("thread_cpu_ns"),
+                    downstream_ns: num("downstream_ns"),
+                    calls: num("calls"),
+                }),
+                Some("ready") => truth.ready.push(num("pid") as u32),
+                _ => panic!("unknown line in the downstream log: {line}"),
+            }
+        }
+        truth
+    }
+
+    /// The calls `request` made: its thread's calls within its time.
+    pub fn calls_of(&self, request: &DownstreamRequest) -> Vec<&DownstreamCall> {
+        self.calls
+            .iter()
+            .filter(|c| c.tid == request.tid && c.pid == request.pid)
+            .filter(|c| c.start_ns >= request.start_ns && c.end_ns <= request.end_ns)
+            .collect()
+    }
+}

@@ -23,12 +23,26 @@ const APT_PACKAGES: &[&str] = &[
     "libapache2-mod-wsgi-py3",
     // The real Prometheus server the end-to-end scrape test runs (tests/tests/prometheus.rs).
     "prometheus",
+    // The downstream services tests/apps/downstream.py calls (tests/tests/services.rs); each test
+    // runs its own instances on free ports, never the system services these packages set up.
+    "postgresql-15",
+    "mariadb-server",
+    "redis-server",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
 /// Validates deploy/*.yaml against the Kubernetes schemas it bundles: no cluster, no network.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const UWSGI_PIP_VERSION: &str = "2.0.31";
+/// The client libraries of tests/apps/downstream.py, as pip names them: psycopg 3 with its C
+/// build (what `psycopg[binary]` installs), PyMySQL, redis-py and requests.
+const DOWNSTREAM_LIBS: &[(&str, &str)] = &[
+    ("psycopg", "3.2.13"),
+    ("psycopg-binary", "3.2.13"),
+    ("PyMySQL", "1.2.4"),
+    ("redis", "8.1.0"),
+    ("requests", "2.34.2"),
+];
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn run(root: &Path) -> Result<()> {
@@ -38,6 +52,9 @@ pub fn run(root: &Path) -> Result<()> {
     // gunicorn on the pyenv Python on PATH (shared libpython) and on Debian's static python3.11.
     venv(&root.join(".venv"), "python3")?;
     venv(&root.join(".venv-debian"), "/usr/bin/python3.11")?;
+    // The downstream app runs on both Pythons, like the test app.
+    pip_libs(&root.join(".venv"), DOWNSTREAM_LIBS)?;
+    pip_libs(&root.join(".venv-debian"), DOWNSTREAM_LIBS)?;
     // kubernetes-validate (and the PyYAML it pulls in), for tests/tests/deploy.rs.
     pip_tool(&root.join(".venv"), "kubernetes-validate", KUBERNETES_VALIDATE_VERSION, "kubernetes-validate")?;
     // uWSGI built by pip against the pyenv Python: a libpython without USDT notes (tests/tests/gc.rs).
@@ -170,5 +187,38 @@ fn pip_tool(venv: &Path, package: &str, version: &str, bin: &str) -> Result<()> 
         bail!("{} does not report version {version} after installing it", bin.display());
     }
     println!("setup: installed {package} {version} in {}", venv.display());
+    Ok(())
+}
+
+/// Libraries (pip name, version) in `venv`: the missing ones installed in one pip run, checked after.
+fn pip_libs(venv: &Path, libs: &[(&str, &str)]) -> Result<()> {
+    let missing = || -> Vec<String> {
+        // `pip list --format=freeze` prints `Name==version` per installed distribution.
+        let installed = output_text(
+            Command::new(venv.join("bin/python"))
+                .args(["-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"]),
+        )
+        .unwrap_or_default()
+        .to_lowercase();
+        libs.iter()
+            .map(|(name, version)| format!("{name}=={version}"))
+            .filter(|spec| !installed.lines().any(|l| l.trim() == spec.to_lowercase()))
+            .collect()
+    };
+    let wanted = missing();
+    if wanted.is_empty() {
+        println!("setup: Python client libraries already in {}", venv.display());
+        return Ok(());
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&wanted),
+    )?;
+    let still = missing();
+    if !still.is_empty() {
+        bail!("{} still lacks {} after installing it", venv.display(), still.join(" "));
+    }
+    println!("setup: installed {} in {}", wanted.join(" "), venv.display());
     Ok(())
 }

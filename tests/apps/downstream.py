@@ -1,0 +1,355 @@
+"""WSGI app that calls real downstream services with the client libraries applications use:
+PostgreSQL through psycopg 3, MySQL/MariaDB through PyMySQL, Redis through redis-py and HTTP
+through requests. It logs every call it makes: the ground truth the tests compare against.
+
+Environment:
+  DOWNSTREAM_PG_TCP, DOWNSTREAM_PG_UNIX        libpq conninfo strings
+  DOWNSTREAM_MYSQL_TCP                         mysql://user@127.0.0.1:PORT/DB
+  DOWNSTREAM_MYSQL_UNIX                        mysql://user@localhost/DB?unix_socket=PATH
+  DOWNSTREAM_REDIS_TCP, DOWNSTREAM_REDIS_UNIX  redis://127.0.0.1:PORT/0, unix:///PATH
+  DOWNSTREAM_HTTP                              base URL of tests/apps/backend.py (keep-alive)
+  DOWNSTREAM_THREADS                           connection sets to open, one per server thread (default 1)
+  DOWNSTREAM_PG_PREPARE_THRESHOLD              psycopg's prepare_threshold: a number or "none"
+                                               (default psycopg's, 5; see below)
+  DOWNSTREAM_LOG                               file the ground truth is appended to (optional)
+
+Connections: every connection is opened when the module is imported, i.e. in each worker as it
+boots (do not use gunicorn --preload: forked workers would share sockets), before a profiler
+attaches to the running server. DOWNSTREAM_THREADS sets of connections (each: PostgreSQL,
+MySQL and Redis over TCP and over the UNIX socket, and a requests.Session holding one
+keep-alive connection to the backend) wait in a queue; a request takes one set for its
+duration, so threads never share a connection. Give gthread workers as many sets as
+--threads. Only /pg/fresh opens (and closes) a connection during a request.
+psycopg and PyMySQL run in autocommit mode: no implicit BEGIN/COMMIT round trips.
+
+On the wire: psycopg sends a query with parameters as Parse/Bind/Describe/Execute/Sync in one
+write, one without as a simple Query. Once a connection has run the same query
+prepare_threshold times, psycopg prepares it: that execution first sends Parse with a statement
+name (_pg3_0...) and Sync, one extra round trip, and every later one only Bind (naming the
+statement)/Describe/Execute/Sync, without the SQL. PyMySQL interpolates parameters itself and
+writes each query in one send. redis-py 8 speaks RESP3 (HELLO 3 at connect) and checks the
+pooled connection with a non-blocking recv (EAGAIN) before each command; its incr() sends
+INCRBY. requests polls the kept-alive socket (timeout 0) before reusing it.
+
+Routes (via=tcp|unix picks the transport where it applies, default tcp; n= counts):
+  /pg/one?id=      one SELECT with a parameter (extended protocol)
+  /pg/simple       one SELECT without parameters (simple query protocol)
+  /pg/nplus1?n=25  n SELECTs by id
+  /pg/batched?n=25 one SELECT ... WHERE id = ANY($1)
+  /pg/error        a SELECT on a missing table (caught: 200 "error")
+  /pg/fresh        connect over TCP, one SELECT, close
+  /mysql/one?id=, /mysql/nplus1?n=25, /mysql/batched?n=25, /mysql/error   the same on MariaDB
+  /redis/one       one GET;   /redis/many?n=20  n GETs;   /redis/pipeline?n=10  one pipeline of n GETs
+  /redis/error     INCRBY on a string that is not a number (-ERR, caught)
+  /http/one        GET backend /ok;  /http/error  GET backend /fail (503);  /http/slow?ms=  backend /slow
+  /cpu?ms=N        N ms of this thread's CPU time, no call
+  /mixed           one PostgreSQL SELECT, two Redis GETs, one HTTP GET and ~2 ms of CPU
+
+Ground truth (DOWNSTREAM_LOG), one JSON object per line:
+  {"kind": "ready", "pid", "threads"}    a worker opened its connections (at import)
+  {"kind": "call", "pid", "tid", "route", "protocol": "postgresql|mysql|redis|http",
+   "transport": "tcp|unix", "operation", "outcome": "ok|error", "start_ns", "end_ns", "commands"}
+    operation: the SQL text as sent (psycopg: %s sent as $1, $2...; PyMySQL: parameters
+    interpolated by the client), the Redis command name (a pipeline: its commands' name, with
+    "commands" the number of commands), the HTTP method ("status" is added for HTTP; 4xx and
+    5xx are errors), or "connect"/"terminate" around opening and closing a connection.
+    start_ns/end_ns: time.monotonic_ns() around the library call; tid: threading.get_native_id().
+  {"kind": "request", "pid", "tid", "route", "start_ns", "end_ns", "thread_cpu_ns",
+   "downstream_ns", "calls"}
+    thread_cpu_ns: time.thread_time_ns() across the WSGI call and the iteration of its body;
+    downstream_ns: the sum of its calls' durations; calls: how many call lines it has.
+A request's lines are written together, in one write(2) on an O_APPEND descriptor, once its
+body has been iterated: no log write happens between its downstream calls.
+"""
+import itertools
+import json
+import os
+import queue
+import re
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pymysql
+import redis
+import requests
+
+TRANSPORTS = ("tcp", "unix")
+PG = {t: os.environ["DOWNSTREAM_PG_" + t.upper()] for t in TRANSPORTS}
+MYSQL = {t: os.environ["DOWNSTREAM_MYSQL_" + t.upper()] for t in TRANSPORTS}
+REDIS = {t: os.environ["DOWNSTREAM_REDIS_" + t.upper()] for t in TRANSPORTS}
+HTTP = os.environ["DOWNSTREAM_HTTP"].rstrip("/")
+THREADS = int(os.environ.get("DOWNSTREAM_THREADS", "1"))
+_threshold = os.environ.get("DOWNSTREAM_PG_PREPARE_THRESHOLD")
+PG_OPTIONS = {"autocommit": True}
+if _threshold:
+    PG_OPTIONS["prepare_threshold"] = None if _threshold == "none" else int(_threshold)
+
+_log_path = os.environ.get("DOWNSTREAM_LOG")
+_log_fd = os.open(_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _log_path else None
+
+
+def _log(records):
+    if _log_fd is not None:
+        os.write(_log_fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def _mysql_connect(url):
+    u = urlsplit(url)
+    socket = parse_qs(u.query).get("unix_socket")
+    where = {"unix_socket": socket[0]} if socket else {"host": u.hostname, "port": u.port or 3306}
+    return pymysql.connect(user=u.username, password=u.password or "", database=u.path.lstrip("/"),
+                           autocommit=True, **where)
+
+
+def _redis_client(url):
+    # A pool of one connection per client: commands and pipelines share it, and a second
+    # connection would be an error ("Too many connections") rather than a silent new socket.
+    client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, max_connections=1))
+    client.ping()  # connects now, not at the first request
+    return client
+
+
+class Connections:
+    """What one server thread uses: one connection per service and transport, one session."""
+
+    def __init__(self):
+        self.pg = {t: psycopg.connect(PG[t], **PG_OPTIONS) for t in TRANSPORTS}
+        self.mysql = {t: _mysql_connect(MYSQL[t]) for t in TRANSPORTS}
+        self.redis = {t: _redis_client(REDIS[t]) for t in TRANSPORTS}
+        self.http = requests.Session()
+        # Opens the session's keep-alive connection now.
+        self.http.get(HTTP + "/ok", timeout=10).raise_for_status()
+
+
+_pool = queue.Queue()
+for _ in range(THREADS):
+    _pool.put(Connections())
+_log([{"kind": "ready", "pid": os.getpid(), "threads": THREADS}])
+
+# The request a thread is serving: its route and the calls made so far.
+_current = threading.local()
+
+
+def _call(protocol, transport, operation, fn, commands=1):
+    """Runs fn (one downstream call), timed and recorded for the current request."""
+    rec = {"kind": "call", "pid": os.getpid(), "tid": threading.get_native_id(),
+           "route": _current.route, "protocol": protocol, "transport": transport,
+           "operation": operation, "outcome": "ok", "commands": commands}
+    start = time.monotonic_ns()
+    try:
+        return fn()
+    except Exception:
+        rec["outcome"] = "error"
+        raise
+    finally:
+        rec["start_ns"], rec["end_ns"] = start, time.monotonic_ns()
+        _current.calls.append(rec)
+
+
+def _numbered(sql):
+    """The query as psycopg sends it with parameters: each %s becomes $1, $2..."""
+    n = itertools.count(1)
+    return re.sub("%s", lambda _: "$%d" % next(n), sql)
+
+
+def _pg(conn, transport, sql, params=None):
+    sent = _numbered(sql) if params is not None else sql
+    return _call("postgresql", transport, sent, lambda: conn.execute(sql, params).fetchall())
+
+
+def _mysql(conn, transport, sql, params=None):
+    with conn.cursor() as cur:
+        sent = cur.mogrify(sql, params)  # exactly what execute() sends
+
+        def run():
+            cur.execute(sent)
+            return cur.fetchall()
+
+        return _call("mysql", transport, sent, run)
+
+
+def _http(c, path):
+    def run():
+        r = c.http.get(HTTP + path, timeout=30)
+        if r.status_code >= 400:
+            raise requests.HTTPError(response=r)
+        return r
+
+    try:
+        r = _call("http", "tcp", "GET", run)
+    except requests.HTTPError as e:
+        r = e.response
+    _current.calls[-1]["status"] = r.status_code
+    return r
+
+
+def _ids(n):
+    return [i % 100 + 1 for i in range(n)]
+
+
+def _burn(ms):
+    end = time.thread_time_ns() + ms * 1_000_000
+    while time.thread_time_ns() < end:
+        pass
+
+
+ONE = "SELECT name FROM items WHERE id = %s"
+MISSING = "SELECT name FROM no_such_table"
+
+
+def pg_one(q, c, t):
+    return _pg(c.pg[t], t, ONE, (int(q.get("id", 1)),))[0][0].encode()
+
+
+def pg_simple(q, c, t):
+    return b"%d" % _pg(c.pg[t], t, "SELECT count(*) FROM items")[0][0]
+
+
+def pg_nplus1(q, c, t):
+    names = [_pg(c.pg[t], t, ONE, (i,))[0][0] for i in _ids(int(q.get("n", 25)))]
+    return b"%d" % len(names)
+
+
+def pg_batched(q, c, t):
+    rows = _pg(c.pg[t], t, "SELECT name FROM items WHERE id = ANY(%s)", (_ids(int(q.get("n", 25))),))
+    return b"%d" % len(rows)
+
+
+def pg_error(q, c, t):
+    try:
+        _pg(c.pg[t], t, MISSING)
+    except psycopg.Error:
+        return b"error"
+    return b"no error"
+
+
+def pg_fresh(q, c, t):
+    conn = _call("postgresql", "tcp", "connect", lambda: psycopg.connect(PG["tcp"], **PG_OPTIONS))
+    try:
+        name = _pg(conn, "tcp", ONE, (1,))[0][0]
+    finally:
+        _call("postgresql", "tcp", "terminate", conn.close)
+    return name.encode()
+
+
+def mysql_one(q, c, t):
+    return _mysql(c.mysql[t], t, ONE, (int(q.get("id", 1)),))[0][0].encode()
+
+
+def mysql_nplus1(q, c, t):
+    names = [_mysql(c.mysql[t], t, ONE, (i,))[0][0] for i in _ids(int(q.get("n", 25)))]
+    return b"%d" % len(names)
+
+
+def mysql_batched(q, c, t):
+    rows = _mysql(c.mysql[t], t, "SELECT name FROM items WHERE id IN %s", (_ids(int(q.get("n", 25))),))
+    return b"%d" % len(rows)
+
+
+def mysql_error(q, c, t):
+    try:
+        _mysql(c.mysql[t], t, MISSING)
+    except pymysql.Error:
+        return b"error"
+    return b"no error"
+
+
+def redis_one(q, c, t):
+    return _call("redis", t, "GET", lambda: c.redis[t].get("item:1"))
+
+
+def redis_many(q, c, t):
+    values = [_call("redis", t, "GET", lambda i=i: c.redis[t].get("item:%d" % i)) for i in _ids(int(q.get("n", 20)))]
+    return b"%d" % len(values)
+
+
+def redis_pipeline(q, c, t):
+    pipe = c.redis[t].pipeline(transaction=False)
+    ids = _ids(int(q.get("n", 10)))
+    for i in ids:
+        pipe.get("item:%d" % i)
+    return b"%d" % len(_call("redis", t, "GET", pipe.execute, commands=len(ids)))
+
+
+def redis_error(q, c, t):
+    try:
+        # redis-py's incr() sends INCRBY key 1.
+        _call("redis", t, "INCRBY", lambda: c.redis[t].incr("text"))
+    except redis.ResponseError:
+        return b"error"
+    return b"no error"
+
+
+def http_one(q, c, t):
+    return _http(c, "/ok").content
+
+
+def http_error(q, c, t):
+    _http(c, "/fail")
+    return b"error"
+
+
+def http_slow(q, c, t):
+    return _http(c, "/slow?ms=%d" % int(q.get("ms", 50))).content
+
+
+def cpu(q, c, t):
+    _burn(int(q.get("ms", 10)))
+    return b"burnt"
+
+
+def mixed(q, c, t):
+    _pg(c.pg[t], t, ONE, (1,))
+    _call("redis", t, "GET", lambda: c.redis[t].get("item:1"))
+    _call("redis", t, "GET", lambda: c.redis[t].get("item:2"))
+    _http(c, "/ok")
+    _burn(2)
+    return b"mixed"
+
+
+ROUTES = {
+    "/pg/one": pg_one, "/pg/simple": pg_simple, "/pg/nplus1": pg_nplus1, "/pg/batched": pg_batched,
+    "/pg/error": pg_error, "/pg/fresh": pg_fresh,
+    "/mysql/one": mysql_one, "/mysql/nplus1": mysql_nplus1, "/mysql/batched": mysql_batched,
+    "/mysql/error": mysql_error,
+    "/redis/one": redis_one, "/redis/many": redis_many, "/redis/pipeline": redis_pipeline,
+    "/redis/error": redis_error,
+    "/http/one": http_one, "/http/error": http_error, "/http/slow": http_slow,
+    "/cpu": cpu, "/mixed": mixed,
+}
+
+
+def app(environ, start_response):
+    start, cpu0 = time.monotonic_ns(), time.thread_time_ns()  # the CPU span inside the wall span
+    route = environ.get("PATH_INFO", "")
+    _current.route, _current.calls = route, []
+    handler = ROUTES.get(route)
+    if handler is None:
+        status, body = "404 Not Found", b"not found"
+    else:
+        q = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        transport = q.get("via", "tcp")
+        if transport not in TRANSPORTS:
+            raise ValueError("via=%s: tcp or unix" % transport)
+        conns = _pool.get()
+        try:
+            status, body = "200 OK", handler(q, conns, transport)
+        finally:
+            _pool.put(conns)
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return _respond(body, route, start, cpu0)
+
+
+def _respond(body, route, start, cpu0):
+    # The request is logged once its body has been iterated (or the server closed it early).
+    try:
+        yield body
+    finally:
+        cpu, end = time.thread_time_ns() - cpu0, time.monotonic_ns()
+        calls = _current.calls
+        _log(calls + [{"kind": "request", "pid": os.getpid(), "tid": threading.get_native_id(),
+                       "route": route, "start_ns": start, "end_ns": end, "thread_cpu_ns": cpu,
+                       "downstream_ns": sum(c["end_ns"] - c["start_ns"] for c in calls),
+                       "calls": len(calls)}])
