@@ -78,7 +78,10 @@ impl<'m> Session<'m> {
             &*q.make_contiguous()
         });
         let facts = Facts { killed_at: self.kill_signalled.get(&ev.tgid).copied(), gcs: gcs.unwrap_or_default() };
-        let calls = self.calls.take((ev.tgid, ev.fd, ev.agg.start_ns));
+        let (calls, released) = self.calls.take((ev.tgid, ev.fd, ev.agg.start_ns));
+        for (call, attribution) in released {
+            self.agg.call(&call, attribution);
+        }
         let unrecorded = calls.by_protocol.values().map(|(n, _)| n).sum::<u64>();
         let Some(r) = reconstruct::reconstruct(self.kind, ev, facts) else {
             self.agg.unparsed();
@@ -117,19 +120,20 @@ impl<'m> Session<'m> {
 
     /// A downstream call ended (its request's record comes after it).
     pub fn call(&mut self, ev: &CallEvent) {
-        let (call, attribution) = self.calls.call(ev);
-        debug!(
-            "{} pid {} fd {}: {} call {:?} to {} ({}, {:.6} s), {attribution:?}",
-            self.agg.service(),
-            ev.tgid,
-            ev.fd,
-            call.protocol.as_str(),
-            call.operation,
-            call.peer,
-            call.outcome.as_str(),
-            call.seconds
-        );
-        self.agg.call(&call, attribution);
+        for (call, attribution) in self.calls.call(ev) {
+            debug!(
+                "{} pid {} fd {}: {} call {:?} to {} ({}, {:.6} s), {attribution:?}",
+                self.agg.service(),
+                ev.tgid,
+                ev.fd,
+                call.protocol.as_str(),
+                call.operation,
+                call.peer,
+                call.outcome.as_str(),
+                call.seconds
+            );
+            self.agg.call(&call, attribution);
+        }
     }
 
     /// Process `tgid` connected (or, found at attach, had connected) socket `fd` to `peer`.

@@ -45,8 +45,10 @@ pub const MAP_DOWNSTREAM: &str = "DOWNSTREAM";
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 /// …of `group_dead` in `sched_process_exit` (0: the kernel has none; tid == tgid then)…
 pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
-/// …and whether to trace processes that exec a server name (`wsgiscope daemon`).
+/// …whether to trace processes that exec a server name (`wsgiscope daemon`)…
 pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
+/// …and whether `sched_stat_runtime` is attached (CPU clocks follow the scheduler's charges).
+pub const GLOBAL_KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
 
 // ---- Loss counters --------------------------------------------------------------------------
 
@@ -90,6 +92,12 @@ pub mod sched_switch {
     pub const NEXT_PID: u32 = 56;
 }
 
+/// `sched:sched_stat_runtime`: CPU time the scheduler charges a task (stable since 6.8).
+pub mod sched_stat_runtime {
+    pub const PID: u32 = 12;
+    pub const RUNTIME: u32 = 16;
+}
+
 /// A tracepoint the kernel programs read at fixed offsets; the agent checks the offsets in
 /// tracefs before attaching and leaves `feature` off on a mismatch.
 pub struct FixedLayout {
@@ -125,6 +133,12 @@ pub const FIXED_LAYOUTS: &[FixedLayout] = &[
         name: "sched_switch",
         fields: &[("prev_pid", sched_switch::PREV_PID), ("next_pid", sched_switch::NEXT_PID)],
         feature: "CPU time per request (wsgi_request_cpu_seconds)",
+    },
+    FixedLayout {
+        category: "sched",
+        name: "sched_stat_runtime",
+        fields: &[("pid", sched_stat_runtime::PID), ("runtime", sched_stat_runtime::RUNTIME)],
+        feature: "CPU time per request as the scheduler charges it (without it, time on CPU between context switches)",
     },
 ];
 

@@ -1,17 +1,24 @@
 //! The threads that serve requests (`THREADS`): which request each read last, how many it has
 //! in progress (its downstream calls are attributed by these), and its CPU clock.
 //!
-//! CPU time to the nanosecond: a serving thread's time on CPU is summed on its context
-//! switches (`sched:sched_switch`) and read at a request's start and end as that sum plus the
-//! time since it last went on CPU. (The kernel's own per-task runtime is brought up to date
-//! only at ticks and switches: too coarse for 1 ms requests.) A thread's entry is made when it
-//! reads its first request and dropped when it exits.
+//! CPU time to the nanosecond, as the scheduler charges it (what `time.thread_time()` reads):
+//! a serving thread's clock adds up the runtime the scheduler charges it
+//! (`sched:sched_stat_runtime`, at every tick, switch and wakeup check) and is read at a
+//! request's start and end as that sum plus the time since the last charge, while it runs
+//! (`sched:sched_switch` tells when it goes off and on CPU). The charges alone come at ticks:
+//! too coarse for 1 ms requests. Kernels without that tracepoint: the time between its context
+//! switches. A thread's entry is made when it reads its first request and dropped when it exits.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use wsgiscope_common::{
     conn_key,
+    sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID},
     ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT,
 };
+
+/// Set by the agent when `sched_stat_runtime` is attached.
+#[unsafe(no_mangle)]
+static KERNEL_RUNTIME: u32 = 0;
 
 use crate::{
     conn::{now, response_begun},
@@ -29,15 +36,35 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let Some(t) = THREADS.get_ptr_mut(&prev) {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
-        if t.cpu_since_ns != 0 {
+        // SAFETY: volatile read of a global the loader may have rewritten.
+        let charged = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
+        // With sched_stat_runtime the scheduler charged its last stretch just before.
+        if t.cpu_since_ns != 0 && !charged {
             t.cpu_total_ns += ts.saturating_sub(t.cpu_since_ns);
-            t.cpu_since_ns = 0;
         }
+        t.cpu_since_ns = 0;
     }
     let next = field::<u32>(&ctx, NEXT_PID as usize);
     if let Some(t) = THREADS.get_ptr_mut(&next) {
         // SAFETY: as above.
         unsafe { (*t).cpu_since_ns = ts };
+    }
+    0
+}
+
+/// The scheduler charged task `pid` `runtime` ns of CPU, up to now: every task on the node, one
+/// lookup.
+#[tracepoint]
+pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
+    let pid = field::<u32>(&ctx, PID as usize);
+    if let Some(t) = THREADS.get_ptr_mut(&pid) {
+        // SAFETY: map value pointer valid for this program run.
+        let t = unsafe { &mut *t };
+        t.cpu_total_ns += field::<u64>(&ctx, RUNTIME as usize);
+        // Charged while it runs (a tick, a wakeup check): its clock runs on from here.
+        if t.cpu_since_ns != 0 {
+            t.cpu_since_ns = now();
+        }
     }
     0
 }

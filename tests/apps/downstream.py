@@ -54,9 +54,14 @@ Ground truth (DOWNSTREAM_LOG), one JSON object per line:
     "commands" the number of commands), the HTTP method ("status" is added for HTTP; 4xx and
     5xx are errors), or "connect"/"terminate" around opening and closing a connection.
     start_ns/end_ns: time.monotonic_ns() around the library call; tid: threading.get_native_id().
+    wire_start_ns/wire_end_ns: time.monotonic_ns() before the call's first byte was written and
+    after its response's last byte was read, taken in socket.socket's send/recv methods (redis-py,
+    PyMySQL, requests) or around psycopg's calls into libpq's C functions (psycopg runs on its
+    Python binding to libpq, PSYCOPG_IMPL=python, for that): the span wsgiscope measures, without the client
+    library's own encoding and decoding.
   {"kind": "request", "pid", "tid", "route", "start_ns", "end_ns", "thread_cpu_ns",
    "downstream_ns", "calls"}
-    thread_cpu_ns: time.thread_time_ns() across the WSGI call and the iteration of its body;
+    thread_cpu_ns: time.thread_time_ns() from the WSGI call to the hand-over of its body's block;
     downstream_ns: the sum of its calls' durations; calls: how many call lines it has.
 A request's lines are written together, in one write(2) on an O_APPEND descriptor, once its
 body has been iterated: no log write happens between its downstream calls.
@@ -66,11 +71,16 @@ import json
 import os
 import queue
 import re
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
+# psycopg on its Python binding to libpq (the same libpq, the same bytes on the wire): its
+# calls into libpq can be timed below, which the compiled binding's cannot.
+os.environ["PSYCOPG_IMPL"] = "python"
 import psycopg
+import psycopg.pq._pq_ctypes as libpq
 import pymysql
 import redis
 import requests
@@ -88,6 +98,67 @@ if _threshold:
 
 _log_path = os.environ.get("DOWNSTREAM_LOG")
 _log_fd = os.open(_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _log_path else None
+
+
+# Wire time: when a call's first byte went out and its response's last byte came in, taken at
+# the socket: the span the agent measures (the library call around it adds the client's own
+# encoding and decoding). Python sockets (redis-py, PyMySQL, requests) are timed in
+# socket.socket; psycopg's libpq does its I/O in C, so its calls into libpq that write and read
+# are timed instead.
+_wire = threading.local()
+
+
+def _sent_first():
+    if getattr(_wire, "on", False) and _wire.first is None:
+        _wire.first = time.monotonic_ns()
+
+
+def _received_last():
+    if getattr(_wire, "on", False):
+        _wire.last = time.monotonic_ns()
+
+
+def _timed_send(send):
+    def timed(self, *args, **kwargs):
+        _sent_first()
+        return send(self, *args, **kwargs)
+    return timed
+
+
+def _timed_recv(recv):
+    def timed(self, *args, **kwargs):
+        r = recv(self, *args, **kwargs)
+        n = r if isinstance(r, int) else len(r) if isinstance(r, bytes) else r[0] if isinstance(r[0], int) else len(r[0])
+        if n:
+            _received_last()
+        return r
+    return timed
+
+
+for _name in ("send", "sendall", "sendto", "sendmsg"):
+    setattr(socket.socket, _name, _timed_send(getattr(socket.socket, _name)))
+for _name in ("recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into"):
+    setattr(socket.socket, _name, _timed_recv(getattr(socket.socket, _name)))
+
+
+def _timed_libpq(fn, writes, reads):
+    def timed(*args):
+        if writes:
+            _sent_first()
+        r = fn(*args)
+        if reads:
+            _received_last()
+        return r
+    return timed
+
+
+# The libpq functions (as the binding calls them, right at the C call) that write (a query is
+# sent as soon as it is queued), read, or both (the handshake).
+for _name, _writes, _reads in [("PQsendQuery", True, False), ("PQsendQueryParams", True, False),
+                               ("PQsendPrepare", True, False), ("PQsendQueryPrepared", True, False),
+                               ("PQflush", True, False), ("PQconsumeInput", False, True),
+                               ("PQconnectPoll", True, True), ("PQfinish", True, False)]:
+    setattr(libpq, _name, _timed_libpq(getattr(libpq, _name), _writes, _reads))
 
 
 def _log(records):
@@ -137,6 +208,7 @@ def _call(protocol, transport, operation, fn, commands=1):
     rec = {"kind": "call", "pid": os.getpid(), "tid": threading.get_native_id(),
            "route": _current.route, "protocol": protocol, "transport": transport,
            "operation": operation, "outcome": "ok", "commands": commands}
+    _wire.on, _wire.first, _wire.last = True, None, None
     start = time.monotonic_ns()
     try:
         return fn()
@@ -144,7 +216,14 @@ def _call(protocol, transport, operation, fn, commands=1):
         rec["outcome"] = "error"
         raise
     finally:
-        rec["start_ns"], rec["end_ns"] = start, time.monotonic_ns()
+        end = time.monotonic_ns()
+        _wire.on = False
+        rec["start_ns"], rec["end_ns"] = start, end
+        # A call with nothing on the wire (none here) would keep the library call's span; one
+        # without a response (PostgreSQL's Terminate) is its write alone, which PQfinish does
+        # not let us time apart from its close: logged as taking no time.
+        rec["wire_start_ns"] = _wire.first if _wire.first is not None else start
+        rec["wire_end_ns"] = _wire.last if _wire.last is not None else rec["wire_start_ns"]
         _current.calls.append(rec)
 
 
@@ -343,11 +422,13 @@ def app(environ, start_response):
 
 
 def _respond(body, route, start, cpu0):
+    # CPU and wall time up to the hand-over of the (only) block: the server writes it after, so
+    # this span lies inside the agent's (first byte read to last byte written).
+    cpu, end = time.thread_time_ns() - cpu0, time.monotonic_ns()
     # The request is logged once its body has been iterated (or the server closed it early).
     try:
         yield body
     finally:
-        cpu, end = time.thread_time_ns() - cpu0, time.monotonic_ns()
         calls = _current.calls
         _log(calls + [{"kind": "request", "pid": os.getpid(), "tid": threading.get_native_id(),
                        "route": route, "start_ns": start, "end_ns": end, "thread_cpu_ns": cpu,

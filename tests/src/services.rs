@@ -12,9 +12,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use wsgiscope_devkit::procfs;
+use wsgiscope_devkit::{procfs, repo_root};
 
-use crate::{free_port, signal, wait_for, DownstreamTruth, Server, TempDir};
+use crate::{free_port, signal, wait_for, DownstreamTruth, Server, TempDir, UwsgiMode};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// What a service may take to accept connections (initdb and mariadb-install-db come before).
@@ -237,9 +237,11 @@ impl Postgres {
         self.socket_dir().join(format!(".s.PGSQL.{}", self.port))
     }
 
+    /// libpq conninfo over TCP. `gssencmode=disable`: libpq would otherwise look for Kerberos
+    /// credentials (client work before the first byte, which the app cannot time apart).
     pub fn tcp_dsn(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} dbname={} user={}",
+            "host=127.0.0.1 port={} dbname={} user={} gssencmode=disable",
             self.port,
             Self::DATABASE,
             Self::USER
@@ -248,7 +250,7 @@ impl Postgres {
 
     pub fn unix_dsn(&self) -> String {
         format!(
-            "host={} port={} dbname={} user={}",
+            "host={} port={} dbname={} user={} gssencmode=disable",
             self.socket_dir().display(),
             self.port,
             Self::DATABASE,
@@ -619,6 +621,33 @@ impl Downstream {
                 server.log_text()
             )
         })?;
+        Ok(server)
+    }
+}
+
+impl Downstream {
+    /// tests/apps/downstream.py under Debian's uWSGI in `mode` (its Python: the packages are in
+    /// `.venv-debian`), `processes` workers of `threads` threads, each importing the app itself
+    /// (`--lazy-apps`: connections opened in the master would be shared by every worker).
+    pub fn serve_uwsgi(&self, mode: UwsgiMode, processes: u32, threads: usize) -> Result<Server> {
+        let dir = TempDir::new("downstream-uwsgi");
+        let env = self.env(threads, &dir.0.join(DOWNSTREAM_LOG));
+        let venv = repo_root().join(".venv-debian");
+        let threads_arg = threads.to_string();
+        let mut extra = vec!["--lazy-apps", "--virtualenv", venv.to_str().context("venv path")?];
+        if threads > 1 {
+            extra.extend(["--threads", &threads_arg]);
+        }
+        let mut server = Server::uwsgi_app(mode, processes, "downstream", dir, &extra, &env)?;
+        let log = downstream_log(&server);
+        let booted = wait_for("every worker to open its connections", STARTUP, || {
+            if let Some(status) = server.try_wait()? {
+                bail!("uwsgi exited with {status}");
+            }
+            let ready = DownstreamTruth::read(&log).ready;
+            Ok(ready.len() >= processes as usize)
+        });
+        booted.with_context(|| format!("serving downstream.py under uWSGI; its log: {}", server.log_text()))?;
         Ok(server)
     }
 }

@@ -66,6 +66,10 @@ pub struct DownstreamCall {
     /// CLOCK_MONOTONIC around the library call.
     pub start_ns: u64,
     pub end_ns: u64,
+    /// CLOCK_MONOTONIC before its first byte was written and after its response's last byte
+    /// was read, taken at the socket (or libpq) call: the span the agent measures.
+    pub wire_start_ns: u64,
+    pub wire_end_ns: u64,
     /// The HTTP status of an HTTP call.
     pub status: Option<u16>,
 }
@@ -119,6 +123,8 @@ impl DownstreamTruth {
                     commands: num("commands"),
                     start_ns: num("start_ns"),
                     end_ns: num("end_ns"),
+                    wire_start_ns: num("wire_start_ns"),
+                    wire_end_ns: num("wire_end_ns"),
                     status: v["status"].as_u64().map(|s| s as u16),
                 }),
                 Some("request") => truth.requests.push(DownstreamRequest {

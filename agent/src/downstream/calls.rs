@@ -20,6 +20,8 @@ pub struct DownCall {
     pub peer: String,
     /// First byte written to last byte of the response read.
     pub seconds: f64,
+    /// When it started (ns, CLOCK_MONOTONIC).
+    pub start_ns: u64,
 }
 
 /// Which request a call belongs to.
@@ -35,6 +37,12 @@ pub enum Attribution {
 }
 
 pub type RequestKey = (u32, u32, u64);
+
+/// A round trip held for the next: the call, its attribution, whether it only prepared.
+type Held = (DownCall, Attribution, bool);
+
+/// The operation of handshake round trips.
+const CONNECT: &str = "connect";
 
 /// What one request's calls add up to.
 #[derive(Debug, Default, PartialEq)]
@@ -75,6 +83,10 @@ impl RequestCalls {
 pub struct Calls {
     peers: HashMap<(u32, u32), String>,
     connections: HashMap<(u32, u32), Connection>,
+    /// Round trips held per socket to be counted with the next (one call, as the application
+    /// sees it): a PostgreSQL prepare with the execute that follows it, and the round trips of a
+    /// connection handshake (SSL request, startup, authentication) with each other.
+    held: HashMap<(u32, u32), Held>,
     /// Calls of requests whose record has not arrived yet, and when the request started.
     waiting: HashMap<RequestKey, RequestCalls>,
 }
@@ -86,11 +98,67 @@ impl Calls {
         self.peers.insert((tgid, fd), name);
         // A new connection on a reused fd starts with no protocol state.
         self.connections.remove(&(tgid, fd));
+        self.held.remove(&(tgid, fd));
     }
 
-    /// Reads a call record: the call, and the request it is attributed to (whose calls it
-    /// joins until `take`).
-    pub fn call(&mut self, ev: &CallEvent) -> (DownCall, Attribution) {
+    /// Reads a call record: the calls it completes (none while a prepare waits for its
+    /// execute; two when a held prepare turns out to have none), each with the request it is
+    /// attributed to (whose calls it joins until `take`).
+    pub fn call(&mut self, ev: &CallEvent) -> Vec<(DownCall, Attribution)> {
+        let sock = (ev.tgid, ev.fd);
+        let (mut call, attribution, prepare_only) = self.read(ev);
+        let mut done = Vec::new();
+        if let Some((held, held_attribution, held_prepare)) = self.held.remove(&sock) {
+            let folds = held_attribution == attribution
+                && held.operation == call.operation
+                && (held_prepare || call.operation == CONNECT);
+            if folds {
+                // One call from the first round trip's first byte to the last one's last byte.
+                let end_ns = call.start_ns + (call.seconds * 1e9).round() as u64;
+                call.seconds = end_ns.saturating_sub(held.start_ns) as f64 / 1e9;
+                call.start_ns = held.start_ns;
+                if held.outcome == Outcome::Error {
+                    call.outcome = Outcome::Error;
+                }
+            } else {
+                done.push(self.attribute(held, held_attribution));
+            }
+        }
+        if prepare_only || call.operation == CONNECT {
+            self.held.insert(sock, (call, attribution, prepare_only));
+        } else {
+            done.push(self.attribute(call, attribution));
+        }
+        done
+    }
+
+    /// Round trips still held for request `key` (its record arrived: nothing follows them).
+    fn release(&mut self, key: RequestKey) -> Vec<(DownCall, Attribution)> {
+        let socks: Vec<(u32, u32)> = self
+            .held
+            .iter()
+            .filter(|(_, (_, a, _))| *a == Attribution::Request(key))
+            .map(|(s, _)| *s)
+            .collect();
+        let mut out = Vec::new();
+        for s in socks {
+            if let Some((call, attribution, _)) = self.held.remove(&s) {
+                out.push(self.attribute(call, attribution));
+            }
+        }
+        out
+    }
+
+    /// A call joins the calls waiting for its request.
+    fn attribute(&mut self, call: DownCall, attribution: Attribution) -> (DownCall, Attribution) {
+        if let Attribution::Request(key) = attribution {
+            self.waiting.entry(key).or_default().add(&call);
+        }
+        (call, attribution)
+    }
+
+    /// The call in a record, its attribution, and whether it only prepared a statement.
+    fn read(&mut self, ev: &CallEvent) -> (DownCall, Attribution, bool) {
         let a = &ev.call;
         let request = &ev.req_head[..(a.req_len as usize).min(CALL_REQ_LEN)];
         let response = &ev.resp_head[..(a.resp_len as usize).min(CALL_RESP_LEN)];
@@ -103,22 +171,23 @@ impl Calls {
             outcome: classified.outcome,
             peer: self.peers.get(&sock).cloned().unwrap_or_else(|| "unknown".to_string()),
             seconds: a.end_ns.saturating_sub(a.start_ns) as f64 / 1e9,
+            start_ns: a.start_ns,
         };
         let attribution = if a.flags & CALL_AMBIGUOUS != 0 {
             Attribution::Ambiguous
         } else if a.req_start_ns == 0 {
             Attribution::OutsideRequest
         } else {
-            let key = (ev.tgid, a.req_fd, a.req_start_ns);
-            self.waiting.entry(key).or_default().add(&call);
-            Attribution::Request(key)
+            Attribution::Request((ev.tgid, a.req_fd, a.req_start_ns))
         };
-        (call, attribution)
+        (call, attribution, classified.commands == 0)
     }
 
-    /// The calls of request `key`, now that its record arrived.
-    pub fn take(&mut self, key: RequestKey) -> RequestCalls {
-        self.waiting.remove(&key).unwrap_or_default()
+    /// The calls of request `key`, now that its record arrived, and the round trips held for
+    /// it until now (counted as calls from here).
+    pub fn take(&mut self, key: RequestKey) -> (RequestCalls, Vec<(DownCall, Attribution)>) {
+        let released = self.release(key);
+        (self.waiting.remove(&key).unwrap_or_default(), released)
     }
 
     /// Forgets an exited process; returns how many calls were waiting for requests that will
@@ -126,6 +195,7 @@ impl Calls {
     pub fn exited(&mut self, tgid: u32) -> u64 {
         self.peers.retain(|k, _| k.0 != tgid);
         self.connections.retain(|k, _| k.0 != tgid);
+        self.held.retain(|k, _| k.0 != tgid);
         let mut lost = 0;
         self.waiting.retain(|k, v| {
             let keep = k.0 != tgid;
@@ -193,6 +263,13 @@ mod tests {
         e
     }
 
+    /// The same call 1 ms later.
+    fn later(mut e: CallEvent) -> CallEvent {
+        e.call.start_ns += 1_000_000;
+        e.call.end_ns += 1_000_000;
+        e
+    }
+
     const GET: &[u8] = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
 
     #[test]
@@ -200,23 +277,24 @@ mod tests {
         let mut calls = Calls::default();
         calls.connected(7, 12, Some(&Peer::Unix("/tmp/redis.sock".into())));
         for _ in 0..3 {
-            let (c, a) = calls.call(&event(12, GET, b"$1\r\nv\r\n", 5, 900, 0));
+            let [(c, a)] = calls.call(&event(12, GET, b"$1\r\nv\r\n", 5, 900, 0)).try_into().unwrap();
             assert_eq!(a, Attribution::Request((7, 5, 900)));
             assert_eq!((c.protocol, c.operation.as_str(), c.peer.as_str()), (Protocol::Redis, "GET", "/tmp/redis.sock"));
             assert!((c.seconds - 0.0005).abs() < 1e-12);
         }
-        let r = calls.take((7, 5, 900));
+        let (r, released) = calls.take((7, 5, 900));
+        assert!(released.is_empty());
         assert_eq!(r.by_protocol[&Protocol::Redis].0, 3);
         assert_eq!(r.most_repeated(), Some((Protocol::Redis, "GET", 3)));
-        assert_eq!(calls.take((7, 5, 900)), RequestCalls::default(), "taken once");
+        assert_eq!(calls.take((7, 5, 900)).0, RequestCalls::default(), "taken once");
     }
 
     #[test]
     fn calls_outside_requests_or_ambiguous_are_not_attributed() {
         let mut calls = Calls::default();
-        let (c, a) = calls.call(&event(12, GET, b"-ERR wrong\r\n", 0, 0, 0));
+        let [(c, a)] = calls.call(&event(12, GET, b"-ERR wrong\r\n", 0, 0, 0)).try_into().unwrap();
         assert_eq!((a, c.outcome, c.peer.as_str()), (Attribution::OutsideRequest, Outcome::Error, "unknown"));
-        let (_, a) = calls.call(&event(12, GET, b"", 5, 900, CALL_AMBIGUOUS));
+        let [(_, a)] = calls.call(&event(12, GET, b"", 5, 900, CALL_AMBIGUOUS)).try_into().unwrap();
         assert_eq!(a, Attribution::Ambiguous);
         assert_eq!(calls.sizes().1, 0);
     }
@@ -229,5 +307,46 @@ mod tests {
         assert_eq!(calls.expire(1_000), 1);
         assert_eq!(calls.exited(7), 1);
         assert_eq!(calls.sizes(), (0, 0));
+    }
+
+    fn pg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn a_prepare_round_trip_counts_with_its_execute() {
+        let mut calls = Calls::default();
+        let sql = b"SELECT name FROM items WHERE id = $1\0";
+        // psycopg's automatic prepare: Parse "_pg3_0" + Sync, answered ParseComplete, ReadyForQuery.
+        let prepare = [pg(b'P', &[b"_pg3_0\0".as_slice(), sql, &[0, 0]].concat()), pg(b'S', b"")].concat();
+        assert!(calls.call(&event(12, &prepare, b"1\0\0\0\x04Z\0\0\0\x05I", 5, 900, 0)).is_empty());
+        // Then Bind/Execute/Sync of the named statement.
+        let bind = [pg(b'B', b"\0_pg3_0\0\0\0\0\0\0\0"), pg(b'E', b"\0\0\0\0\0"), pg(b'S', b"")].concat();
+        let done = calls.call(&later(event(12, &bind, b"2\0\0\0\x04", 5, 900, 0)));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0].0.operation, "SELECT name FROM items WHERE id = ?");
+        assert!((done[0].0.seconds - 0.0015).abs() < 1e-12, "first byte to last byte");
+        assert_eq!(calls.take((7, 5, 900)).0.by_protocol[&Protocol::Postgres].0, 1);
+    }
+
+    #[test]
+    fn a_handshake_is_one_call_counted_when_the_request_ends() {
+        let mut calls = Calls::default();
+        // psycopg: SSLRequest answered 'N', then the startup message answered AuthenticationOk…
+        let ssl = [0, 0, 0, 8, 4, 210, 22, 47];
+        let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+        startup.extend_from_slice(b"user\0postgres\0\0");
+        let len = startup.len() as u32;
+        startup[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(calls.call(&event(12, &ssl, b"N", 5, 900, 0)).is_empty());
+        assert!(calls.call(&later(event(12, &startup, b"R\0\0\0\x08\0\0\0\0", 5, 900, 0))).is_empty());
+        let (r, released) = calls.take((7, 5, 900));
+        assert_eq!(released.len(), 1, "{released:?}");
+        assert_eq!((released[0].0.operation.as_str(), released[0].0.protocol), ("connect", Protocol::Postgres));
+        assert!((released[0].0.seconds - 0.0015).abs() < 1e-12, "first byte to last byte");
+        assert_eq!(r.by_protocol[&Protocol::Postgres].0, 1);
     }
 }

@@ -56,7 +56,9 @@ pub struct Call {
     /// or a fixed word for protocol housekeeping ("connect", "terminate", "ping", "prepared", "tls", "other" ...).
     pub operation: String,
     pub outcome: Outcome,
-    /// Commands in the call as far as the captured bytes show (a Redis pipeline, several PG queries in one write): >= 1.
+    /// Commands in the call as far as the captured bytes show (a Redis pipeline, several PG
+    /// queries in one write): >= 1; 0 for a PostgreSQL call that only prepares a statement
+    /// (Parse, Sync: psycopg's automatic prepare, a round trip of its own before the execute).
     pub commands: u32,
 }
 
@@ -117,12 +119,15 @@ impl Connection {
                 let known = self.protocol == Some(Protocol::Mysql);
                 (mysql(request, cut, response, known, &mut self.mysql_statements)?, 1)
             }
-            Protocol::Redis => redis(request, response)?,
+            Protocol::Redis => {
+                let (operation, commands) = redis(request, response)?;
+                (operation, commands.max(1))
+            }
             Protocol::Http => (http(request, cut)?, 1),
             Protocol::Tls => (tls_record(request).then(|| "tls".to_string())?, 1),
             Protocol::Other => return None,
         };
-        Some(Call { commands: commands.max(1), ..Call::new(p, operation, response) })
+        Some(Call { commands, ..Call::new(p, operation, response) })
     }
 
     /// Bytes read with nothing written: a MySQL server's greeting, or whatever a known server
@@ -240,6 +245,7 @@ fn postgres(req: &[u8], cut: bool, statements: &mut Statements<Vec<u8>>) -> Opti
     let mut bound = None; // statement named by the first Bind
     let mut word = None; // housekeeping, when there is no statement
     let mut commands = 0;
+    let mut parsed = false;
     for &(kind, body) in &messages {
         match kind {
             b'Q' => {
@@ -255,6 +261,7 @@ fn postgres(req: &[u8], cut: bool, statements: &mut Statements<Vec<u8>>) -> Opti
                     // The unnamed statement ("") too: a later Bind may use it.
                     statements.insert(name.to_vec(), t.clone());
                     statement.get_or_insert(t);
+                    parsed = true;
                 }
             }
             // Portal name, then the statement's.
@@ -282,7 +289,8 @@ fn postgres(req: &[u8], cut: bool, statements: &mut Statements<Vec<u8>>) -> Opti
     let operation = statement
         .or_else(|| bound.map(|name| statements.get(name).unwrap_or("prepared").to_string()))
         .unwrap_or_else(|| word.unwrap_or("sync").to_string());
-    Some((operation, commands))
+    // Only a Parse without an Execute prepares; any other call is at least one command.
+    Some((operation, if parsed && commands == 0 { 0 } else { commands.max(1) }))
 }
 
 /// The operation of a call without a statement, by the message types it holds.
@@ -1003,7 +1011,7 @@ mod tests {
 
     fn check(conn: &mut Connection, request: &[u8], cut: bool, response: &[u8]) {
         let c = conn.classify(request, cut, response);
-        assert!(c.commands >= 1);
+        assert!(c.commands >= 1 || c.protocol == Protocol::Postgres, "{c:?}");
         assert!(c.operation.len() <= sql::MAX_TEMPLATE, "{c:?}");
         assert!(!c.operation.is_empty(), "{c:?}");
     }

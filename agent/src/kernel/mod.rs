@@ -18,8 +18,8 @@ use aya::{
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, Pending, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM,
-    MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED, STAT_COUNT,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -45,8 +45,8 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
 }
 
-/// Attaches a program that reads its tracepoint at fixed offsets, after checking them.
-fn attach_fixed_layout(prog: &mut TracePoint, category: &str, name: &str, fields: &[(&str, u32)]) -> Result<Box<dyn Send>> {
+/// Checks that a tracepoint's fields are where a kernel program reads them.
+fn fixed_layout_matches(category: &str, name: &str, fields: &[(&str, u32)]) -> Result<()> {
     let format = tracepoint_format(category, name)?;
     for (field, want) in fields {
         let got = field_offset(&format, field);
@@ -54,6 +54,12 @@ fn attach_fixed_layout(prog: &mut TracePoint, category: &str, name: &str, fields
             bail!("field {field} of {category}/{name} is at {got:?}, the kernel program expects {want}");
         }
     }
+    Ok(())
+}
+
+/// Attaches a program that reads its tracepoint at fixed offsets, after checking them.
+fn attach_fixed_layout(prog: &mut TracePoint, category: &str, name: &str, fields: &[(&str, u32)]) -> Result<Box<dyn Send>> {
+    fixed_layout_matches(category, name, fields)?;
     attach_tracepoint(prog, category, name)
 }
 
@@ -80,11 +86,17 @@ impl Kernel {
             .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
         // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
         let group_dead_off = field_offset(&tracepoint_format("sched", "sched_process_exit")?, "group_dead").unwrap_or(0);
+        // CPU clocks follow the scheduler's own charges where sched_stat_runtime is as expected.
+        let kernel_runtime = FIXED_LAYOUTS
+            .iter()
+            .find(|l| l.name == "sched_stat_runtime")
+            .is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok());
 
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &child_off, true)
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
             .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
+            .override_global(GLOBAL_KERNEL_RUNTIME, &u32::from(kernel_runtime), true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
             .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
 
@@ -235,7 +247,8 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED,
+        GLOBAL_KERNEL_RUNTIME, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS,
+        MAP_TRACED,
     };
 
     const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf"));
@@ -248,7 +261,7 @@ mod tests {
         let obj = object::File::parse(OBJECT).unwrap();
         let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
         let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM];
-        let globals = [GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_WATCH_EXECS];
+        let globals = [GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_WATCH_EXECS, GLOBAL_KERNEL_RUNTIME];
         for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
             assert!(symbols.contains(name), "{name} missing from the eBPF object");
         }
@@ -261,7 +274,7 @@ mod tests {
                 tracepoints.push(name);
             }
         }
-        assert_eq!(tracepoints.len(), 28 + 3, "{tracepoints:?}");
+        assert_eq!(tracepoints.len(), 28 + 4, "{tracepoints:?}");
         for l in FIXED_LAYOUTS {
             assert!(tracepoints.contains(&l.name), "{}", l.name);
         }

@@ -80,7 +80,19 @@ impl Server {
     }
 
     pub fn uwsgi(mode: UwsgiMode, processes: u32) -> Result<Self> {
-        let dir = TempDir::new("uwsgi");
+        Self::uwsgi_app(mode, processes, "testapp", TempDir::new("uwsgi"), &[], &[])
+    }
+
+    /// Debian's uWSGI in `mode` serving tests/apps/`module`.py with `extra` options and `env`,
+    /// its files in `dir`.
+    pub fn uwsgi_app(
+        mode: UwsgiMode,
+        processes: u32,
+        module: &str,
+        dir: TempDir,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let sock = dir.0.join("uwsgi.sock");
@@ -92,8 +104,9 @@ impl Server {
             UwsgiMode::Router => ("python3,http", vec!["--http", &addr]),
             UwsgiMode::BehindNginx => ("python3", vec!["--socket", sock.to_str().unwrap(), "--chmod-socket=666"]),
         };
-        let mut cmd = uwsgi_command(Path::new("uwsgi"), Some(plugins), &mode_args, "testapp", &apps_dir());
-        cmd.args(["--processes", &processes.to_string()]);
+        let mut cmd = uwsgi_command(Path::new("uwsgi"), Some(plugins), &mode_args, module, &apps_dir());
+        cmd.args(["--processes", &processes.to_string()]).args(extra);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         if let UwsgiMode::BehindNginx = mode {
             let s = Self::spawn(cmd, port, 0, dir)?;
             return s.with_nginx(&sock);

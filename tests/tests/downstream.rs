@@ -1,0 +1,281 @@
+//! Where each request's time goes, measured by the agent from outside: downstream calls
+//! (PostgreSQL, MariaDB, Redis, HTTP, over TCP and UNIX sockets, on connections opened before
+//! the agent attached) and the serving thread's CPU time, against the downstream app's own log
+//! of every call and request (tests/apps/downstream.py), under gunicorn sync, gunicorn gthread,
+//! uWSGI behind nginx and uWSGI `--http-socket`.
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+};
+
+use wsgiscope_integration::{
+    get, serial,
+    services::{downstream_log, Downstream},
+    Agent, DownstreamTruth, Server, UwsgiMode,
+};
+
+/// Every route of the app, with how often it is requested: each protocol over both transports,
+/// an N+1 route and its batched twin, errors, a connection opened inside the request, CPU only.
+fn traffic() -> Vec<String> {
+    let mut paths = Vec::new();
+    for via in ["tcp", "unix"] {
+        for (route, n) in [
+            ("/pg/one?id=7", 8),
+            ("/pg/simple", 2),
+            ("/pg/nplus1?n=25", 2),
+            ("/pg/batched?n=25", 2),
+            ("/pg/error", 2),
+            ("/mysql/one?id=7", 3),
+            ("/mysql/nplus1?n=25", 2),
+            ("/mysql/batched?n=25", 2),
+            ("/mysql/error", 2),
+            ("/redis/one", 3),
+            ("/redis/many?n=20", 2),
+            ("/redis/pipeline?n=10", 2),
+            ("/redis/error", 2),
+            ("/mixed", 2),
+        ] {
+            let sep = if route.contains('?') { '&' } else { '?' };
+            paths.extend((0..n).map(|_| format!("{route}{sep}via={via}")));
+        }
+    }
+    for (route, n) in [("/pg/fresh", 2), ("/http/one", 3), ("/http/error", 2), ("/cpu?ms=20", 3), ("/cpu?ms=1", 5)] {
+        paths.extend((0..n).map(|_| route.to_string()));
+    }
+    paths
+}
+
+/// The template the agent reports for an operation the app logged as sent: literals and
+/// parameters become `?`, a list of them one `(?)`.
+fn template(op: &str) -> String {
+    let mut out = String::new();
+    let mut chars = op.chars().peekable();
+    let mut prev = ' ';
+    while let Some(c) = chars.next() {
+        let literal_start = c == '$' && chars.peek().is_some_and(char::is_ascii_digit)
+            || c.is_ascii_digit() && !(prev.is_alphanumeric() || prev == '_');
+        if literal_start {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('?');
+            prev = '?';
+        } else {
+            out.push(c);
+            prev = c;
+        }
+    }
+    while out.contains("?,?") {
+        out = out.replace("?,?", "?");
+    }
+    out
+}
+
+/// Sends every request of `paths` from `clients` threads at once; all must answer 200.
+fn send(port: u16, paths: &[String], clients: usize) {
+    let next = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| {
+                while let Some(p) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let r = get(port, p).unwrap();
+                    assert_eq!(r.status, 200, "{p}");
+                }
+            });
+        }
+    });
+}
+
+/// How the agent's times are held against the app's.
+#[derive(Clone, Copy, PartialEq)]
+enum Timing {
+    /// Within max(200 µs, 5 %) per call, max(300 µs, 5 %) per request.
+    Close,
+    /// At most the app's. With several threads running Python, the app's marks after each
+    /// syscall wait for the GIL: its spans contain the wire spans but can be much longer.
+    Within,
+}
+
+/// `|agent - app| <= max(per_unit * n, 5 % of app)`: the tolerance, summed over `n`;
+/// with `Timing::Within`, `agent <= app` (plus a microsecond per unit for clock reads).
+fn close(timing: Timing, agent: f64, app: f64, n: f64, per_unit: f64) -> bool {
+    match timing {
+        Timing::Close => (agent - app).abs() <= (per_unit * n).max(0.05 * app),
+        Timing::Within => agent <= app + 1e-6 * n,
+    }
+}
+
+/// Attaches the agent to `server`, sends the traffic, and compares what the agent exported with
+/// the app's log: calls per route and protocol, calls per protocol, peer, operation and
+/// outcome (exact), their times, per-request downstream time, CPU time, N+1 detection.
+fn check(server: &Server, d: &Downstream, clients: usize, timing: Timing) {
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    let paths = traffic();
+    send(server.port, &paths, clients);
+    let m = agent.metrics_when(&format!("{} requests", paths.len()), |m| {
+        m.sum("wsgi_requests_total", &[]) >= paths.len() as f64
+    });
+    // The calls of the last requests are counted with them: wait for the log to hold them all.
+    let truth = DownstreamTruth::read(&downstream_log(server));
+    assert_eq!(truth.requests.len(), paths.len(), "the app logged every request");
+    assert_eq!(m.sum("wsgi_requests_total", &[]), paths.len() as f64, "{}", agent.log_text());
+    let log = || agent.log_text();
+
+    // Per route and protocol: calls, requests that made some, their time (app: the sum of its
+    // calls' wire spans, first byte written to last byte read, as the app timed them at its
+    // sockets), and per route the serving thread's CPU time.
+    #[derive(Default)]
+    struct PerRoute {
+        calls: f64,
+        requests: f64,
+        seconds: f64,
+    }
+    let mut per_route: BTreeMap<(String, String), PerRoute> = BTreeMap::new();
+    // Times out of tolerance, all reported at the end.
+    let mut off: Vec<String> = Vec::new();
+    let mut cpu: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for r in &truth.requests {
+        let calls = truth.calls_of(r);
+        let c = cpu.entry(r.route.clone()).or_default();
+        c.0 += 1.0;
+        c.1 += r.thread_cpu_ns as f64 / 1e9;
+        let mut protocols: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        for call in &calls {
+            let p = protocols.entry(call.protocol.as_str()).or_default();
+            p.0 += 1.0;
+            p.1 += (call.wire_end_ns - call.wire_start_ns) as f64 / 1e9;
+        }
+        for (protocol, (n, secs)) in protocols {
+            let e = per_route.entry((r.route.clone(), protocol.to_string())).or_default();
+            e.calls += n;
+            e.requests += 1.0;
+            e.seconds += secs;
+        }
+    }
+    for ((route, protocol), want) in &per_route {
+        let labels = [("route", route.as_str()), ("protocol", protocol.as_str())];
+        let calls = m.sum("wsgi_request_downstream_calls_sum", &labels);
+        assert_eq!(calls, want.calls, "{route} {protocol}: calls\n{}", log());
+        let requests = m.sum("wsgi_request_downstream_calls_count", &labels);
+        assert_eq!(requests, want.requests, "{route} {protocol}: requests with calls");
+        let secs = m.sum("wsgi_request_downstream_seconds_sum", &labels);
+        if !close(timing, secs, want.seconds, want.requests, 300e-6) {
+            off.push(format!(
+                "{route} {protocol}: downstream time per request, agent {secs:.6} s, app {:.6} s over {} requests",
+                want.seconds, want.requests
+            ));
+        }
+    }
+    let calls_total: f64 = per_route.values().map(|p| p.calls).sum();
+    assert_eq!(m.sum("wsgi_request_downstream_calls_sum", &[]), calls_total, "no call the app did not make");
+
+    // Per protocol, peer, operation and outcome: calls exact, their time within tolerance.
+    let peer = |protocol: &str, transport: &str| -> String {
+        match (protocol, transport) {
+            ("postgresql", "tcp") => format!("127.0.0.1:{}", d.postgres.port()),
+            ("postgresql", _) => d.postgres.socket_path().display().to_string(),
+            ("mysql", "tcp") => format!("127.0.0.1:{}", d.mariadb.port()),
+            ("mysql", _) => d.mariadb.socket_path().display().to_string(),
+            ("redis", "tcp") => format!("127.0.0.1:{}", d.redis.port()),
+            ("redis", _) => d.redis.socket_path().display().to_string(),
+            _ => format!("127.0.0.1:{}", d.backend.port),
+        }
+    };
+    let mut per_op: BTreeMap<[String; 4], (f64, f64)> = BTreeMap::new();
+    for c in &truth.calls {
+        let key = [c.protocol.clone(), peer(&c.protocol, &c.transport), template(&c.operation), c.outcome.clone()];
+        let e = per_op.entry(key).or_default();
+        e.0 += 1.0;
+        e.1 += (c.wire_end_ns - c.wire_start_ns) as f64 / 1e9;
+    }
+    for ([protocol, peer, operation, outcome], (n, secs)) in &per_op {
+        // A call without a response (Terminate) is its write alone: the app logs it as taking no
+        // time (it cannot time the write apart from PQfinish's close), with no GIL wait to bound.
+        let timing = if operation == "terminate" { Timing::Close } else { timing };
+        let labels = [("protocol", protocol.as_str()), ("peer", peer), ("operation", operation), ("outcome", outcome)];
+        let got = m.sum("wsgi_downstream_duration_seconds_count", &labels);
+        assert_eq!(got, *n, "{labels:?}: calls\n{}", m.text);
+        let got_secs = m.sum("wsgi_downstream_duration_seconds_sum", &labels);
+        if !close(timing, got_secs, *secs, *n, 200e-6) {
+            off.push(format!("{labels:?}: call time, agent {got_secs:.6} s, app {secs:.6} s over {n} calls"));
+        }
+    }
+    assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &[]), truth.calls.len() as f64, "calls in all");
+    for outcome in ["ok", "error"] {
+        let want = truth.calls.iter().filter(|c| c.outcome == outcome).count() as f64;
+        assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &[("outcome", outcome)]), want, "{outcome} calls");
+    }
+
+    // CPU time: at least the app's own thread_time around the request, and close to it.
+    for (route, (n, app)) in &cpu {
+        let got = m.sum("wsgi_request_cpu_seconds_sum", &[("route", route)]);
+        if got < *app || !close(Timing::Close, got, *app, *n, 0.5e-3) {
+            off.push(format!("{route}: CPU {got:.6} s, the app's thread_time {app:.6} s over {n} requests"));
+        }
+    }
+
+    // N+1: the routes that repeat one query are counted once per request, their batched twins not.
+    for (route, protocol) in [("/pg/nplus1", "postgresql"), ("/mysql/nplus1", "mysql"), ("/redis/many", "redis")] {
+        let requests = truth.requests.iter().filter(|r| r.route == route).count() as f64;
+        let labels = [("route", route), ("protocol", protocol)];
+        assert_eq!(m.sum("wsgi_repeated_call_requests_total", &labels), requests, "{route}: N+1 requests");
+    }
+    for route in ["/pg/batched", "/mysql/batched", "/redis/pipeline", "/mixed"] {
+        assert_eq!(m.sum("wsgi_repeated_call_requests_total", &[("route", route)]), 0.0, "{route} is no N+1");
+    }
+    assert!(log().contains("route /pg/nplus1 made 25 postgresql calls of one operation"), "{}", log());
+    assert_eq!(m.sum("wsgiscope_unattributed_calls_total", &[]), 0.0, "every call attributed\n{}", log());
+    assert_eq!(m.sum("wsgiscope_lost_events_total", &[]), 0.0);
+    assert!(off.is_empty(), "times out of tolerance:\n{}", off.join("\n"));
+}
+
+fn downstream() -> Downstream {
+    Downstream::start().unwrap()
+}
+
+#[test]
+fn gunicorn_sync_calls_and_cpu_per_request() {
+    let _serial = serial();
+    let d = downstream();
+    let server = d.serve(".venv", &["-w", "2", "-k", "sync"], 1).unwrap();
+    check(&server, &d, 2, Timing::Close);
+}
+
+#[test]
+fn gunicorn_gthread_attributes_each_call_to_its_thread_s_request() {
+    let _serial = serial();
+    let d = downstream();
+    let gthread = ["-w", "1", "-k", "gthread", "--threads", "4"];
+    // Four requests at a time on one process: each call to the request of the thread that made it.
+    let server = d.serve(".venv", &gthread, 4).unwrap();
+    check(&server, &d, 4, Timing::Within);
+    drop(server);
+    // One at a time (the app's own timing is exact only without other threads taking the GIL).
+    let server = d.serve(".venv", &gthread, 4).unwrap();
+    check(&server, &d, 1, Timing::Close);
+}
+
+#[test]
+fn uwsgi_behind_nginx_calls_and_cpu_per_request() {
+    let _serial = serial();
+    let d = downstream();
+    let server = d.serve_uwsgi(UwsgiMode::BehindNginx, 2, 1).unwrap();
+    check(&server, &d, 2, Timing::Close);
+}
+
+#[test]
+fn uwsgi_http_socket_calls_and_cpu_per_request() {
+    let _serial = serial();
+    let d = downstream();
+    let server = d.serve_uwsgi(UwsgiMode::HttpSocket, 2, 1).unwrap();
+    check(&server, &d, 2, Timing::Close);
+}
+
+#[test]
+fn templates_follow_the_agent_s_normalisation() {
+    assert_eq!(template("SELECT name FROM items WHERE id = $1"), "SELECT name FROM items WHERE id = ?");
+    assert_eq!(template("SELECT name FROM items WHERE id IN (1,2,3)"), "SELECT name FROM items WHERE id IN (?)");
+    assert_eq!(template("SELECT name FROM t2 WHERE id = 7"), "SELECT name FROM t2 WHERE id = ?");
+}
+
