@@ -3,6 +3,11 @@
 Routes cover the shapes of output the WSGI literature measures: one block, a slow handler,
 many blocks, one-byte blocks, one big block, an exception, and wsgi.file_wrapper (sendfile).
 
+With TESTAPP_REDIS (a redis:// or unix:// URL) and TESTAPP_BACKEND (the base URL of an HTTP
+service answering /ok, such as tests/apps/backend.py), two routes make downstream calls on
+connections opened at import: /redis?n=N (N GETs: an N+1 from 20 on) and /api (two Redis
+GETs, one HTTP call, about 2 ms of CPU).
+
 The app wraps itself in a small counting/timing middleware: the ground truth the tests compare
 wsgiscope against. When WSGISCOPE_TRUTH_LOG is set, the middleware appends one JSON line per
 request: route, status, blocks yielded, bytes, elapsed seconds, worker pid.
@@ -128,8 +133,52 @@ def gc_route(environ, start_response):
     return [b"collected"]
 
 
+# Downstream services, when configured: connections opened now, before any profiler attaches.
+_redis = None
+if os.environ.get("TESTAPP_REDIS"):
+    import redis
+
+    _redis = redis.Redis.from_url(os.environ["TESTAPP_REDIS"])
+    _redis.set("greeting", "hello")
+_backend = None
+if os.environ.get("TESTAPP_BACKEND"):
+    import requests
+
+    _backend = requests.Session()
+    _backend.get(os.environ["TESTAPP_BACKEND"] + "/ok", timeout=10).raise_for_status()
+
+
+def _unconfigured(start_response, what):
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"set %s" % what.encode()]
+
+
+def redis_route(environ, start_response):
+    if _redis is None:
+        return _unconfigured(start_response, "TESTAPP_REDIS")
+    n = int(_query(environ).get("n", "20"))
+    values = [_redis.get("greeting") for _ in range(n)]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d" % len(values)]
+
+
+def api(environ, start_response):
+    if _redis is None or _backend is None:
+        return _unconfigured(start_response, "TESTAPP_REDIS and TESTAPP_BACKEND")
+    _redis.get("greeting")
+    _redis.get("greeting")
+    _backend.get(os.environ["TESTAPP_BACKEND"] + "/ok", timeout=10).raise_for_status()
+    end = time.thread_time() + 0.002
+    while time.thread_time() < end:
+        pass
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"api"]
+
+
 ROUTES = {
     "/hello": hello,
+    "/redis": redis_route,
+    "/api": api,
     "/sleep": sleep,
     "/blocks": blocks,
     "/bytes1": bytes1,

@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::Value;
 use wsgiscope_integration::{
-    agent_bin, get, repo_root, serial, unix_now, Agent, Metrics, Prometheus, Server,
+    agent_bin, get, repo_root, serial, services::Redis, unix_now, Agent, Metrics, Prometheus, Server, TempDir,
 };
 
 fn deploy(file: &str) -> PathBuf {
@@ -304,6 +304,11 @@ fn the_dashboard_is_well_formed() {
         "wsgi_slow_client_responses_total",
         "wsgiscope_lost_events_total",
         "wsgiscope_unparsed_requests_total",
+        "wsgi_request_cpu_seconds_sum",
+        "wsgi_request_downstream_seconds_sum",
+        "wsgi_downstream_duration_seconds_count",
+        "wsgi_downstream_duration_seconds_bucket",
+        "wsgi_repeated_call_requests_total",
     ] {
         assert!(used.contains(name), "no panel uses {name}");
     }
@@ -339,7 +344,8 @@ fn drive_every_family(server: &Server, agent: &Agent) {
     server.wait_workers(1).unwrap();
 
     // /gc: garbage collections (pauses, and GC time inside requests).
-    for path in ["/hello", "/hello", "/sleep?ms=50", "/blocks", "/bytes1", "/gc"] {
+    // /redis?n=25 repeats one Redis command 25 times (N+1); /api calls Redis and the backend.
+    for path in ["/hello", "/hello", "/sleep?ms=50", "/blocks", "/bytes1", "/gc", "/redis?n=25", "/api"] {
         assert_eq!(get(server.port, path).unwrap().status, 200);
     }
     // A reader that waits 2 s before reading 32 MiB, more than the socket buffers hold: the
@@ -355,8 +361,9 @@ fn drive_every_family(server: &Server, agent: &Agent) {
     }
     // One wait per family, so that a failure names the one that did not appear.
     type Wanted<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
-    let families: [Wanted; 5] = [
-        ("wsgi_requests_total", &[], 7.0),
+    let families: [Wanted; 6] = [
+        ("wsgi_requests_total", &[], 9.0),
+        ("wsgi_repeated_call_requests_total", &[], 1.0),
         ("wsgi_requests_total", &[("status", "aborted")], 1.0),
         ("wsgi_worker_exits_total", &[("reason", "killed")], 1.0),
         ("wsgi_small_block_responses_total", &[], 1.0),
@@ -370,7 +377,11 @@ fn drive_every_family(server: &Server, agent: &Agent) {
 #[test]
 fn every_dashboard_query_finds_series_of_the_real_agent() {
     let _serial = serial();
-    let server = Server::gunicorn(&["-w", "1"]).unwrap();
+    // The test app with a Redis and an HTTP backend to call (downstream panels).
+    let redis = Redis::start().unwrap();
+    let backend = Server::gunicorn_app(TempDir::new("backend"), ".venv", "backend", &["-w", "1"], &[]).unwrap();
+    let env = [("TESTAPP_REDIS", redis.tcp_url()), ("TESTAPP_BACKEND", format!("http://127.0.0.1:{}", backend.port))];
+    let server = Server::gunicorn_app(TempDir::new("server"), ".venv", "testapp", &["-w", "1"], &env).unwrap();
     server.wait_workers(1).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
     let prom = Prometheus::start("wsgiscope", &agent.metrics_url).unwrap();
