@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: wsgiscope end to end. Starts gunicorn with the test app, attaches the agent,
-//! sends some traffic, and prints what the agent measured per route; then keeps both running so
-//! /metrics can be looked at (or scraped) until Ctrl-C.
+//! `cargo xtask demo`: wsgiscope end to end. Starts a Redis and an HTTP backend, gunicorn with the
+//! test app calling them, attaches the agent, sends some traffic, and prints what the agent
+//! measured per route and where each route's time went; then keeps everything running so /metrics
+//! can be looked at (or scraped) until Ctrl-C.
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
@@ -37,9 +38,12 @@ pub struct DemoArgs {
 }
 
 /// Requests per route: every kind of response the test app has (one block, slow, many blocks,
-/// one-byte blocks, one big block, an exception, sendfile).
+/// one-byte blocks, one big block, an exception, sendfile), and downstream calls (20 Redis GETs
+/// in a loop: an N+1; two GETs, an HTTP call and 2 ms of CPU).
 const TRAFFIC: &[(&str, usize)] = &[
     ("/hello", 200),
+    ("/redis", 30),
+    ("/api", 50),
     ("/sleep", 20),
     ("/blocks", 50),
     ("/bytes1", 3),
@@ -64,9 +68,14 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&log_dir)?;
     let gunicorn_log = log_dir.join("gunicorn.log");
     // Dropped in reverse order of declaration, on any error too: the agent first (SIGINT, so it
-    // detaches cleanly), then gunicorn (SIGTERM, graceful shutdown).
+    // detaches cleanly), then gunicorn (SIGTERM, graceful shutdown), then what it calls.
+    let (mut redis, redis_url) = start_redis(&log_dir)?;
+    let (mut backend, backend_url) = start_backend(root, &log_dir)?;
     let spec = Gunicorn::new(app_addr, apps_dir(), "testapp:app").args(&["-w", "2"]);
-    let mut gunicorn = group::gunicorn("gunicorn", spec.command(root)?, app_addr, &gunicorn_log)?;
+    let mut cmd = spec.command(root)?;
+    cmd.env("TESTAPP_REDIS", &redis_url).env("TESTAPP_BACKEND", &backend_url);
+    let mut gunicorn = group::gunicorn("gunicorn", cmd, app_addr, &gunicorn_log)?;
+    println!("demo: Redis at {redis_url}, HTTP backend at {backend_url} (the test app's /redis and /api call them)");
     // The venv script is executed directly, so the child is the gunicorn master.
     let master = gunicorn.pid();
     println!(
@@ -78,6 +87,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let sent = drive_traffic(app_addr)?;
     let metrics = wait_for_counts(args.metrics, sent, &mut [&mut agent, &mut gunicorn])?;
     print_summary(&metrics);
+    print_time_shares(&metrics);
 
     println!();
     println!(
@@ -98,6 +108,8 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     while !group::stopping() && deadline.is_none_or(|d| Instant::now() < d) {
         agent.check_alive()?;
         gunicorn.check_alive()?;
+        redis.check_alive()?;
+        backend.check_alive()?;
         thread::sleep(Duration::from_millis(100));
     }
     println!("demo: stopping");
@@ -227,4 +239,83 @@ fn print_summary(m: &Metrics) {
         );
     }
     println!("(quantiles estimated from histogram buckets; blocks, bytes and write time are means per response)");
+}
+
+/// A Redis on a free loopback port, without persistence, for the test app's downstream routes.
+fn start_redis(log_dir: &Path) -> Result<(Group, String)> {
+    let port = wsgiscope_devkit::free_addr()?.port();
+    let log = std::fs::File::create(log_dir.join("redis.log"))?;
+    let mut cmd = std::process::Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(log_dir)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut redis = Group::spawn("redis-server", &mut cmd, libc::SIGTERM)?;
+    group::wait_until("redis-server", Duration::from_secs(20), &mut [&mut redis], || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    Ok((redis, format!("redis://127.0.0.1:{port}/0")))
+}
+
+/// tests/apps/backend.py under gunicorn gthread (keep-alive): the HTTP service /api calls.
+fn start_backend(root: &Path, log_dir: &Path) -> Result<(Group, String)> {
+    let addr = wsgiscope_devkit::free_addr()?;
+    let log_path = log_dir.join("backend.log");
+    let log = std::fs::File::create(&log_path)?;
+    let spec = Gunicorn::new(addr, apps_dir(), "backend:app").args(&["-w", "1", "-k", "gthread", "--threads", "4", "--keep-alive", "3600"]);
+    let mut cmd = spec.command(root)?;
+    cmd.stdout(log.try_clone()?).stderr(log);
+    let mut backend = Group::spawn("backend", &mut cmd, libc::SIGTERM)?;
+    group::wait_until("the HTTP backend", Duration::from_secs(30), &mut [&mut backend], || {
+        http::get_status(addr, "/ok").is_ok_and(|s| s == 200)
+    })
+    .with_context(|| format!("see {}", log_path.display()))?;
+    Ok((backend, format!("http://{addr}")))
+}
+
+/// One line per route: where its time went, as shares of its total duration (CPU, downstream
+/// calls per protocol, GC, writing, the rest waiting). GC is part of CPU and writing includes
+/// the kernel's CPU for the writes, so the shares overlap a little.
+fn print_time_shares(m: &Metrics) {
+    let requests = m.sum_by("wsgi_requests_total", "route");
+    let protocols: Vec<String> = m.sum_by("wsgi_request_downstream_seconds_sum", "protocol").into_keys().collect();
+    let mut routes: Vec<&str> = TRAFFIC.iter().map(|&(r, _)| r).filter(|r| requests.contains_key(*r)).collect();
+    routes.extend(requests.keys().map(String::as_str).filter(|r| !TRAFFIC.iter().any(|(t, _)| t == r)));
+    println!();
+    println!("where the time goes (share of each route's total duration):");
+    let mut header = format!("{:<8} {:>9} {:>6}", "route", "mean ms", "CPU");
+    for p in &protocols {
+        header.push_str(&format!(" {:>10}", p));
+    }
+    header.push_str(&format!(" {:>6} {:>6} {:>6} {:>10}", "GC", "write", "other", "calls/req"));
+    println!("{header}");
+    for route in routes {
+        let r = [("route", route)];
+        let n = requests.get(route).copied().unwrap_or(0.0);
+        let total = m.sum("wsgi_request_duration_seconds_sum", &r);
+        if n == 0.0 || total <= 0.0 {
+            continue;
+        }
+        let share = |s: f64| format!("{:.0} %", 100.0 * s / total);
+        let cpu = m.sum("wsgi_request_cpu_seconds_sum", &r);
+        let write = m.sum("wsgi_response_write_seconds_sum", &r);
+        let gc = m.sum("wsgi_request_gc_seconds_sum", &r);
+        let mut line = format!("{:<8} {:>9.2} {:>6}", route, 1e3 * total / n, share(cpu));
+        let mut downstream = 0.0;
+        for p in &protocols {
+            let s = m.sum("wsgi_request_downstream_seconds_sum", &[("route", route), ("protocol", p)]);
+            downstream += s;
+            line.push_str(&format!(" {:>10}", if s > 0.0 { share(s) } else { "-".to_string() }));
+        }
+        let other = (total - cpu - downstream - write).max(0.0);
+        let calls = m.sum("wsgi_request_downstream_calls_sum", &r) / n;
+        let calls = if calls > 0.0 { format!("{calls:.1}") } else { "-".to_string() };
+        line.push_str(&format!(" {:>6} {:>6} {:>6} {:>10}", share(gc), share(write), share(other), calls));
+        println!("{line}");
+    }
+    let repeated = m.sum_by("wsgi_repeated_call_requests_total", "route");
+    for (route, n) in repeated.iter().filter(|(_, n)| **n > 0.0) {
+        println!("N+1: {n} requests of {route} repeated one downstream call 20 times or more (see the agent's log for the query and the fix)");
+    }
 }
