@@ -12,6 +12,7 @@ Environment:
   DOWNSTREAM_PG_PREPARE_THRESHOLD              psycopg's prepare_threshold: a number or "none"
                                                (default psycopg's, 5; see below)
   DOWNSTREAM_LOG                               file the ground truth is appended to (optional)
+  DOWNSTREAM_HOSTILE                           garbage,truncated,silent peers as host:port (optional)
 
 Connections: every connection is opened when the module is imported, i.e. in each worker as it
 boots (do not use gunicorn --preload: forked workers would share sockets), before a profiler
@@ -43,6 +44,9 @@ Routes (via=tcp|unix picks the transport where it applies, default tcp; n= count
   /redis/error     INCRBY on a string that is not a number (-ERR, caught)
   /http/one        GET backend /ok;  /http/error  GET backend /fail (503);  /http/slow?ms=  backend /slow
   /cpu?ms=N        N ms of this thread's CPU time, no call
+  /hostile/garbage, /hostile/truncated, /hostile/silent   (DOWNSTREAM_HOSTILE) a Redis PING to a
+                   peer that answers garbage, a truncated reply, or nothing within 50 ms
+  /pg/distinct?n=&from=   n statements with n distinct templates (a column alias each)
   /mixed           one PostgreSQL SELECT, two Redis GETs, one HTTP GET and ~2 ms of CPU
 
 Ground truth (DOWNSTREAM_LOG), one JSON object per line:
@@ -91,6 +95,7 @@ MYSQL = {t: os.environ["DOWNSTREAM_MYSQL_" + t.upper()] for t in TRANSPORTS}
 REDIS = {t: os.environ["DOWNSTREAM_REDIS_" + t.upper()] for t in TRANSPORTS}
 HTTP = os.environ["DOWNSTREAM_HTTP"].rstrip("/")
 THREADS = int(os.environ.get("DOWNSTREAM_THREADS", "1"))
+HOSTILE = os.environ.get("DOWNSTREAM_HOSTILE")
 _threshold = os.environ.get("DOWNSTREAM_PG_PREPARE_THRESHOLD")
 PG_OPTIONS = {"autocommit": True}
 if _threshold:
@@ -192,6 +197,12 @@ class Connections:
         self.http = requests.Session()
         # Opens the session's keep-alive connection now.
         self.http.get(HTTP + "/ok", timeout=10).raise_for_status()
+        # Hostile peers (DOWNSTREAM_HOSTILE: garbage,truncated,silent as host:port each).
+        self.hostile = {}
+        if HOSTILE:
+            for name, addr in zip(("garbage", "truncated", "silent"), HOSTILE.split(",")):
+                host, port = addr.rsplit(":", 1)
+                self.hostile[name] = socket.create_connection((host, int(port)), timeout=10)
 
 
 _pool = queue.Queue()
@@ -379,6 +390,45 @@ def cpu(q, c, t):
     return b"burnt"
 
 
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def _hostile(c, name):
+    # One Redis PING to a peer that answers garbage, a truncated reply, or nothing (50 ms);
+    # read once: whatever comes is the answer. No error reply on the wire: logged as ok.
+    sock = c.hostile[name]
+
+    def run():
+        sock.settimeout(0.05)
+        sock.sendall(PING)
+        try:
+            return sock.recv(4096)
+        except socket.timeout:
+            return b""
+
+    return b"%d" % len(_call("redis", "tcp", "PING", run))
+
+
+def hostile_garbage(q, c, t):
+    return _hostile(c, "garbage")
+
+
+def hostile_truncated(q, c, t):
+    return _hostile(c, "truncated")
+
+
+def hostile_silent(q, c, t):
+    return _hostile(c, "silent")
+
+
+def pg_distinct(q, c, t):
+    # n statements that normalise to n distinct templates (a column alias each), from `from`.
+    first, n = int(q.get("from", 0)), int(q.get("n", 1000))
+    for i in range(first, first + n):
+        _pg(c.pg[t], t, "SELECT name AS c%d FROM items WHERE id = 1" % i)
+    return b"%d" % n
+
+
 def mixed(q, c, t):
     _pg(c.pg[t], t, ONE, (1,))
     _call("redis", t, "GET", lambda: c.redis[t].get("item:1"))
@@ -397,6 +447,8 @@ ROUTES = {
     "/redis/error": redis_error,
     "/http/one": http_one, "/http/error": http_error, "/http/slow": http_slow,
     "/cpu": cpu, "/mixed": mixed,
+    "/hostile/garbage": hostile_garbage, "/hostile/truncated": hostile_truncated,
+    "/hostile/silent": hostile_silent, "/pg/distinct": pg_distinct,
 }
 
 

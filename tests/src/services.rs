@@ -603,8 +603,20 @@ impl Downstream {
     /// tests/apps/downstream.py under gunicorn from `venv` with `args` (workers, worker class…)
     /// and `threads` connection sets per worker, once every worker has opened its connections.
     pub fn serve(&self, venv: &str, args: &[&str], threads: usize) -> Result<Server> {
+        self.serve_with(venv, args, threads, &[])
+    }
+
+    /// [`Downstream::serve`] with `extra` environment (e.g. `DOWNSTREAM_HOSTILE`).
+    pub fn serve_with(
+        &self,
+        venv: &str,
+        args: &[&str],
+        threads: usize,
+        extra: &[(&'static str, String)],
+    ) -> Result<Server> {
         let dir = TempDir::new("downstream");
-        let env = self.env(threads, &dir.0.join(DOWNSTREAM_LOG));
+        let mut env = self.env(threads, &dir.0.join(DOWNSTREAM_LOG));
+        env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
         let mut server = Server::gunicorn_app(dir, venv, "downstream", args, &env)?;
         let log = downstream_log(&server);
         let booted = wait_for("every worker to open its connections", STARTUP, || {

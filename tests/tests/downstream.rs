@@ -279,3 +279,78 @@ fn templates_follow_the_agent_s_normalisation() {
     assert_eq!(template("SELECT name FROM t2 WHERE id = 7"), "SELECT name FROM t2 WHERE id = ?");
 }
 
+
+/// A peer on loopback that answers every read `how`: with garbage bytes, with a truncated RESP
+/// reply, or not at all.
+fn hostile_peer(how: &'static str) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            thread::spawn(move || {
+                let garbage: Vec<u8> = (0..200u32).map(|i| 0x80 | (i.wrapping_mul(2_654_435_761) >> 25) as u8).collect();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    let answer: &[u8] = match how {
+                        _ if n == 0 => return,
+                        "garbage" => &garbage,
+                        "truncated" => b"$100\r\nabc",
+                        _ => continue,
+                    };
+                    if s.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn hostile_peers_and_ten_thousand_statements_are_counted_and_capped() {
+    let _serial = serial();
+    let d = downstream();
+    let peers = ["garbage", "truncated", "silent"].map(hostile_peer);
+    let hostile = peers.map(|a| a.to_string()).join(",");
+    let server = d.serve_with(".venv", &["-w", "1", "-k", "sync"], 1, &[("DOWNSTREAM_HOSTILE", hostile)]).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    let mut paths: Vec<String> = Vec::new();
+    for route in ["/hostile/garbage", "/hostile/truncated", "/hostile/silent"] {
+        paths.extend((0..3).map(|_| route.to_string()));
+    }
+    // 10,000 distinct SQL texts, each its own template, in ten requests.
+    paths.extend((0..10).map(|k| format!("/pg/distinct?n=1000&from={}", k * 1000)));
+    send(server.port, &paths, 1);
+    let m = agent.metrics_when(&format!("{} requests", paths.len()), |m| {
+        m.sum("wsgi_requests_total", &[]) >= paths.len() as f64
+    });
+    let truth = DownstreamTruth::read(&downstream_log(&server));
+    assert_eq!(truth.requests.len(), paths.len());
+
+    // Nothing lost: every call the app made is counted, with its request.
+    assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &[]), truth.calls.len() as f64);
+    assert_eq!(m.sum("wsgi_request_downstream_calls_sum", &[]), truth.calls.len() as f64);
+    assert_eq!(m.sum("wsgiscope_unattributed_calls_total", &[]), 0.0, "{}", agent.log_text());
+    assert_eq!(m.sum("wsgiscope_lost_events_total", &[]), 0.0);
+    // A peer that answers garbage, a truncated reply or nothing: the call is still one Redis
+    // PING, attributed to its request (the silent one ends with the request).
+    for (route, peer) in ["/hostile/garbage", "/hostile/truncated", "/hostile/silent"].iter().zip(&peers) {
+        let labels = [("protocol", "redis"), ("peer", &peer.to_string()), ("operation", "PING"), ("outcome", "ok")];
+        assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &labels), 3.0, "{route}");
+        assert_eq!(m.sum("wsgi_request_downstream_calls_sum", &[("route", route)]), 3.0, "{route}");
+    }
+    // 10,000 templates: 200 operations get a label (PING and the first 199), the rest are
+    // `other`, counted; the series stay bounded.
+    let pg = [("protocol", "postgresql")];
+    assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &pg), 10_000.0);
+    assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &[("protocol", "postgresql"), ("operation", "other")]), 9_801.0);
+    assert_eq!(m.sum("wsgiscope_operation_overflow_total", &[]), 9_801.0);
+    let operations: std::collections::BTreeSet<&str> =
+        m.series("wsgi_downstream_duration_seconds_count", &[]).filter_map(|(l, _)| l.get("operation").map(String::as_str)).collect();
+    assert_eq!(operations.len(), 201, "200 operations and other");
+    assert_eq!(m.sum("wsgi_repeated_call_requests_total", &[("route", "/pg/distinct")]), 0.0, "distinct statements are no N+1");
+    assert!(m.text.lines().count() < 10_000, "exposition bounded: {} lines", m.text.lines().count());
+}
