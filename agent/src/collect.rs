@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{info, warn};
+use wsgiscope_common::CallEvent;
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -60,6 +61,10 @@ pub struct Collector<'m> {
     /// Masters that exited since the loop last looked.
     ended: Vec<u32>,
 }
+
+/// A call of no request whose socket has been quiet this long (ns) is counted from the kernel's
+/// table.
+const QUIET_CALL_NS: u64 = 1_000_000_000;
 
 /// Records held per candidate at most (a busy server that never gets recognised).
 const HELD_MAX: usize = 100_000;
@@ -245,7 +250,14 @@ impl<'m> Collector<'m> {
             }
         }
         let now = monotonic_ns();
+        let mut quiet: HashMap<u32, Vec<CallEvent>> = HashMap::new();
+        for (key, d) in self.kernel.downstream() {
+            if let Some(ev) = record::quiet_call(key, &d, now.saturating_sub(QUIET_CALL_NS)) {
+                quiet.entry(ev.root).or_default().push(ev);
+            }
+        }
         for (root, s) in &mut self.sessions {
+            s.quiet_calls(quiet.get(root).map(Vec::as_slice).unwrap_or_default());
             s.agg.in_progress(now, running.get(root).map(Vec::as_slice).unwrap_or_default());
             s.decide();
             s.expire_calls(now);

@@ -5,8 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use wsgiscope_common::{
-    CallEvent, ConnState, ConnectEvent, EventKind, ExecEvent, ExitEvent, ForkEvent, GcEvent, ReapEvent,
-    RequestEvent, SignalEvent, CONN_IN_REQUEST, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN, UNIX_PATH_LEN,
+    CallEvent, ConnState, ConnectEvent, Downstream, EventKind, ExecEvent, ExitEvent, ForkEvent, GcEvent,
+    ReapEvent, RequestEvent, SignalEvent, CALL_END_QUIET, CALL_IDLE, CALL_REQ_LEN, CALL_RESP_LEN, CONN_IN_REQUEST,
+    END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN, UNIX_PATH_LEN,
 };
 
 use crate::sockets::Peer;
@@ -126,6 +127,24 @@ pub fn orphan(tgid: u32, fd: u32, c: &ConnState, now_ns: u64) -> Option<RequestE
         // The kept part of the (twice as large) connection-state buffers.
         req_head: c.req_head[..REQ_HEAD_LEN].try_into().expect("buffer holds the kept head"),
         resp_head: c.resp_head[..RESP_HEAD_LEN].try_into().expect("buffer holds the kept head"),
+    })
+}
+
+/// A call that belongs to no request (ambiguous, or outside requests) and has been quiet since
+/// `quiet_since_ns` on downstream socket `key`, as the kernel's own record would carry it: the
+/// kernel ends such a call only at the next call on its socket or its close.
+pub fn quiet_call(key: u64, d: &Downstream, quiet_since_ns: u64) -> Option<CallEvent> {
+    let open = d.state != CALL_IDLE;
+    (open && d.call.req_start_ns == 0 && d.call.end_ns < quiet_since_ns).then(|| CallEvent {
+        kind: EventKind::Call as u32,
+        end_reason: CALL_END_QUIET,
+        tgid: (key >> 32) as u32,
+        fd: key as u32,
+        root: d.root,
+        _pad: 0,
+        call: d.call,
+        req_head: d.req_head[..CALL_REQ_LEN].try_into().expect("buffer holds the kept head"),
+        resp_head: d.resp_head[..CALL_RESP_LEN].try_into().expect("buffer holds the kept head"),
     })
 }
 

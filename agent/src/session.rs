@@ -136,6 +136,15 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// Downstream sockets now in the kernel's table: calls of no request that have been quiet
+    /// for a while are counted now (the kernel would record them only when their socket is
+    /// used again).
+    pub fn quiet_calls(&mut self, calls: &[CallEvent]) {
+        for ev in calls {
+            self.call(ev);
+        }
+    }
+
     /// Process `tgid` connected (or, found at attach, had connected) socket `fd` to `peer`.
     pub fn connected(&mut self, tgid: u32, fd: u32, peer: Option<&Peer>) {
         self.calls.connected(tgid, fd, peer);

@@ -148,8 +148,10 @@ pub const CALL_END_NEXT: u32 = 1;
 pub const CALL_END_REQUEST: u32 = 2;
 /// …the thread began a call on another socket…
 pub const CALL_END_OTHER_CALL: u32 = 3;
-/// …its socket was closed.
+/// …its socket was closed…
 pub const CALL_END_CLOSE: u32 = 4;
+/// …or (the agent, from the downstream table) a call of no request had been quiet for a while.
+pub const CALL_END_QUIET: u32 = 5;
 
 /// One record per downstream call.
 #[repr(C)]

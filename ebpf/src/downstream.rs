@@ -132,17 +132,23 @@ fn attribute(d: &mut Downstream, key: u64, tid: u32) {
     if t.in_flight == 0 {
         return; // between requests
     }
-    if t.flags & THREAD_CONCURRENT != 0 && t.in_flight > 1 {
+    // A thread serving requests concurrently: only while it has one in progress, and that one
+    // is the last it read, is the call surely that request's.
+    let concurrent = t.flags & THREAD_CONCURRENT != 0;
+    if concurrent && t.in_flight > 1 {
         d.call.flags |= CALL_AMBIGUOUS;
         return;
     }
     let rkey = conn_key(tgid, t.fd);
-    let Some(c) = CONNS.get_ptr_mut(&rkey) else { return };
+    let c = CONNS.get_ptr_mut(&rkey);
     // SAFETY: map value pointer valid for this program run.
-    let c = unsafe { &mut *c };
-    if c.flags & CONN_IN_REQUEST == 0 || c.agg.start_ns != t.start_ns {
+    let Some(c) = c.map(|c| unsafe { &mut *c }).filter(|c| c.flags & CONN_IN_REQUEST != 0 && c.agg.start_ns == t.start_ns)
+    else {
+        if concurrent {
+            d.call.flags |= CALL_AMBIGUOUS; // one is in progress, not the last it read
+        }
         return;
-    }
+    };
     d.call.req_fd = t.fd;
     d.call.req_start_ns = t.start_ns;
     let fd = key as u32;

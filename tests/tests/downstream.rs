@@ -354,3 +354,51 @@ fn hostile_peers_and_ten_thousand_statements_are_counted_and_capped() {
     assert_eq!(m.sum("wsgi_repeated_call_requests_total", &[("route", "/pg/distinct")]), 0.0, "distinct statements are no N+1");
     assert!(m.text.lines().count() < 10_000, "exposition bounded: {} lines", m.text.lines().count());
 }
+
+#[test]
+fn gevent_calls_are_attributed_only_where_unambiguous() {
+    let _serial = serial();
+    let d = downstream();
+    let gevent = ["-w", "1", "-k", "gevent", "--worker-connections", "64"];
+    // One request at a time: the event loop's thread has one request in progress, so every call
+    // is attributed, exactly as under sync.
+    let server = d.serve(".venv", &gevent, 4).unwrap();
+    check(&server, &d, 1, Timing::Close);
+    drop(server);
+
+    // Requests overlapping on the one thread: calls made while several are in progress belong
+    // to none for certain. They are counted, as ambiguous, and never given to a wrong request.
+    let server = d.serve(".venv", &gevent, 4).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    let mut paths = Vec::new();
+    for _ in 0..8 {
+        paths.extend(["/http/slow?ms=30".to_string(), "/redis/many?n=20".to_string(), "/pg/nplus1?n=25".to_string()]);
+    }
+    send(server.port, &paths, 6);
+    let m = agent.metrics_when(&format!("{} requests", paths.len()), |m| {
+        m.sum("wsgi_requests_total", &[]) >= paths.len() as f64
+    });
+    let truth = DownstreamTruth::read(&downstream_log(&server));
+    assert_eq!(truth.requests.len(), paths.len());
+    let total = truth.calls.len() as f64;
+    // A call of no request is recorded when its socket is used again, or after a second of quiet.
+    let _ = m;
+    let m = agent.metrics_when("every call counted", |m| m.sum("wsgi_downstream_duration_seconds_count", &[]) >= total);
+    let unattributed = m.sum_by("wsgiscope_unattributed_calls_total", "reason");
+    assert_eq!(m.sum("wsgi_downstream_duration_seconds_count", &[]), total, "every call counted; unattributed {unattributed:?}");
+    let ambiguous = m.sum("wsgiscope_unattributed_calls_total", &[("reason", "ambiguous")]);
+    let attributed = m.sum("wsgi_request_downstream_calls_sum", &[]);
+    assert!(ambiguous > 0.0, "requests overlapped: some calls are ambiguous\n{}", agent.log_text());
+    assert_eq!(attributed + ambiguous, total, "attributed or ambiguous, nothing else");
+    assert_eq!(m.sum("wsgiscope_unattributed_calls_total", &[("reason", "outside_request")]), 0.0);
+    assert_eq!(m.sum("wsgiscope_unattributed_calls_total", &[("reason", "late")]), 0.0);
+    // Never to a wrong request: no route got calls of a protocol it does not use, or more calls
+    // than it made.
+    for route in ["/http/slow", "/redis/many", "/pg/nplus1"] {
+        for protocol in ["http", "redis", "postgresql"] {
+            let made = truth.calls.iter().filter(|c| c.route == route && c.protocol == protocol).count() as f64;
+            let got = m.sum("wsgi_request_downstream_calls_sum", &[("route", route), ("protocol", protocol)]);
+            assert!(got <= made, "{route} {protocol}: {got} calls attributed, {made} made");
+        }
+    }
+}

@@ -35,13 +35,15 @@ const GUNICORN_VERSION: &str = "27.0.1";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const UWSGI_PIP_VERSION: &str = "2.0.31";
 /// The client libraries of tests/apps/downstream.py, as pip names them: psycopg 3 with its C
-/// build (what `psycopg[binary]` installs), PyMySQL, redis-py and requests.
+/// build (what `psycopg[binary]` installs), PyMySQL, redis-py and requests; and gevent, for
+/// gunicorn's event-loop worker.
 const DOWNSTREAM_LIBS: &[(&str, &str)] = &[
     ("psycopg", "3.2.13"),
     ("psycopg-binary", "3.2.13"),
     ("PyMySQL", "1.2.4"),
     ("redis", "8.1.0"),
     ("requests", "2.34.2"),
+    ("gevent", "24.11.1"),
 ];
 const TRACEFS: &str = "/sys/kernel/tracing";
 

@@ -4,7 +4,7 @@
 //! calls before the request).
 use std::collections::HashMap;
 
-use wsgiscope_common::{CallEvent, CALL_AMBIGUOUS, CALL_REQ_LEN, CALL_RESP_LEN};
+use wsgiscope_common::{CallEvent, CALL_AMBIGUOUS, CALL_END_QUIET, CALL_REQ_LEN, CALL_RESP_LEN};
 
 use super::protocol::{Connection, Outcome, Protocol};
 use crate::sockets::Peer;
@@ -89,6 +89,10 @@ pub struct Calls {
     held: HashMap<(u32, u32), Held>,
     /// Calls of requests whose record has not arrived yet, and when the request started.
     waiting: HashMap<RequestKey, RequestCalls>,
+    /// Calls of no request read from the kernel's table while quiet, by socket: their start.
+    /// Counted then, so the kernel's own record of the same call (when the socket is used
+    /// again) is not counted twice.
+    quiet: HashMap<(u32, u32), u64>,
 }
 
 impl Calls {
@@ -106,6 +110,22 @@ impl Calls {
     /// attributed to (whose calls it joins until `take`).
     pub fn call(&mut self, ev: &CallEvent) -> Vec<(DownCall, Attribution)> {
         let sock = (ev.tgid, ev.fd);
+        let from_table = ev.end_reason == CALL_END_QUIET;
+        match self.quiet.get(&sock) {
+            Some(&start) if start == ev.call.start_ns => {
+                if !from_table {
+                    self.quiet.remove(&sock); // the kernel's record of a call counted already
+                }
+                return Vec::new();
+            }
+            Some(_) => {
+                self.quiet.remove(&sock);
+            }
+            None => {}
+        }
+        if from_table {
+            self.quiet.insert(sock, ev.call.start_ns);
+        }
         let (mut call, attribution, prepare_only) = self.read(ev);
         let mut done = Vec::new();
         if let Some((held, held_attribution, held_prepare)) = self.held.remove(&sock) {
@@ -124,7 +144,7 @@ impl Calls {
                 done.push(self.attribute(held, held_attribution));
             }
         }
-        if prepare_only || call.operation == CONNECT {
+        if !from_table && (prepare_only || call.operation == CONNECT) {
             self.held.insert(sock, (call, attribution, prepare_only));
         } else {
             done.push(self.attribute(call, attribution));
@@ -196,6 +216,7 @@ impl Calls {
         self.peers.retain(|k, _| k.0 != tgid);
         self.connections.retain(|k, _| k.0 != tgid);
         self.held.retain(|k, _| k.0 != tgid);
+        self.quiet.retain(|k, _| k.0 != tgid);
         let mut lost = 0;
         self.waiting.retain(|k, v| {
             let keep = k.0 != tgid;
@@ -348,5 +369,18 @@ mod tests {
         assert_eq!((released[0].0.operation.as_str(), released[0].0.protocol), ("connect", Protocol::Postgres));
         assert!((released[0].0.seconds - 0.0015).abs() < 1e-12, "first byte to last byte");
         assert_eq!(r.by_protocol[&Protocol::Postgres].0, 1);
+    }
+
+    #[test]
+    fn a_quiet_call_read_from_the_table_is_counted_once() {
+        let mut calls = Calls::default();
+        let mut quiet = event(12, GET, b"$1\r\nv\r\n", 0, 0, CALL_AMBIGUOUS);
+        quiet.end_reason = CALL_END_QUIET;
+        assert_eq!(calls.call(&quiet).len(), 1, "counted when found quiet");
+        assert!(calls.call(&quiet).is_empty(), "found again at the next scan: not again");
+        let mut kernel = quiet;
+        kernel.end_reason = 1;
+        assert!(calls.call(&kernel).is_empty(), "the kernel's record of it: not again");
+        assert_eq!(calls.call(&later(kernel)).len(), 1, "the next call on the socket counts");
     }
 }

@@ -190,6 +190,11 @@ impl Kernel {
         })
     }
 
+    /// Every downstream socket the kernel holds, by `conn_key(tgid, fd)`, with its call.
+    pub fn downstream(&self) -> impl Iterator<Item = (u64, Downstream)> + '_ {
+        self.downstream.iter().filter_map(Result::ok)
+    }
+
     /// Forgets the downstream sockets of an exited process (closed without a close syscall).
     pub fn forget_downstream(&mut self, tgid: u32) {
         let lo = conn_key(tgid, 0);
