@@ -3,7 +3,7 @@ instrumentation wsgiscope is compared with, plus /loop for the probe-cost microb
 
 WSGISCOPE_BENCH_MIDDLEWARE selects the wrapper: "none" (default), "timing" or "prometheus"
 (see bench_middleware.py). WSGISCOPE_BENCH_LOOP is the xtask binary whose hidden `bench-loop`
-command runs the write loop.
+command runs the write loop. The bench sets TESTAPP_REDIS, so the test app's /redis route works.
 """
 import os
 import subprocess

@@ -69,7 +69,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let gunicorn_log = log_dir.join("gunicorn.log");
     // Dropped in reverse order of declaration, on any error too: the agent first (SIGINT, so it
     // detaches cleanly), then gunicorn (SIGTERM, graceful shutdown), then what it calls.
-    let (mut redis, redis_url) = start_redis(&log_dir)?;
+    let (mut redis, redis_url) = group::redis(&log_dir)?;
     let (mut backend, backend_url) = start_backend(root, &log_dir)?;
     let spec = Gunicorn::new(app_addr, apps_dir(), "testapp:app").args(&["-w", "2"]);
     let mut cmd = spec.command(root)?;
@@ -239,23 +239,6 @@ fn print_summary(m: &Metrics) {
         );
     }
     println!("(quantiles estimated from histogram buckets; blocks, bytes and write time are means per response)");
-}
-
-/// A Redis on a free loopback port, without persistence, for the test app's downstream routes.
-fn start_redis(log_dir: &Path) -> Result<(Group, String)> {
-    let port = wsgiscope_devkit::free_addr()?.port();
-    let log = std::fs::File::create(log_dir.join("redis.log"))?;
-    let mut cmd = std::process::Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(log_dir)
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut redis = Group::spawn("redis-server", &mut cmd, libc::SIGTERM)?;
-    group::wait_until("redis-server", Duration::from_secs(20), &mut [&mut redis], || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })?;
-    Ok((redis, format!("redis://127.0.0.1:{port}/0")))
 }
 
 /// tests/apps/backend.py under gunicorn gthread (keep-alive): the HTTP service /api calls.

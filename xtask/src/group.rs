@@ -1,4 +1,4 @@
-//! Processes that `demo` and `bench` start (gunicorn and the agent here, the same way for both),
+//! Processes that `demo` and `bench` start (gunicorn, Redis and the agent here, the same way for both),
 //! and Ctrl-C. Every started process runs in its own process group and is stopped, with its
 //! children, when its guard is dropped: on success, on error and on Ctrl-C alike (Ctrl-C only
 //! sets a flag that long waits poll).
@@ -171,4 +171,29 @@ pub fn attach_agent(
         None => "see the agent's output above".to_string(),
     })?;
     Ok(agent)
+}
+
+/// redis-server's options besides the port and the directory: loopback only, no persistence.
+pub const REDIS_ARGS: [&str; 6] = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+
+/// A redis-server on a free loopback port, its log and working directory in `dir`, ready once it
+/// accepts connections; returns it and its URL (redis://127.0.0.1:PORT/0).
+pub fn redis(dir: &Path) -> Result<(Group, String)> {
+    let port = wsgiscope_devkit::free_addr()?.port();
+    let log = File::create(dir.join("redis.log"))?;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(REDIS_ARGS)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut redis = Group::spawn("redis-server", &mut cmd, libc::SIGTERM)?;
+    wait_until(
+        "redis-server",
+        Duration::from_secs(20),
+        &mut [&mut redis],
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    )?;
+    Ok((redis, format!("redis://127.0.0.1:{port}/0")))
 }

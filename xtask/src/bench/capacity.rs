@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub requests: f64,
     pub requests_by_route: BTreeMap<String, f64>,
     pub blocks_by_route: BTreeMap<String, f64>,
+    /// Downstream calls of the requests counted, over all protocols.
+    pub downstream_calls_by_route: BTreeMap<String, f64>,
     pub lost: f64,
 }
 
@@ -36,6 +38,7 @@ impl Snapshot {
             requests: m.sum("wsgi_requests_total", &[]),
             requests_by_route: m.sum_by("wsgi_requests_total", "route"),
             blocks_by_route: m.sum_by("wsgi_response_blocks_sum", "route"),
+            downstream_calls_by_route: m.sum_by("wsgi_request_downstream_calls_sum", "route"),
             lost: m.sum("wsgiscope_lost_events_total", &[]),
         })
     }
@@ -74,8 +77,8 @@ pub struct Capacity {
 
 pub const BYTES1_BLOCKS: f64 = 102_400.0;
 
-pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Capacity> {
-    let server = procs::gunicorn(root, work, Middleware::None)?;
+pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Capacity> {
+    let server = procs::gunicorn(root, work, Middleware::None, redis)?;
     let agent = procs::agent(root, work, server.group.pid())?;
     let agent_pid = agent.group.pid();
     let mut out = Capacity::default();

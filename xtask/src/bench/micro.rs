@@ -2,6 +2,7 @@
 //! gunicorn master, so it is traced when the agent is attached, and (b) as a standalone process,
 //! never traced but still passing through the probes, which fire for every process on the node.
 //! A getppid loop (untraced) shows what the traced syscall path costs a syscall with no program.
+//! A switch loop (untraced) shows what the scheduler hooks cost every context switch on the node.
 //!
 //! The same loop binary serves both: xtask's hidden `bench-loop` command. The bench app's /loop
 //! route starts it as a child of the worker (traced placement); xtask starts it itself (untraced).
@@ -11,10 +12,12 @@ use std::{
     os::{fd::AsRawFd, unix::net::UnixStream},
     path::Path,
     process::Command,
+    sync::{Condvar, Mutex},
+    thread,
     time::Instant,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use wsgiscope_devkit::http;
 
@@ -40,6 +43,10 @@ pub enum Mode {
     /// tracepoint sends every syscall of every process through the kernel's slower traced
     /// entry and exit; this shows that part alone.
     Getppid,
+    /// No write: two threads on one CPU handing a token to each other, so each hand-over is a
+    /// context switch, which runs the agent's sched_switch and sched_stat_runtime programs
+    /// whatever the process. The hand-overs are futex calls: one or two syscalls each.
+    Switch,
 }
 
 impl Mode {
@@ -48,6 +55,7 @@ impl Mode {
             Mode::Unix => "unix",
             Mode::Tcp => "tcp",
             Mode::Getppid => "getppid",
+            Mode::Switch => "switch",
         }
     }
 }
@@ -61,7 +69,7 @@ pub struct LoopArgs {
     iters: u64,
 }
 
-/// `xtask bench-loop`: prints nanoseconds per write.
+/// `xtask bench-loop`: prints nanoseconds per write (per getppid, per hand-over).
 pub fn loop_main(args: &LoopArgs) -> Result<()> {
     let ns = match args.mode {
         Mode::Unix => unix_loop(args.iters)?,
@@ -75,8 +83,99 @@ pub fn loop_main(args: &LoopArgs) -> Result<()> {
             },
             || Ok(()),
         )?,
+        Mode::Switch => switch_loop(args.iters)?,
     };
     println!("{ns:.2}");
+    Ok(())
+}
+
+/// Whose turn it is: the number of hand-overs so far (even: the timing thread's turn, odd: its
+/// partner's), and whether the partner should stop.
+#[derive(Default)]
+struct Token {
+    handovers: u64,
+    stop: bool,
+}
+
+/// `iters` round trips of a token between two threads pinned to one CPU; nanoseconds per
+/// hand-over (half a round trip). Each side waits on a condition variable until it is its turn,
+/// so the CPU must switch to the other thread every time: the voluntary plus involuntary switches
+/// the process reports (/usr/bin/time) equal its hand-overs.
+fn switch_loop(iters: u64) -> Result<f64> {
+    let cpu = first_allowed_cpu()?;
+    let state = (Mutex::new(Token::default()), Condvar::new());
+    let (token, turn) = &state;
+    // Passes the token on; the lock is released before waking the other side, so the woken thread
+    // never has to wait for it (that would add switches).
+    let hand_over = || {
+        token.lock().unwrap().handovers += 1;
+        turn.notify_one();
+    };
+    // Pinned before the partner starts, which inherits the affinity.
+    pin_to_cpu(cpu)?;
+    thread::scope(|s| {
+        let partner = s.spawn(|| loop {
+            let t = turn
+                .wait_while(token.lock().unwrap(), |t| t.handovers % 2 == 0 && !t.stop)
+                .unwrap();
+            if t.stop {
+                return;
+            }
+            drop(t);
+            hand_over();
+        });
+        let timed = timed_batches(
+            iters,
+            || {
+                hand_over();
+                drop(turn.wait_while(token.lock().unwrap(), |t| t.handovers % 2 == 1));
+                Ok(())
+            },
+            || Ok(()),
+        );
+        token.lock().unwrap().stop = true;
+        turn.notify_one();
+        partner
+            .join()
+            .map_err(|_| anyhow!("switch partner panicked"))?;
+        Ok(timed? / 2.0)
+    })
+}
+
+/// The lowest-numbered CPU this process may run on (CPU 0 unless a cpuset says otherwise).
+fn first_allowed_cpu() -> Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity with pid 0 fills it for
+    // the calling thread.
+    let (rc, set) = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let rc = libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set);
+        (rc, set)
+    };
+    ensure!(
+        rc == 0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: CPU_ISSET reads a bit of the set; the index is below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .context("no CPU allowed")
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes one bit below CPU_SETSIZE;
+    // sched_setaffinity with pid 0 applies to the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set)
+    };
+    ensure!(
+        rc == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -222,7 +321,10 @@ pub enum State {
     Nothing,
     Agent,
     /// bpftrace with two programs that do nothing, on sys_enter_write and sys_exit_write only:
-    /// the floor any program on these tracepoints costs, whatever it does.
+    /// the floor any program on these tracepoints costs, whatever it does. The switch loop runs
+    /// under them too: with no scheduler program attached, what they cost it is the traced
+    /// syscall path of its futex calls, the part of the agent's cost there that is not the
+    /// scheduler programs.
     EmptyProbes,
 }
 
@@ -232,16 +334,20 @@ pub struct Sample {
     pub mode: Mode,
     pub state: State,
     pub round: usize,
-    pub ns_per_write: f64,
+    /// Nanoseconds per write, per getppid, or per hand-over (Mode::Switch).
+    pub ns_per_call: f64,
     pub foreign_agent: bool,
 }
 
-pub const CASES: [(Placement, Mode); 5] = [
+/// The switch loop runs untraced only: the scheduler programs fire for every process, and a loop
+/// child of a worker has no serving threads for them to find anyway.
+pub const CASES: [(Placement, Mode); 6] = [
     (Placement::Traced, Mode::Tcp),
     (Placement::Traced, Mode::Unix),
     (Placement::Untraced, Mode::Tcp),
     (Placement::Untraced, Mode::Unix),
     (Placement::Untraced, Mode::Getppid),
+    (Placement::Untraced, Mode::Switch),
 ];
 
 /// Programs that never match (pid 1 writes rarely and is not what we time) and do nothing.
@@ -252,8 +358,8 @@ tracepoint:syscalls:sys_exit_write /pid == 1/ { @exit = count(); }";
 /// Each round measures every case with nothing attached and with the agent attached (which first
 /// alternates), so the cost is a paired difference taken a minute, not a whole run, apart; then,
 /// if bpftrace is installed, the untraced cases under EMPTY_PROBES.
-pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Vec<Sample>> {
-    let server = procs::gunicorn(root, work, Middleware::None)?;
+pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Vec<Sample>> {
+    let server = procs::gunicorn(root, work, Middleware::None, redis)?;
     let floor = bpftrace_available();
     if !floor {
         println!("bench: bpftrace not found: the empty-probe floor is not measured");
@@ -290,10 +396,10 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Vec<Sample>> {
                         Placement::Untraced => untraced(mode, plan.micro_iters),
                     })
                     .collect::<Result<_>>()?;
-                let ns_per_write = runs.iter().copied().fold(f64::NAN, f64::min);
+                let ns_per_call = runs.iter().copied().fold(f64::NAN, f64::min);
                 let foreign_agent = !procs::foreign_agents(&ours).is_empty();
                 println!(
-                    "bench: round {} {:<11} {placement:?} {:<4} {ns_per_write:>8.1} ns/call{}",
+                    "bench: round {} {:<11} {placement:?} {:<4} {ns_per_call:>8.1} ns/call{}",
                     round + 1,
                     format!("{state:?}"),
                     mode.name(),
@@ -308,7 +414,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Vec<Sample>> {
                     mode,
                     state,
                     round,
-                    ns_per_write,
+                    ns_per_call,
                     foreign_agent,
                 });
             }

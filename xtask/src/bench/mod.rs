@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: what wsgiscope costs, measured on real gunicorn, and BENCHMARKS.md.
 //!
 //! 1. Overhead (`overhead.rs`): gunicorn alone, with the agent attached, with an in-process
-//!    timing middleware, and with prometheus_client, interleaved over rounds.
-//! 2. Probe cost per syscall (`micro.rs`): a write loop, traced and untraced, agent on and off.
+//!    timing middleware, and with prometheus_client, interleaved over rounds; on a one-block, a
+//!    1000-block and a DB-heavy route (20 Redis GETs per request, a Redis started for the bench).
+//! 2. Probe cost per syscall (`micro.rs`): a write loop, traced and untraced, agent on and off;
+//!    and a context-switch loop (the scheduler hooks fire for every process).
 //! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
@@ -190,9 +192,11 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let mut env = environment(root);
     println!("bench: load average before: {}", env.load_before);
 
-    let overhead = overhead::run(root, &work, &plan)?;
-    let micro = micro::run(root, &work, &plan)?;
-    let capacity = capacity::run(root, &work, &plan)?;
+    // The Redis every bench gunicorn's /redis route calls; held until the end (dropped last).
+    let (_redis, redis) = group::redis(&work)?;
+    let overhead = overhead::run(root, &work, &plan, &redis)?;
+    let micro = micro::run(root, &work, &plan, &redis)?;
+    let capacity = capacity::run(root, &work, &plan, &redis)?;
 
     env.load_after = procs::loadavg();
     env.elapsed = started.elapsed();

@@ -15,8 +15,24 @@ use super::{
     Plan,
 };
 
-/// The one-block route and the 1000-block route of the test app.
-pub const ROUTES: [&str; 2] = ["/hello", "/blocks"];
+/// Redis GETs per request of the DB-heavy route, the route as requested, and the route label the
+/// agent reports it under (the path without the query).
+pub const REDIS_CALLS: u32 = 20;
+pub const REDIS_ROUTE: &str = "/redis?n=20";
+pub const REDIS_LABEL: &str = "/redis";
+
+/// The one-block route, the 1000-block route and the DB-heavy route of the test app.
+pub const ROUTES: [&str; 3] = ["/hello", "/blocks", REDIS_ROUTE];
+
+/// What a route of ROUTES does, for the report.
+pub fn route_description(route: &str) -> String {
+    match route {
+        "/hello" => "one block".into(),
+        "/blocks" => "1000 blocks of 128 bytes".into(),
+        REDIS_ROUTE => format!("{REDIS_CALLS} Redis GETs in a loop, then one block"),
+        _ => String::new(),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Config {
@@ -85,13 +101,17 @@ pub struct Overhead {
     pub agent_lost_events: f64,
     pub agent_counted: f64,
     pub client_completed: u64,
+    /// Over all wsgiscope blocks: the agent's count of REDIS_LABEL requests and of their
+    /// downstream calls (expected: REDIS_CALLS per request).
+    pub redis_counted: f64,
+    pub redis_calls_counted: f64,
 }
 
-pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Overhead> {
+pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhead> {
     // Started once and kept: an idle gunicorn costs nothing measurable.
     let servers: Vec<Gunicorn> = [Middleware::None, Middleware::Timing, Middleware::Prometheus]
         .into_iter()
-        .map(|m| procs::gunicorn(root, work, m))
+        .map(|m| procs::gunicorn(root, work, m, redis))
         .collect::<Result<_>>()?;
     let server = |config: Config| {
         servers
@@ -162,7 +182,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Overhead> {
                         .map(|(a1, a0)| per_request(a1 - a0));
                     let foreign_agent = !procs::foreign_agents(&ours).is_empty();
                     println!(
-                        "bench: round {} {:<40} {route:<7} {:<10} {:>7.0} req/s p50 {:>7.2} ms p99 {:>7.2} ms, workers {:>6.0} µs CPU/req{}{}",
+                        "bench: round {} {:<40} {route:<11} {:<10} {:>7.0} req/s p50 {:>7.2} ms p99 {:>7.2} ms, workers {:>6.0} µs CPU/req{}{}",
                         round + 1,
                         config.label(),
                         format!("{load:?}"),
@@ -189,6 +209,12 @@ pub fn run(root: &Path, work: &Path, plan: &Plan) -> Result<Overhead> {
                 out.agent_lost_events += after.lost - before.lost;
                 out.agent_counted += after.requests - before.requests;
                 out.client_completed += completed;
+                let on_redis =
+                    |m: &BTreeMap<String, f64>| m.get(REDIS_LABEL).copied().unwrap_or(0.0);
+                out.redis_counted +=
+                    on_redis(&after.requests_by_route) - on_redis(&before.requests_by_route);
+                out.redis_calls_counted += on_redis(&after.downstream_calls_by_route)
+                    - on_redis(&before.downstream_calls_by_route);
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The processes a benchmark starts (gunicorn, the agent, bpftrace; see `crate::group`) and what
+//! The processes a benchmark starts (gunicorn, the agent, bpftrace; see `crate::group`, which also
+//! starts the Redis the bench app's /redis route calls) and what
 //! it reads about processes from /proc.
 use std::{
     fs::File,
@@ -49,14 +50,16 @@ pub fn gunicorn_spec(
     devkit::gunicorn::Gunicorn::new(bind, apps, "benchapp:app").args(&GUNICORN_ARGS)
 }
 
-/// gunicorn sync, 2 workers, serving tests/apps/benchapp.py on a free loopback port.
-pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware) -> Result<Gunicorn> {
+/// gunicorn sync, 2 workers, serving tests/apps/benchapp.py on a free loopback port; its /redis
+/// route calls the Redis at `redis` (a redis:// URL).
+pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware, redis: &str) -> Result<Gunicorn> {
     let addr = free_addr()?;
     let name = format!("gunicorn ({})", middleware.env_value());
     let log_path = work.join(format!("gunicorn-{}.log", middleware.env_value()));
     let mut cmd = gunicorn_spec(addr, apps_dir()).command(root)?;
     cmd.env("WSGISCOPE_BENCH_MIDDLEWARE", middleware.env_value())
         .env("WSGISCOPE_BENCH_LOOP", std::env::current_exe()?)
+        .env("TESTAPP_REDIS", redis)
         .env_remove("PROMETHEUS_MULTIPROC_DIR");
     if middleware == Middleware::Prometheus {
         let dir = work.join("prometheus-multiproc");

@@ -1,9 +1,10 @@
 //! The figures the report derives from the measurements: medians over rounds, costs against
-//! the app alone, paired probe-cost differences, agent CPU per 1k req/s.
+//! the app alone (per request and per downstream call), paired probe-cost differences, agent
+//! CPU per 1k req/s.
 use super::super::{
     capacity::Capacity,
     micro::{Mode, Placement, Sample, State},
-    overhead::{Config, Load, Measurement, Overhead},
+    overhead::{Config, Load, Measurement, Overhead, REDIS_CALLS, REDIS_ROUTE},
     stats::{median, throughput_cost},
 };
 
@@ -42,6 +43,32 @@ pub(super) fn cpu_cost(o: &Overhead, route: &str, config: Config) -> Option<f64>
     Some(with / base - 1.0)
 }
 
+/// Worker CPU time per request a configuration adds to the app alone, in µs (medians over rounds).
+pub(super) fn added_cpu_us(o: &Overhead, route: &str, load: Load, config: Config) -> Option<f64> {
+    let base = median_of(o, route, load, Config::Alone, |m| m.worker_cpu_us)?;
+    let with = median_of(o, route, load, config, |m| m.worker_cpu_us)?;
+    Some(with - base)
+}
+
+/// The worker CPU time wsgiscope adds per downstream call, in µs: what it adds per request of
+/// the Redis route over the REDIS_CALLS calls each request makes.
+pub(super) fn added_cpu_per_call_us(o: &Overhead, load: Load) -> Option<f64> {
+    Some(added_cpu_us(o, REDIS_ROUTE, load, Config::Wsgiscope)? / f64::from(REDIS_CALLS))
+}
+
+/// Whether the agent counted REDIS_CALLS downstream calls for every Redis-route request it counted.
+pub(super) fn redis_calls_exact(o: &Overhead) -> bool {
+    o.redis_counted > 0.0 && o.redis_calls_counted == f64::from(REDIS_CALLS) * o.redis_counted
+}
+
+/// What the agent's scheduler programs (sched_switch, sched_stat_runtime) cost a context switch
+/// of any process, in ns: the agent's cost on the switch loop less that of the empty probes, which
+/// is the traced syscall path of the loop's futex calls alone (no scheduler program).
+pub(super) fn scheduler_cost(samples: &[Sample]) -> Option<f64> {
+    let cost = |state| probe_cost(samples, Placement::Untraced, Mode::Switch, state);
+    Some(cost(State::Agent)? - cost(State::EmptyProbes)?)
+}
+
 /// Median over rounds of (ns with `state` − ns with nothing attached) for one probe-cost case.
 pub(super) fn probe_cost(
     samples: &[Sample],
@@ -55,7 +82,7 @@ pub(super) fn probe_cost(
             .find(|s| {
                 s.placement == placement && s.mode == mode && s.state == state && s.round == round
             })
-            .map(|s| s.ns_per_write)
+            .map(|s| s.ns_per_call)
     };
     let rounds = samples.iter().map(|s| s.round).max().map_or(0, |r| r + 1);
     let diffs: Vec<f64> = (0..rounds)
@@ -73,7 +100,7 @@ pub(super) fn probe_median(
     let v: Vec<f64> = samples
         .iter()
         .filter(|s| s.placement == placement && s.mode == mode && s.state == state)
-        .map(|s| s.ns_per_write)
+        .map(|s| s.ns_per_call)
         .collect();
     median(&v)
 }

@@ -9,7 +9,8 @@ mod tests;
 
 use std::fmt::Write;
 
-use super::{load, procs, Results};
+use super::{load, overhead::ROUTES, procs, Results};
+use crate::group::REDIS_ARGS;
 
 pub fn render(r: &Results) -> String {
     let mut md = String::new();
@@ -107,6 +108,14 @@ pub(super) fn num(x: Option<f64>, decimals: usize) -> String {
     }
 }
 
+/// A difference with its sign ("+12.3"), or "-".
+pub(super) fn signed(x: Option<f64>, decimals: usize) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:+.decimals$}"),
+        _ => "-".into(),
+    }
+}
+
 /// "pass" when the whole measured value meets the bound; a missing value is a miss.
 pub(super) fn at_most(value: Option<f64>, max: f64) -> &'static str {
     verdict(value.is_some_and(|v| v <= max))
@@ -121,6 +130,17 @@ fn commands(md: &mut String, r: &Results) {
         "cargo xtask bench{}",
         if p.quick { " --quick" } else { "" }
     );
+    // An empty argument (`--save ""`) must stay one in the shell.
+    let redis_args: Vec<&str> = REDIS_ARGS
+        .iter()
+        .map(|a| if a.is_empty() { "''" } else { a })
+        .collect();
+    let _ = writeln!(
+        md,
+        "# the Redis the /redis route calls (RPORT = a free loopback port):\n\
+         redis-server --port RPORT {} --dir target/xtask-bench",
+        redis_args.join(" ")
+    );
     let _ = writeln!(
         md,
         "# the servers (one per middleware; PORT = a free loopback port):"
@@ -128,6 +148,7 @@ fn commands(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "WSGISCOPE_BENCH_MIDDLEWARE=none|timing|prometheus WSGISCOPE_BENCH_LOOP=target/debug/xtask \\\n  \
+         TESTAPP_REDIS=redis://127.0.0.1:RPORT/0 \\\n  \
          [PROMETHEUS_MULTIPROC_DIR=target/xtask-bench/prometheus-multiproc] \\\n  \
          {}",
         procs::gunicorn_spec("127.0.0.1:PORT", "tests/apps").shell_line()
@@ -136,8 +157,10 @@ fn commands(md: &mut String, r: &Results) {
     let _ = writeln!(md, "# saturation (calibration: -d{}s):", p.calibrate_secs);
     let _ = writeln!(
         md,
-        "wrk {} http://127.0.0.1:PORT/hello   # and /blocks",
-        load::wrk_args(p.wrk_connections, p.run_secs).join(" ")
+        "wrk {} 'http://127.0.0.1:PORT{}'   # and {}",
+        load::wrk_args(p.wrk_connections, p.run_secs).join(" "),
+        ROUTES[0],
+        ROUTES[1..].join(", ")
     );
     let _ = writeln!(
         md,
@@ -151,7 +174,7 @@ fn commands(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "target/debug/xtask bench-loop --mode tcp|unix|getppid --iters {}   # untraced: started by xtask",
+        "target/debug/xtask bench-loop --mode tcp|unix|getppid|switch --iters {}   # untraced: started by xtask",
         p.micro_iters
     );
     let _ = writeln!(

@@ -4,13 +4,19 @@ use std::fmt::Write;
 use super::{
     super::{
         capacity::{Capacity, BYTES1_BLOCKS},
-        micro::{Placement, State, BATCH, CASES, EMPTY_PROBES, WRITE_SIZE},
-        overhead::{Config, Load, Measurement, Overhead, CONFIGS, ROUTES},
+        micro::{Mode, Placement, State, BATCH, CASES, EMPTY_PROBES, WRITE_SIZE},
+        overhead::{
+            route_description, Config, Load, Measurement, Overhead, CONFIGS, REDIS_CALLS,
+            REDIS_LABEL, REDIS_ROUTE, ROUTES,
+        },
         stats::median,
         Results,
     },
-    figures::{cpu_cost, cpu_per_1k, median_of, probe_cost, probe_median, saturation_cost},
-    num, percent,
+    figures::{
+        added_cpu_per_call_us, added_cpu_us, cpu_cost, cpu_per_1k, median_of, probe_cost,
+        probe_median, redis_calls_exact, saturation_cost, scheduler_cost,
+    },
+    num, percent, signed,
     targets::BURST_RATE_GOAL,
 };
 
@@ -19,9 +25,10 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
     let _ = writeln!(md, "\n## 1. Overhead on gunicorn\n");
     let _ = writeln!(
         md,
-        "gunicorn sync, 2 workers, serving `tests/apps/benchapp.py` (the test app's routes). Four \
-         configurations, each round running all four in an order rotated by one per round; \
-         {} round(s) of {} s per run; every number is the median over rounds. \"app + wsgiscope\" is \
+        "gunicorn sync, 2 workers, serving `tests/apps/benchapp.py` (the test app's routes; \
+         {REDIS_ROUTE} makes {REDIS_CALLS} GETs on a connection each worker opened at start to a \
+         redis-server the bench runs on loopback, without persistence). Four configurations, each \
+         round running all four in an order rotated by one per round; {} round(s) of {} s per run; every number is the median over rounds. \"app + wsgiscope\" is \
          the app-alone server with the agent attached for that block of the round (and detached \
          otherwise, so its probes never run during the other configurations).\n",
         r.plan.rounds, r.plan.run_secs
@@ -59,12 +66,7 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
          app alone at saturation."
     );
     for route in ROUTES {
-        let what = if route == "/hello" {
-            "one block"
-        } else {
-            "1000 blocks of 128 bytes"
-        };
-        let _ = writeln!(md, "\n### {route} ({what})\n");
+        let _ = writeln!(md, "\n### {route} ({})\n", route_description(route));
         let _ = writeln!(
             md,
             "| configuration | saturation req/s | cost | p50 ms | p99 ms | workers' CPU µs/request | CPU cost | fixed rate req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -101,6 +103,9 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
             num(agent_cpu(Load::Saturation), 1),
             num(agent_cpu(Load::Fixed), 1)
         );
+        if route == REDIS_ROUTE {
+            redis_costs(md, o);
+        }
         let alone: Vec<f64> = o
             .measurements
             .iter()
@@ -133,6 +138,64 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
     }
 }
 
+/// The DB-heavy route: worker CPU per request and what each configuration adds to it, per request
+/// and (wsgiscope, which follows every call) per downstream call; and the agent's call count.
+fn redis_costs(md: &mut String, o: &Overhead) {
+    let calls = f64::from(REDIS_CALLS);
+    let _ = writeln!(
+        md,
+        "\nWorker CPU per request and per Redis call. Added = workers' CPU µs/request minus the app \
+         alone's (medians over rounds); per call = wsgiscope's added µs/request / {REDIS_CALLS}. \
+         wsgiscope follows each call in the kernel (every write and read on the Redis connection \
+         looks up the downstream map; one ring-buffer record per call); the middlewares do nothing \
+         per call. The workers' CPU includes the BPF programs run in their syscalls; the scheduler \
+         programs run at every context switch (each GET blocks the worker), see section 2 for their \
+         cost per switch.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | saturation: workers' CPU µs/request | added µs/request | added µs/call | fixed rate: workers' CPU µs/request | added µs/request | added µs/call |\n|---|---|---|---|---|---|---|"
+    );
+    for config in CONFIGS {
+        let mut row = format!("| {} |", config.label());
+        for load in [Load::Saturation, Load::Fixed] {
+            let cpu = median_of(o, REDIS_ROUTE, load, config, |m| m.worker_cpu_us);
+            let (added, per_call) = match config {
+                Config::Alone => ("-".to_string(), "-".to_string()),
+                Config::Wsgiscope => (
+                    signed(added_cpu_us(o, REDIS_ROUTE, load, config), 0),
+                    signed(added_cpu_per_call_us(o, load), 1),
+                ),
+                _ => (
+                    signed(added_cpu_us(o, REDIS_ROUTE, load, config), 0),
+                    "-".to_string(),
+                ),
+            };
+            let _ = write!(row, " {} | {added} | {per_call} |", num(cpu, 0));
+        }
+        let _ = writeln!(md, "{row}");
+    }
+    let agent_per_call = median_of(o, REDIS_ROUTE, Load::Saturation, Config::Wsgiscope, |m| {
+        m.agent_cpu_us.unwrap_or(f64::NAN) / calls
+    });
+    let _ =
+        writeln!(
+        md,
+        "\nThe agent's own CPU per Redis call at saturation: {} µs. Over all wsgiscope blocks it \
+         counted {} {REDIS_LABEL} requests and {} downstream calls on them \
+         (`wsgi_request_downstream_calls_sum{{route=\"{REDIS_LABEL}\"}}`), {} per request: {}.",
+        num(agent_per_call, 2),
+        o.redis_counted,
+        o.redis_calls_counted,
+        num((o.redis_counted > 0.0).then(|| o.redis_calls_counted / o.redis_counted), 2),
+        if redis_calls_exact(o) {
+            format!("exactly {REDIS_CALLS}, as sent")
+        } else {
+            format!("**not {REDIS_CALLS} as sent**")
+        }
+    );
+}
+
 pub(super) fn agent_counts(md: &mut String, o: &Overhead) {
     let _ = writeln!(
         md,
@@ -144,7 +207,10 @@ pub(super) fn agent_counts(md: &mut String, o: &Overhead) {
 }
 
 pub(super) fn probes(md: &mut String, r: &Results) {
-    let _ = writeln!(md, "\n## 2. Probe cost per syscall\n");
+    let _ = writeln!(
+        md,
+        "\n## 2. Probe cost per syscall and per context switch\n"
+    );
     let _ = writeln!(
         md,
         "A loop of {} write(2) calls of {WRITE_SIZE} bytes on a non-blocking socket, in batches of \
@@ -181,7 +247,7 @@ pub(super) fn probes(md: &mut String, r: &Results) {
         md,
         "| process | fd | nothing attached ns/call | agent attached ns/call | agent cost ns/call | empty probes ns/call | empty-probe cost ns/call |\n|---|---|---|---|---|---|---|"
     );
-    for (placement, mode) in CASES {
+    for (placement, mode) in CASES.into_iter().filter(|&(_, m)| m != Mode::Switch) {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} |",
@@ -203,6 +269,50 @@ pub(super) fn probes(md: &mut String, r: &Results) {
     if !r.micro.iter().any(|s| s.state == State::EmptyProbes) {
         let _ = writeln!(md, "\n(bpftrace was not installed: no empty-probe floor.)");
     }
+    switches(md, r);
+}
+
+/// The switch loop: what the scheduler programs cost every context switch on the node.
+fn switches(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "\n### Context switches (any process)\n");
+    let _ = writeln!(
+        md,
+        "The agent's `sched:sched_switch` program runs at every context switch on the node (two \
+         lookups in its map of serving threads) and `sched:sched_stat_runtime` every time the \
+         scheduler charges CPU time to a task (one lookup), whatever the process. The `switch` loop \
+         (untraced, started by xtask): two threads pinned to one CPU hand a token to each other \
+         through a mutex and a condition variable, {} round trips in batches of {BATCH}, so every \
+         hand-over is one context switch (the process's voluntary plus involuntary switches equal \
+         its hand-overs); nanoseconds per hand-over in the median batch, fastest process and paired \
+         differences as above. Each hand-over makes one or two futex calls, which any program on a \
+         syscall tracepoint sends through the slower traced path (the getppid row): the empty \
+         probes, which have no scheduler program, cost the loop that part alone, so the agent's \
+         cost less theirs is what the scheduler programs cost per switch.\n",
+        r.plan.micro_iters
+    );
+    let (placement, mode) = (Placement::Untraced, Mode::Switch);
+    let _ = writeln!(
+        md,
+        "| loop | nothing attached ns/hand-over | agent attached ns/hand-over | agent cost ns/hand-over | empty probes ns/hand-over | empty-probe cost ns/hand-over (traced syscall path) |\n|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| untraced switch | {} | {} | {} | {} | {} |",
+        num(probe_median(&r.micro, placement, mode, State::Nothing), 1),
+        num(probe_median(&r.micro, placement, mode, State::Agent), 1),
+        num(probe_cost(&r.micro, placement, mode, State::Agent), 1),
+        num(
+            probe_median(&r.micro, placement, mode, State::EmptyProbes),
+            1
+        ),
+        num(probe_cost(&r.micro, placement, mode, State::EmptyProbes), 1),
+    );
+    let _ = writeln!(
+        md,
+        "\nsched_switch + sched_stat_runtime, per context switch of any process (agent cost − \
+         empty-probe cost): **{} ns**.",
+        num(scheduler_cost(&r.micro), 0)
+    );
 }
 
 pub(super) fn capacity(md: &mut String, c: &Capacity) {

@@ -1,14 +1,19 @@
 use super::{
     at_most,
-    figures::{cpu_cost, probe_cost, saturation_cost},
-    num, percent, render,
+    figures::{
+        added_cpu_per_call_us, added_cpu_us, cpu_cost, probe_cost, redis_calls_exact,
+        saturation_cost, scheduler_cost,
+    },
+    num, percent, render, signed,
     targets::cheaper,
 };
 use crate::bench::{
     capacity::Capacity,
     load::Run,
     micro::{Mode, Placement, Sample, State},
-    overhead::{Config, Load, Measurement, Overhead},
+    overhead::{
+        Config, Load, Measurement, Overhead, REDIS_CALLS, REDIS_LABEL, REDIS_ROUTE, ROUTES,
+    },
     Environment, Plan, Results,
 };
 
@@ -36,7 +41,7 @@ fn sample(placement: Placement, mode: Mode, agent: bool, round: usize, ns: f64) 
         mode,
         state: if agent { State::Agent } else { State::Nothing },
         round,
-        ns_per_write: ns,
+        ns_per_call: ns,
         foreign_agent: false,
     }
 }
@@ -83,6 +88,90 @@ fn probe_cost_is_the_median_of_paired_differences() {
     );
 }
 
+fn switch_sample(state: State, round: usize, ns: f64) -> Sample {
+    Sample {
+        state,
+        ..sample(Placement::Untraced, Mode::Switch, false, round, ns)
+    }
+}
+
+#[test]
+fn added_cpu_per_downstream_call_is_per_request_over_the_calls() {
+    let mut o = Overhead::default();
+    let with_cpu = |config, us| Measurement {
+        worker_cpu_us: us,
+        ..measurement(REDIS_ROUTE, config, 500.0)
+    };
+    for (alone, ours, timing) in [
+        (3000.0, 3400.0, 3050.0),
+        (3100.0, 3300.0, 3000.0),
+        (2900.0, 3500.0, 3100.0),
+    ] {
+        o.measurements.push(with_cpu(Config::Alone, alone));
+        o.measurements.push(with_cpu(Config::Wsgiscope, ours));
+        o.measurements.push(with_cpu(Config::Timing, timing));
+    }
+    // Medians 3000, 3400 and 3050 µs: wsgiscope adds 400 µs per request, 400 / 20 per call.
+    let added = added_cpu_us(&o, REDIS_ROUTE, Load::Saturation, Config::Wsgiscope).unwrap();
+    assert!((added - 400.0).abs() < 1e-9, "{added}");
+    let per_call = added_cpu_per_call_us(&o, Load::Saturation).unwrap();
+    assert!(
+        (per_call - 400.0 / f64::from(REDIS_CALLS)).abs() < 1e-9,
+        "{per_call}"
+    );
+    let timing = added_cpu_us(&o, REDIS_ROUTE, Load::Saturation, Config::Timing).unwrap();
+    assert!((timing - 50.0).abs() < 1e-9, "{timing}");
+    // No fixed-rate runs, no other route: nothing to report.
+    assert_eq!(added_cpu_per_call_us(&o, Load::Fixed), None);
+    assert_eq!(
+        added_cpu_us(&o, "/hello", Load::Saturation, Config::Wsgiscope),
+        None
+    );
+}
+
+#[test]
+fn redis_route_is_consistent() {
+    assert!(ROUTES.contains(&REDIS_ROUTE));
+    assert_eq!(REDIS_ROUTE, format!("{REDIS_LABEL}?n={REDIS_CALLS}"));
+}
+
+#[test]
+fn downstream_calls_exact_only_at_twenty_per_request() {
+    let counted = |requests, calls| Overhead {
+        redis_counted: requests,
+        redis_calls_counted: calls,
+        ..Overhead::default()
+    };
+    assert!(redis_calls_exact(&counted(10.0, 200.0)));
+    assert!(!redis_calls_exact(&counted(10.0, 199.0)));
+    assert!(!redis_calls_exact(&counted(10.0, 220.0)));
+    // Nothing counted is not a pass.
+    assert!(!redis_calls_exact(&counted(0.0, 0.0)));
+}
+
+#[test]
+fn scheduler_cost_is_agent_cost_less_empty_probe_cost() {
+    let s = vec![
+        switch_sample(State::Nothing, 0, 2000.0),
+        switch_sample(State::Agent, 0, 2300.0),
+        switch_sample(State::EmptyProbes, 0, 2100.0),
+        switch_sample(State::Nothing, 1, 2600.0),
+        switch_sample(State::Agent, 1, 2850.0),
+        switch_sample(State::EmptyProbes, 1, 2700.0),
+        switch_sample(State::Nothing, 2, 2050.0),
+        switch_sample(State::Agent, 2, 2400.0),
+        switch_sample(State::EmptyProbes, 2, 2120.0),
+    ];
+    // Agent: differences 300, 250, 350 (median 300); empty probes: 100, 100, 70 (median 100).
+    assert_eq!(scheduler_cost(&s), Some(200.0));
+    // Without bpftrace there is no floor to take off.
+    let no_floor: Vec<Sample> = s
+        .into_iter()
+        .filter(|x| x.state != State::EmptyProbes)
+        .collect();
+    assert_eq!(scheduler_cost(&no_floor), None);
+}
+
 #[test]
 fn cheaper_than_middleware_verdicts() {
     assert!(cheaper(Some(0.01), Some(0.10)).1);
@@ -104,6 +193,9 @@ fn formatting_helpers() {
     assert_eq!(percent(-0.004), "-0.4 %");
     assert_eq!(num(Some(12.345), 1), "12.3");
     assert_eq!(num(None, 1), "-");
+    assert_eq!(signed(Some(12.345), 1), "+12.3");
+    assert_eq!(signed(Some(-3.0), 0), "-3");
+    assert_eq!(signed(None, 0), "-");
     assert_eq!(at_most(Some(40.0), 40.0), "pass");
     assert_eq!(at_most(Some(41.0), 40.0), "**miss**");
     assert_eq!(at_most(None, 40.0), "**miss**");
@@ -122,7 +214,9 @@ fn renders_every_section_with_empty_results() {
     for heading in [
         "## Targets",
         "## 1. Overhead on gunicorn",
-        "## 2. Probe cost per syscall",
+        "## 2. Probe cost per syscall and per context switch",
+        "### Context switches (any process)",
+        "### /redis?n=20 (20 Redis GETs in a loop, then one block)",
         "## 3. Capacity",
         "## Exact commands",
         "## Versions",
