@@ -2,7 +2,7 @@
 //! `wsgiscope_common::layout`: `MAP_*`).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, STAT_COUNT};
 
@@ -24,6 +24,30 @@ pub static DOWNSTREAM: HashMap<u64, Downstream> = HashMap::with_max_entries(1638
 /// Threads of traced processes that read a request: tid → that request.
 #[map]
 pub static THREADS: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
+
+/// The largest pid Linux can give (PID_MAX_LIMIT on 64-bit).
+const PID_MAX_LIMIT: u32 = 4 << 20;
+
+/// Which tids have a `THREADS` entry: 1 byte per possible tid (4 MiB). The scheduler programs
+/// run for every task on the node; an array lookup is inlined by the JIT, a hash lookup is a
+/// helper call, so they look here first.
+#[map]
+pub static SERVING: Array<u8> = Array::with_max_entries(PID_MAX_LIMIT, 0);
+
+/// Does thread `tid` serve requests (has it a `THREADS` entry)?
+#[inline(always)]
+pub fn serving(tid: u32) -> bool {
+    SERVING.get(tid).is_some_and(|v| *v != 0)
+}
+
+/// Marks thread `tid` as serving requests, or not.
+#[inline(always)]
+pub fn set_serving(tid: u32, on: bool) {
+    if let Some(v) = SERVING.get_ptr_mut(tid) {
+        // SAFETY: array slot of this map, valid for the program run; a byte store.
+        unsafe { *v = u8::from(on) };
+    }
+}
 
 /// Syscalls in flight: pid_tgid → what the exit tracepoint needs.
 #[map]

@@ -6,7 +6,7 @@ use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SE
 use crate::{
     conn::now,
     events::emit,
-    maps::{root_of, PENDING, THREADS, TRACED},
+    maps::{root_of, serving, set_serving, PENDING, THREADS, TRACED},
     tp::{pid_tgid, programs, ret},
     user::{entry_args, read_user},
 };
@@ -43,7 +43,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let tid = id as u32;
     let _ = PENDING.remove(&id);
     let Some(root) = root_of(tgid) else { return 0 };
-    let _ = THREADS.remove(&tid);
+    if serving(tid) {
+        set_serving(tid, false);
+        let _ = THREADS.remove(&tid);
+    }
     if tid != tgid {
         let _ = TRACED.remove(&tid);
     }

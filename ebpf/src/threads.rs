@@ -23,17 +23,17 @@ static KERNEL_RUNTIME: u32 = 0;
 use crate::{
     conn::{now, response_begun},
     downstream::end_open_call,
-    maps::{bump, CONNS, THREADS},
+    maps::{bump, serving, set_serving, CONNS, THREADS},
     tp::{field, pid_tgid},
 };
 
-/// Every context switch on the node: two lookups, the whole cost for threads that serve no
-/// requests.
+/// Every context switch on the node: for threads that serve no requests, two array lookups
+/// (inlined) are the whole cost.
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let ts = now();
     let prev = field::<u32>(&ctx, PREV_PID as usize);
-    if let Some(t) = THREADS.get_ptr_mut(&prev) {
+    if let Some(t) = serving(prev).then(|| THREADS.get_ptr_mut(&prev)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         // SAFETY: volatile read of a global the loader may have rewritten.
@@ -45,7 +45,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         t.cpu_since_ns = 0;
     }
     let next = field::<u32>(&ctx, NEXT_PID as usize);
-    if let Some(t) = THREADS.get_ptr_mut(&next) {
+    if let Some(t) = serving(next).then(|| THREADS.get_ptr_mut(&next)).flatten() {
         // SAFETY: as above.
         unsafe { (*t).cpu_since_ns = ts };
     }
@@ -53,11 +53,11 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
 }
 
 /// The scheduler charged task `pid` `runtime` ns of CPU, up to now: every task on the node, one
-/// lookup.
+/// array lookup unless it serves requests.
 #[tracepoint]
 pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     let pid = field::<u32>(&ctx, PID as usize);
-    if let Some(t) = THREADS.get_ptr_mut(&pid) {
+    if let Some(t) = serving(pid).then(|| THREADS.get_ptr_mut(&pid)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         t.cpu_total_ns += field::<u64>(&ctx, RUNTIME as usize);
@@ -110,6 +110,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     // Running now: its clock starts at zero.
     let t = ThreadReq { start_ns, fd, in_flight: 1, flags: 0, _pad: 0, cpu_total_ns: 0, cpu_since_ns: now() };
     if THREADS.insert(&tid, &t, 0).is_ok() {
+        set_serving(tid, true);
         c.agg.cpu_start_ns = 0;
         c.agg.cpu_end_ns = 0;
         c.agg.flags |= AGG_CPU;
