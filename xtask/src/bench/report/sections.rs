@@ -278,8 +278,8 @@ fn switches(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "The agent's `sched:sched_switch` program runs at every context switch on the node (two \
-         lookups in its map of serving threads) and `sched:sched_stat_runtime` every time the \
-         scheduler charges CPU time to a task (one lookup), whatever the process. The `switch` loop \
+         array lookups for threads that serve no requests) and `sched:sched_stat_runtime` every \
+         time the scheduler charges CPU time to a task (one), whatever the process. The `switch` loop \
          (untraced, started by xtask): two threads pinned to one CPU hand a token to each other \
          through a mutex and a condition variable, {} round trips in batches of {BATCH}, so every \
          hand-over is one context switch (the process's voluntary plus involuntary switches equal \
