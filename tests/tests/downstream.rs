@@ -275,9 +275,11 @@ fn gunicorn_gthread_attributes_each_call_to_its_thread_s_request() {
     let _serial = serial();
     let d = downstream();
     let gthread = ["-w", "1", "-k", "gthread", "--threads", "4"];
-    // Four requests at a time on one process: each call to the request of the thread that made it.
+    // Four requests at a time on one process: each call to the request of the thread that made
+    // it. (CPU: at least the app's; with four threads taking turns at the GIL, the hand-overs add
+    // the serving thread's own CPU outside the app's span, beyond the 0.5 ms bound.)
     let server = d.serve(".venv", &gthread, 4).unwrap();
-    check(&server, &d, 4, Timing::Within);
+    check_with(&server, &d, 4, Timing::Within, false);
     drop(server);
     // One at a time (the app's own timing is exact only without other threads taking the GIL).
     let server = d.serve(".venv", &gthread, 4).unwrap();
@@ -305,7 +307,8 @@ fn uwsgi_threads_attribute_each_call_to_its_thread_s_request() {
     let _serial = serial();
     let d = downstream();
     let server = d.serve_uwsgi(UwsgiMode::HttpSocket, 1, 4).unwrap();
-    check(&server, &d, 4, Timing::Within);
+    // CPU: at least the app's (GIL hand-overs, as under gthread).
+    check_with(&server, &d, 4, Timing::Within, false);
 }
 
 #[test]
