@@ -238,10 +238,10 @@ pub fn wrote(p: &Pending, n: i64, ts: u64, tid: u32) {
     }
 }
 
-/// A read-family call on a socket that is not a connection: if it is downstream, it is (part
-/// of) a call's response. `src`/`avail`: its first contiguous piece.
+/// A read-family call (`op`, buffer `buf`, `n` bytes read) on a socket that is not a
+/// connection: if it is downstream, it is (part of) a call's response.
 #[inline(always)]
-pub fn read(key: u64, src: u64, avail: u64, n: u64, ts: u64, tid: u32) {
+pub fn read(key: u64, op: u32, buf: u64, n: u64, ts: u64, tid: u32) {
     let Some(d) = DOWNSTREAM.get_ptr_mut(&key) else { return };
     // SAFETY: map value pointer valid for this program run.
     let d = unsafe { &mut *d };
@@ -253,6 +253,8 @@ pub fn read(key: u64, src: u64, avail: u64, n: u64, ts: u64, tid: u32) {
     d.call.read_bytes += n;
     d.call.end_ns = ts;
     if (d.call.resp_len as usize) < CALL_RESP_LEN {
+        // User memory is read only for a downstream socket, and only for its first bytes.
+        let (src, avail) = first_piece(op, buf, n);
         append_head::<CALL_RESP_LEN, { 2 * CALL_RESP_LEN }>(&mut d.resp_head, &mut d.call.resp_len, src, avail);
     }
 }

@@ -30,8 +30,7 @@ fn read_done(ctx: &TracePointContext, op: u32) {
     let n = n as u64;
     let Some(c) = CONNS.get_ptr_mut(&key) else {
         // Not a connection: perhaps a downstream call's response.
-        let (src, avail) = first_piece(op, buf, n);
-        downstream::read(key, src, avail, n, now(), id as u32);
+        downstream::read(key, op, buf, n, now(), id as u32);
         return;
     };
     // SAFETY: map value pointer valid for this program run.
