@@ -251,7 +251,9 @@ impl<'m> Collector<'m> {
         }
         let now = monotonic_ns();
         let mut quiet: HashMap<u32, Vec<CallEvent>> = HashMap::new();
+        let mut downstream = 0;
         for (key, d) in self.kernel.downstream() {
+            downstream += 1;
             if let Some(ev) = record::quiet_call(key, &d, now.saturating_sub(QUIET_CALL_NS)) {
                 quiet.entry(ev.root).or_default().push(ev);
             }
@@ -263,7 +265,7 @@ impl<'m> Collector<'m> {
             s.expire_calls(now);
         }
         self.kernel_stats.update(self.kernel.stats());
-        self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections));
+        self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections, downstream));
         self.check_candidates();
         // A master that died before the kernel traced it sends no exit record.
         let gone: Vec<u32> = self.sessions.keys().copied().filter(|&m| !discover::is_alive(m)).collect();

@@ -82,7 +82,7 @@ impl<'m> Session<'m> {
         for (call, attribution) in released {
             self.agg.call(&call, attribution);
         }
-        let unrecorded = calls.by_protocol.values().map(|(n, _)| n).sum::<u64>();
+        let unrecorded = calls.calls();
         let Some(r) = reconstruct::reconstruct(self.kind, ev, facts) else {
             self.agg.unparsed();
             self.agg.unattributed("late", unrecorded);

@@ -73,6 +73,11 @@ impl RequestCalls {
         }
     }
 
+    /// Calls in all.
+    pub fn calls(&self) -> u64 {
+        self.by_protocol.values().map(|(n, _)| n).sum()
+    }
+
     /// The operation made most often, with its protocol and count.
     pub fn most_repeated(&self) -> Option<(Protocol, &str, u64)> {
         self.by_operation.iter().max_by_key(|(_, n)| **n).map(|((p, op), n)| (*p, op.as_str(), *n))
@@ -217,27 +222,24 @@ impl Calls {
         self.connections.retain(|k, _| k.0 != tgid);
         self.held.retain(|k, _| k.0 != tgid);
         self.quiet.retain(|k, _| k.0 != tgid);
-        let mut lost = 0;
-        self.waiting.retain(|k, v| {
-            let keep = k.0 != tgid;
-            if !keep {
-                lost += v.by_protocol.values().map(|(n, _)| n).sum::<u64>();
-            }
-            keep
-        });
-        lost
+        self.drop_waiting(|k| k.0 == tgid)
     }
 
     /// Drops calls waiting for requests that started before `before_ns` (their record was lost
     /// or was not a request); returns how many calls that was.
     pub fn expire(&mut self, before_ns: u64) -> u64 {
+        self.drop_waiting(|k| k.2 < before_ns)
+    }
+
+    /// Drops the calls waiting for the requests `gone` picks; returns how many calls that was.
+    fn drop_waiting(&mut self, gone: impl Fn(&RequestKey) -> bool) -> u64 {
         let mut lost = 0;
         self.waiting.retain(|k, v| {
-            let keep = k.2 >= before_ns;
-            if !keep {
-                lost += v.by_protocol.values().map(|(n, _)| n).sum::<u64>();
+            if gone(k) {
+                lost += v.calls();
+                return false;
             }
-            keep
+            true
         });
         lost
     }

@@ -221,12 +221,13 @@ impl Kernel {
         }
     }
 
-    /// Entries in the maps that hold per-connection, per-syscall and per-process state
-    /// (`connections` as a scan of `connections()` counted them).
-    pub fn map_sizes(&self, connections: usize) -> [(&'static str, usize); 4] {
+    /// Entries in the maps that hold per-connection, per-socket, per-syscall and per-process
+    /// state (`connections` and `downstream` as scans of `connections()` and `downstream()`
+    /// counted them).
+    pub fn map_sizes(&self, connections: usize, downstream: usize) -> [(&'static str, usize); 4] {
         [
             ("connections", connections),
-            ("downstream", self.downstream.keys().count()),
+            ("downstream", downstream),
             // Slots stay per thread; those holding a syscall in flight count.
             ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
             ("traced", self.traced.keys().count()),
