@@ -250,26 +250,32 @@ pub(super) fn probes(md: &mut String, r: &Results) {
     for (placement, mode) in CASES.into_iter().filter(|&(_, m)| m != Mode::Switch) {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} |",
             match placement {
                 Placement::Traced => "traced",
                 Placement::Untraced => "untraced",
             },
             mode.name(),
-            num(probe_median(&r.micro, placement, mode, State::Nothing), 1),
-            num(probe_median(&r.micro, placement, mode, State::Agent), 1),
-            num(probe_cost(&r.micro, placement, mode, State::Agent), 1),
-            num(
-                probe_median(&r.micro, placement, mode, State::EmptyProbes),
-                1
-            ),
-            num(probe_cost(&r.micro, placement, mode, State::EmptyProbes), 1),
+            probe_cells(r, placement, mode),
         );
     }
     if !r.micro.iter().any(|s| s.state == State::EmptyProbes) {
         let _ = writeln!(md, "\n(bpftrace was not installed: no empty-probe floor.)");
     }
     switches(md, r);
+}
+
+/// A loop's cells: nothing attached, agent attached, agent cost, empty probes, their cost.
+fn probe_cells(r: &Results, placement: Placement, mode: Mode) -> String {
+    [
+        probe_median(&r.micro, placement, mode, State::Nothing),
+        probe_median(&r.micro, placement, mode, State::Agent),
+        probe_cost(&r.micro, placement, mode, State::Agent),
+        probe_median(&r.micro, placement, mode, State::EmptyProbes),
+        probe_cost(&r.micro, placement, mode, State::EmptyProbes),
+    ]
+    .map(|v| num(v, 1))
+    .join(" | ")
 }
 
 /// The switch loop: what the scheduler programs cost every context switch on the node.
@@ -295,18 +301,7 @@ fn switches(md: &mut String, r: &Results) {
         md,
         "| loop | nothing attached ns/hand-over | agent attached ns/hand-over | agent cost ns/hand-over | empty probes ns/hand-over | empty-probe cost ns/hand-over (traced syscall path) |\n|---|---|---|---|---|---|"
     );
-    let _ = writeln!(
-        md,
-        "| untraced switch | {} | {} | {} | {} | {} |",
-        num(probe_median(&r.micro, placement, mode, State::Nothing), 1),
-        num(probe_median(&r.micro, placement, mode, State::Agent), 1),
-        num(probe_cost(&r.micro, placement, mode, State::Agent), 1),
-        num(
-            probe_median(&r.micro, placement, mode, State::EmptyProbes),
-            1
-        ),
-        num(probe_cost(&r.micro, placement, mode, State::EmptyProbes), 1),
-    );
+    let _ = writeln!(md, "| untraced switch | {} |", probe_cells(r, placement, mode));
     let _ = writeln!(
         md,
         "\nsched_switch + sched_stat_runtime, per context switch of any process (agent cost − \
