@@ -36,3 +36,4 @@ pub mod server;
 pub mod session;
 pub mod slots;
 pub mod sockets;
+pub mod views;
