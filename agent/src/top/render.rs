@@ -58,7 +58,7 @@ const fn col(title: &'static str, width: u16, priority: u8, right: bool) -> Col 
 }
 
 /// Workers table.
-const WORKER_COLS: [Col; 10] = [
+const WORKER_COLS: [Col; 11] = [
     col("SERVICE", 12, 4, false),
     col("SLOT", 4, 3, true),
     col("PID", 7, 1, true),
@@ -66,19 +66,20 @@ const WORKER_COLS: [Col; 10] = [
     col("METHOD", 6, 3, false),
     col("ROUTE", 10, 1, false),
     col("ELAPSED", 7, 1, true),
+    col("CPU", 7, 3, true),
     col("DOING", 11, 2, false),
     col("FOR", 7, 3, true),
     col("WAITING ON", 30, 4, false),
 ];
 /// ROUTE and WAITING ON share the width the others leave.
-const WORKER_FLEX: &[usize] = &[5, 9];
+const WORKER_FLEX: &[usize] = &[5, 10];
 
 /// Routes table. ROUTE (index 1) takes the width the others leave.
 const ROUTE_COLS: [Col; 13] = [
     col("SERVICE", 12, 5, false),
     col("ROUTE", 12, 1, false),
     col("REQS", 6, 2, true),
-    col("REQ/S", 6, 1, true),
+    col("REQ/S", 7, 1, true),
     col("P50", 7, 2, true),
     col("P99", 7, 1, true),
     col("ERR%", 6, 1, true),
@@ -152,11 +153,12 @@ fn draw_header(frame: &mut Frame, area: Rect, screen: &Screen) {
             ])
         }
         Status::Unreachable { error, since, exit_in } => {
-            let mut text =
-                format!("agent unreachable at {}: {} · data {} old", clean(screen.url), clean(error), secs(*since));
+            // The short facts first: the error may be cut at the right edge.
+            let mut facts = format!("data {} old", secs(*since));
             if let Some(left) = exit_in {
-                text.push_str(&format!(" · exiting in {:.0} s", left.max(0.0).ceil()));
+                facts.push_str(&format!(", exiting in {:.0} s", left.max(0.0).ceil()));
             }
+            let text = format!("agent unreachable at {} ({facts}): {}", clean(screen.url), clean(error));
             Line::from(Span::styled(text, Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)))
         }
     };
@@ -165,7 +167,7 @@ fn draw_header(frame: &mut Frame, area: Rect, screen: &Screen) {
 
 /// One row of the workers table: every column's text, before the narrow ones are dropped.
 struct WorkerRow {
-    cells: [String; 10],
+    cells: [String; 11],
     busy: bool,
     doing: String,
 }
@@ -178,8 +180,8 @@ fn worker_rows(workers: &[WorkerNow]) -> Vec<WorkerRow> {
         let who = [clean(&w.service), w.worker.to_string(), w.pid.to_string()];
         if w.requests.is_empty() {
             let [service, slot, pid] = who;
-            let cells =
-                [service, slot, pid, "idle".into(), "".into(), "".into(), "".into(), "".into(), "".into(), "".into()];
+            let mut cells: [String; 11] = Default::default();
+            [cells[0], cells[1], cells[2], cells[3]] = [service, slot, pid, "idle".into()];
             rows.push(WorkerRow { cells, busy: false, doing: String::new() });
             continue;
         }
@@ -194,8 +196,13 @@ fn worker_rows(workers: &[WorkerNow]) -> Vec<WorkerRow> {
 }
 
 fn in_flight_row([service, slot, pid]: [String; 3], state: String, r: &InFlight) -> WorkerRow {
-    let waiting =
-        r.wait.as_ref().map_or(String::new(), |w| clean(&format!("{} {} {}", w.protocol, w.peer, w.operation)));
+    let waiting = match (&r.wait, r.on_cpu) {
+        (Some(w), _) => clean(&format!("{} {} {}", w.protocol, w.peer, w.operation)),
+        // The application neither calls out nor collects: is it computing, or blocked?
+        (None, Some(false)) if r.doing == "application" => "off CPU (sleeping or blocked)".into(),
+        (None, Some(true)) if r.doing == "application" => "on CPU".into(),
+        _ => String::new(),
+    };
     let doing = clean(&r.doing);
     let cells = [
         service,
@@ -205,6 +212,7 @@ fn in_flight_row([service, slot, pid]: [String; 3], state: String, r: &InFlight)
         clean(&r.method),
         clean(&r.route),
         secs(r.elapsed),
+        r.cpu_time.map(secs).unwrap_or_default(),
         doing.clone(),
         r.doing_for.map(secs).unwrap_or_default(),
         waiting,
@@ -229,7 +237,7 @@ fn draw_workers(frame: &mut Frame, area: Rect, screen: &Screen, rows: &[WorkerRo
                 let text = fit(&r.cells[i], w as usize);
                 let cell = aligned(text, WORKER_COLS[i].right);
                 // Colours say what is happening now: none on old data.
-                if (i == 7 || i == 3) && !screen.status.stale() {
+                if (i == 8 || i == 3) && !screen.status.stale() {
                     cell.style(style)
                 } else {
                     cell

@@ -11,7 +11,18 @@ fn worker(slot: u32, pid: u32, requests: Vec<InFlight>) -> WorkerNow {
 
 fn request(route: &str, doing: &str, elapsed: f64, wait: Option<Wait>) -> InFlight {
     let doing_for = (doing == "downstream").then_some(0.25);
-    InFlight { route: route.into(), method: "GET".into(), start: 0.0, elapsed, doing: doing.into(), doing_for, wait }
+    let (on_cpu, cpu_time) = (Some(doing == "application"), Some(elapsed / 10.0));
+    InFlight {
+        route: route.into(),
+        method: "GET".into(),
+        start: 0.0,
+        elapsed,
+        doing: doing.into(),
+        doing_for,
+        wait,
+        on_cpu,
+        cpu_time,
+    }
 }
 
 fn route(route: &str, requests: u64, p99: f64, total_time: f64, error_ratio: f64) -> RouteNow {
@@ -117,7 +128,7 @@ fn wide_frame_shows_every_column_workers_and_routes() {
     let text = frame.join("\n");
     assert!(frame[0].contains("wsgiscope top http://127.0.0.1:9464  services: shop  12:00:00"), "{text}");
     assert!(frame[1].contains("live · 3 workers, 2 busy"), "{text}");
-    for title in ["SERVICE", "SLOT", "PID", "STATE", "METHOD", "ELAPSED", "DOING", "FOR", "WAITING ON"] {
+    for title in ["SERVICE", "SLOT", "PID", "STATE", "METHOD", "ELAPSED", "CPU", "DOING", "FOR", "WAITING ON"] {
         assert!(line_of(&frame, "ELAPSED").contains(title), "workers column {title}: {text}");
     }
     for title in ["REQS", "REQ/S", "P50", "P99", "ERR%", "BLOCKS", "CPU%", "DOWN%", "GC%", "WRITE%", "TOTAL▼"] {
@@ -131,7 +142,8 @@ fn wide_frame_shows_every_column_workers_and_routes() {
         assert!(waiting.contains(part), "{part:?} in {waiting}");
     }
     let w2 = frame.iter().position(|l| l.contains("4103")).unwrap();
-    assert!(frame[w2].contains("/slow") && frame[w2].contains("application"));
+    assert!(frame[w2].contains("/slow") && frame[w2].contains("application") && frame[w2].contains("on CPU"), "{text}");
+    assert!(frame[w2].contains("20.0ms"), "its CPU time: {}", frame[w2]);
     assert!(frame[w2 + 1].contains("/fast") && frame[w2 + 1].contains("writing") && !frame[w2 + 1].contains("4103"));
     // Slots in order.
     let rows: Vec<usize> =
@@ -236,7 +248,7 @@ fn hostile_names_stay_on_their_row() {
         // Each hostile route on one row, escaped (cut to the column when narrow).
         line_of(&frame, "/a\\nb\\r\\n/c");
         line_of(&frame, "/\\u{1b}[2J");
-        line_of(&frame, if width > 60 { "/rtl\\u{202e}evil" } else { "/rtl\\u{202e}…" });
+        line_of(&frame, if width > 60 { "/rtl\\u{202e}evil" } else { "/rtl\\u{202e" });
         assert!(line_of(&frame, "/xxxx").contains('…'), "a long route is cut: {text}");
         for l in frame.iter().skip(2) {
             assert!(l.starts_with(['│', '┌', '└']) && l.ends_with(['│', '┐', '┘']), "{width}: {l:?}\n{text}");
@@ -258,7 +270,7 @@ fn unreachable_agent_keeps_the_data_greyed_with_a_status_line() {
     let frame = text_of(&buffer);
     assert!(
         frame[1].contains(
-            "agent unreachable at http://127.0.0.1:9464: connection refused · data 2.00s old · exiting in 3 s"
+            "agent unreachable at http://127.0.0.1:9464 (data 2.00s old, exiting in 3 s): connection refused"
         ),
         "{}",
         frame[1]
