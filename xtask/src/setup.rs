@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql-15",
     "mariadb-server",
     "redis-server",
+    // A real terminal for `wsgiscope top` (tests/tests/top.rs).
+    "tmux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
