@@ -50,21 +50,27 @@ pub fn fit(s: &str, width: usize) -> String {
     out
 }
 
-/// A duration in seconds in at most 7 columns: `850µs`, `12.3ms`, `1.25s`, `95.1s`, `1h02m`.
+/// A duration in seconds in three significant digits, at most 7 columns: `850µs`, `1.25ms`,
+/// `12.3ms`, `1.25s`, `95.1s`, `1h02m`.
 pub fn secs(s: f64) -> String {
     if !s.is_finite() || s < 0.0 {
         return "-".into();
     }
+    let ms = s * 1e3;
     if s < 1e-3 {
         format!("{:.0}µs", s * 1e6)
+    } else if s < 0.01 {
+        format!("{ms:.2}ms")
     } else if s < 0.1 {
-        format!("{:.1}ms", s * 1e3)
+        format!("{ms:.1}ms")
     } else if s < 1.0 {
-        format!("{:.0}ms", s * 1e3)
-    } else if s < 100.0 {
+        format!("{ms:.0}ms")
+    } else if s < 10.0 {
         format!("{s:.2}s")
+    } else if s < 100.0 {
+        format!("{s:.1}s")
     } else if s < 3600.0 {
-        format!("{:.0}s", s)
+        format!("{s:.0}s")
     } else {
         format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
     }
@@ -121,7 +127,9 @@ mod tests {
     #[test]
     fn numbers_stay_short() {
         assert_eq!(secs(0.000_85), "850µs");
+        assert_eq!(secs(0.00134), "1.34ms");
         assert_eq!(secs(0.0123), "12.3ms");
+        assert_eq!(secs(42.42), "42.4s");
         assert_eq!(secs(0.25), "250ms");
         assert_eq!(secs(1.25), "1.25s");
         assert_eq!(secs(3725.0), "1h02m");

@@ -156,7 +156,7 @@ fn wide_frame_shows_every_column_workers_and_routes() {
         ["/orders/{id}", "/report", "/hello", "/error"]
     );
     let hello = line_of(&frame, " /hello ");
-    for part in ["600", "10.0", "2.0ms", "4.0ms", "0.0%", "1.00", "50.0%", "25.0%", "1.0%", "2.0%", "1.20s"] {
+    for part in ["600", "10.0", "2.00ms", "4.00ms", "0.0%", "1.00", "50.0%", "25.0%", "1.0%", "2.0%", "1.20s"] {
         assert!(hello.contains(part), "{part:?} in {hello}");
     }
     assert!(line_of(&frame, " /error ").contains("100%"));
