@@ -99,6 +99,8 @@ struct State {
     data: Snapshot,
     clock: String,
     sort: Sort,
+    /// When the agent last answered.
+    answered: Instant,
     /// Since when, and why, reads fail.
     failing: Option<(Instant, String)>,
 }
@@ -106,7 +108,7 @@ struct State {
 impl State {
     fn new(data: Snapshot) -> State {
         let clock = clock(data.active.at);
-        State { data, clock, sort: Sort::default(), failing: None }
+        State { data, clock, sort: Sort::default(), answered: Instant::now(), failing: None }
     }
 
     fn read(&mut self, client: &Client) {
@@ -114,6 +116,7 @@ impl State {
             Ok(data) => {
                 self.clock = clock(data.active.at);
                 self.data = data;
+                self.answered = Instant::now();
                 self.failing = None;
             }
             Err(err) => {
@@ -128,7 +131,7 @@ impl State {
             None => Status::Live,
             Some((since, error)) => Status::Unreachable {
                 error: error.clone(),
-                since: since.elapsed().as_secs_f64(),
+                since: self.answered.elapsed().as_secs_f64(),
                 exit_in: give_up.map(|g| g.saturating_sub(since.elapsed()).as_secs_f64()),
             },
         };
