@@ -68,7 +68,7 @@ impl Views {
             write: r.write_time as f32,
             blocks: r.blocks.min(u32::MAX as u64) as u32,
             bytes: r.bytes.min(u32::MAX as u64) as u32,
-            error: matches!(r.outcome, "error" | "aborted"),
+            error: matches!(r.outcome, "error" | "aborted" | "no_response"),
         };
         let service = r.service.clone();
         self.window.lock().expect("views lock").push(&service, sample);
