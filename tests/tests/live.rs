@@ -165,7 +165,8 @@ fn wait_idle(agent: &Agent) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let active = api(agent, "/api/active");
-        if active["workers"].as_array().unwrap().iter().all(|w| w["state"] == "idle" && w["requests"] == Value::Array(vec![])) {
+        let workers = active["workers"].as_array().unwrap();
+        if !workers.is_empty() && workers.iter().all(|w| w["state"] == "idle" && w["requests"] == Value::Array(vec![])) {
             return;
         }
         assert!(Instant::now() < deadline, "workers still busy: {active}");
@@ -208,7 +209,8 @@ fn gunicorn_every_request_once_and_what_runs_now() {
     let mut server = Server::gunicorn(&["-w", "2", "-k", "sync"]).unwrap();
     server.wait_workers(2).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
-    // Both workers listed, idle, before any request.
+    // Both workers listed, idle, before any request (from the first scan on).
+    wait_idle(&agent);
     let active = api(&agent, "/api/active");
     let mut pids: Vec<u32> = active["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect();
     pids.sort_unstable();
