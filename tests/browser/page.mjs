@@ -1,12 +1,13 @@
 // Drives Debian's chromium through the agent's live page like a person would, and prints what
-// the page showed as one JSON object: `node page.mjs URL OUTDIR` (screenshot: OUTDIR/page.png).
+// the page showed as one JSON object: `node page.mjs URL OUTDIR [AGENT_PID]` (screenshot:
+// OUTDIR/page.png). With AGENT_PID it then stops the agent (SIGTERM) and reads the page again.
 // The assertions live in tests/tests/page.rs; this script only reads, drags and clicks.
 import { chromium } from "playwright-core";
 import path from "node:path";
 
-const [url, outdir] = process.argv.slice(2);
+const [url, outdir, agentPid] = process.argv.slice(2);
 if (!url || !outdir) {
-  console.error("usage: node page.mjs URL OUTDIR");
+  console.error("usage: node page.mjs URL OUTDIR [AGENT_PID]");
   process.exit(2);
 }
 
@@ -42,7 +43,9 @@ try {
       cursor: Number(document.body.dataset.cursor),
       dots: Number(document.getElementById("xview").dataset.dots),
       workers: data("#active .worker").map((w) => ({ ...w, worker: Number(w.worker), pid: Number(w.pid) })),
-      routes: data("#routes tbody tr").map((r) => ({ ...r, requests: Number(r.requests) })),
+      routes: [...document.querySelectorAll("#routes tbody tr")].map((tr) => ({
+        ...tr.dataset, requests: Number(tr.dataset.requests), routeText: tr.querySelector("td.route").textContent,
+      })),
       unreachableShown: !document.getElementById("unreachable").hidden,
       missedShown: !document.getElementById("missed").hidden,
       // Set only if a hostile route, peer or operation ran as script.
@@ -79,6 +82,17 @@ try {
   }
   await page.screenshot({ path: path.join(outdir, "page.png"), fullPage: true });
   out.screenshot = path.join(outdir, "page.png");
+
+  if (agentPid) {
+    // The agent goes away: the page must say so, and throw nothing. The browser's own
+    // messages about the refused connections are kept apart from any other error.
+    const before = out.consoleErrors.length;
+    process.kill(Number(agentPid), "SIGTERM");
+    await page.waitForSelector("#unreachable:not([hidden])", { timeout: 10000 });
+    await sleep(2500); // two more polls against the dead agent
+    out.unreachableAfterStop = !(await page.locator("#unreachable").evaluate((e) => e.hidden));
+    out.consoleErrorsAfterStop = out.consoleErrors.splice(before);
+  }
 } catch (e) {
   out.driverError = String(e && e.stack || e);
 } finally {
