@@ -1,5 +1,5 @@
 //! Command line.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -8,6 +8,7 @@ use crate::{
     aggregate::{Options, DEFAULT_MAX_OPERATIONS, DEFAULT_MAX_ROUTES, DEFAULT_REPEATED_CALLS},
     metrics::{BucketConfig, BLOCK_BUCKETS, BYTE_BUCKETS, LATENCY_BUCKETS},
     route::Templates,
+    views::{requests::DEFAULT_KEPT, Views},
 };
 
 #[derive(Parser, Debug)]
@@ -90,6 +91,20 @@ pub struct ExportArgs {
     /// Upper bounds of the bytes-per-response buckets, comma-separated.
     #[arg(long, value_name = "LIST", value_parser = parse_buckets)]
     pub bytes_buckets: Option<BucketList>,
+    /// The live views on the same address: the page at `/` and the JSON API under `/api/`
+    /// (every recent request, what each worker does now, routes over the last minute).
+    /// `off` serves /metrics only.
+    #[arg(long, value_enum, default_value_t = Ui::On)]
+    pub ui: Ui,
+    /// Requests kept per service for the live views (the newest; older ones are dropped).
+    #[arg(long, default_value_t = DEFAULT_KEPT as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub ui_requests: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ui {
+    On,
+    Off,
 }
 
 impl ExportArgs {
@@ -105,6 +120,11 @@ impl ExportArgs {
             repeated_calls: self.repeated_calls,
             templates,
         })
+    }
+
+    /// The live views, unless `--ui off`.
+    pub fn views(&self) -> Option<Arc<Views>> {
+        (self.ui == Ui::On).then(|| Arc::new(Views::new(self.ui_requests as usize)))
     }
 
     pub fn buckets(&self) -> BucketConfig {

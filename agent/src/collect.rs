@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{info, warn};
-use wsgiscope_common::CallEvent;
+use wsgiscope_common::{CallEvent, CALL_WRITING};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -30,6 +30,7 @@ use crate::{
     record::{self, Event, InProgress},
     session::Session,
     sockets,
+    views::{monotonic_ns, Views},
 };
 
 /// A process that exec'd a server name stays a candidate this long while it is not yet
@@ -39,15 +40,10 @@ const CANDIDATE_PATIENCE: StdDuration = StdDuration::from_secs(10);
 /// as `python -m gunicorn`, or daemonized away from their exec'd parent).
 pub const RESCAN_EVERY: StdDuration = StdDuration::from_secs(5);
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 pub struct Collector<'m> {
     metrics: &'m Metrics,
+    /// The live views (`None`: `--ui off`).
+    views: Option<&'m Views>,
     kernel: Kernel,
     options: Options,
     /// Watched servers by master PID (the kernel's root).
@@ -70,9 +66,10 @@ const QUIET_CALL_NS: u64 = 1_000_000_000;
 const HELD_MAX: usize = 100_000;
 
 impl<'m> Collector<'m> {
-    pub fn new(metrics: &'m Metrics, kernel: Kernel, options: Options) -> Self {
+    pub fn new(metrics: &'m Metrics, views: Option<&'m Views>, kernel: Kernel, options: Options) -> Self {
         Collector {
             metrics,
+            views,
             kernel,
             options,
             sessions: HashMap::new(),
@@ -105,6 +102,9 @@ impl<'m> Collector<'m> {
         base.extend(k8s::labels(Path::new("/proc"), master));
         let mut agg = Aggregator::new(self.metrics, base.clone(), &target.kind.to_string(), self.options.clone());
         self.python_runtime(&service, master, &mut agg);
+        if let Some(v) = self.views {
+            agg.set_views(v);
+        }
         let mut session = Session::new(target.kind, master, target.http_relayed, agg);
         for f in &target.front_ends {
             info!("{service}: process {f} is a front end (relays requests to the workers)");
@@ -251,18 +251,32 @@ impl<'m> Collector<'m> {
         }
         let now = monotonic_ns();
         let mut quiet: HashMap<u32, Vec<CallEvent>> = HashMap::new();
+        // Calls sent on behalf of a request and not answered yet (the live views).
+        let mut waits = HashMap::new();
         let mut downstream = 0;
         for (key, d) in self.kernel.downstream() {
             downstream += 1;
             if let Some(ev) = record::quiet_call(key, &d, now.saturating_sub(QUIET_CALL_NS)) {
                 quiet.entry(ev.root).or_default().push(ev);
             }
+            if self.views.is_some() && d.state == CALL_WRITING && d.call.req_start_ns != 0 {
+                waits.insert(((key >> 32) as u32, d.call.req_fd, d.call.req_start_ns), (key as u32, d));
+            }
         }
+        let mut workers = Vec::new();
         for (root, s) in &mut self.sessions {
+            let running = running.get(root).map(Vec::as_slice).unwrap_or_default();
             s.quiet_calls(quiet.get(root).map(Vec::as_slice).unwrap_or_default());
-            s.agg.in_progress(now, running.get(root).map(Vec::as_slice).unwrap_or_default());
+            s.agg.in_progress(now, running);
             s.decide();
             s.expire_calls(now);
+            if self.views.is_some() {
+                workers.extend(s.active(now, running, &self.kernel, &waits));
+            }
+        }
+        if let Some(v) = self.views {
+            workers.sort_by(|a, b| (&a.service, a.worker).cmp(&(&b.service, b.worker)));
+            v.set_active(workers);
         }
         self.kernel_stats.update(self.kernel.stats());
         self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections, downstream));
@@ -360,10 +374,15 @@ pub async fn collect(
     events: aya::maps::RingBuf<aya::maps::MapData>,
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    views: Option<Arc<Views>>,
     until: Until,
 ) -> Result<()> {
-    info!("metrics on http://{}/metrics", listener.local_addr()?);
-    let server = tokio::spawn(export::serve(listener, metrics));
+    let addr = listener.local_addr()?;
+    info!("metrics on http://{addr}/metrics");
+    if views.is_some() {
+        info!("live views on http://{addr}/ (JSON API under /api/; --ui off turns them off)");
+    }
+    let server = tokio::spawn(export::serve(listener, metrics, views));
     // SAFETY: the ring buffer owns its fd and lives as long as the AsyncFd.
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| e.into_parts().1)

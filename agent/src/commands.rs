@@ -28,9 +28,10 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let listener = bind(&args.export).await?;
     let (kernel, events) = Kernel::load(false)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, kernel, options);
+    let views = args.export.views();
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
     c.watch(target)?;
-    collect(c, events, listener, metrics.clone(), Until::MasterExits).await
+    collect(c, events, listener, metrics.clone(), views.clone(), Until::MasterExits).await
 }
 
 /// `wsgiscope daemon`: every WSGI server on the node, now and later, until SIGINT/SIGTERM.
@@ -39,10 +40,11 @@ pub async fn daemon(args: DaemonArgs) -> Result<()> {
     let listener = bind(&args.export).await?;
     let (kernel, events) = Kernel::load(true)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, kernel, options);
+    let views = args.export.views();
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
     c.rescan();
     info!("daemon: watching {} servers; new ones are found at exec and by a /proc rescan every {RESCAN_EVERY:?}", c.watched());
-    collect(c, events, listener, metrics.clone(), Until::Signal).await
+    collect(c, events, listener, metrics.clone(), views.clone(), Until::Signal).await
 }
 
 /// `wsgiscope run -- SERVER…`: starts the server held at a gate (a shell waiting on a pipe)
@@ -86,7 +88,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     unsafe { libc::close(gate_r) };
 
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
-    let mut c = Collector::new(&metrics, kernel, options);
+    let views = args.export.views();
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
     c.watch(Target::new(pid, kind, &args.command, args.service.as_deref()))?;
     // Traced: open the gate.
     // SAFETY: writes one byte to our pipe, then closes it.
@@ -94,7 +97,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         libc::write(gate_w, b"\n".as_ptr().cast(), 1);
         libc::close(gate_w);
     }
-    collect(c, events, listener, metrics.clone(), Until::ChildExits(pid)).await?;
+    collect(c, events, listener, metrics.clone(), views.clone(), Until::ChildExits(pid)).await?;
     let status = child.wait().await.context("waiting for the server")?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))

@@ -1,17 +1,23 @@
 //! Export: serve the metrics over HTTP at /metrics. OpenMetrics text when the scraper asks for
 //! it (Prometheus does), else the classic Prometheus text format (same samples, no `# EOF`).
+//! With the live views on, also their JSON API under /api/ and the page at / (its files are
+//! in the binary).
 use std::sync::Arc;
 
 use axum::{
-    extract::State,
-    http::{header, HeaderMap},
-    response::IntoResponse,
+    extract::{Query, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
     routing::get,
-    Router,
+    Json, Router,
 };
+use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    views::{requests::DEFAULT_LIMIT, Views},
+};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -58,12 +64,62 @@ async fn scrape(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoR
 }
 
 async fn index() -> &'static str {
-    "wsgiscope: metrics at /metrics\n"
+    "wsgiscope: metrics at /metrics (the live views are off: --ui off)\n"
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+async fn requests(State(v): State<Arc<Views>>, q: Result<Query<Since>, axum::extract::rejection::QueryRejection>) -> Response {
+    match q {
+        Ok(Query(q)) => Json(v.requests(q.since, q.limit.unwrap_or(DEFAULT_LIMIT))).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}: use /api/requests?since=CURSOR&limit=N (numbers)\n")).into_response(),
+    }
+}
+
+/// A file of the page, with headers that keep it to itself: no framing, scripts and data from
+/// this agent only.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+const PAGE_HTML: &str = include_str!("views/page/index.html");
+const PAGE_JS: &str = include_str!("views/page/app.js");
+const PAGE_CSS: &str = include_str!("views/page/style.css");
+
+/// The live views: JSON API and page.
+fn ui(views: Arc<Views>) -> Router {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", PAGE_HTML) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", PAGE_JS) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", PAGE_CSS) }))
+        .route("/api/requests", get(requests))
+        .route("/api/active", get(|State(v): State<Arc<Views>>| async move { Json(v.active()) }))
+        .route("/api/routes", get(|State(v): State<Arc<Views>>| async move { Json(v.routes()) }))
+        .with_state(views)
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(scrape)).route("/", get(index)).with_state(metrics);
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, views: Option<Arc<Views>>) -> std::io::Result<()> {
+    let metrics = Router::new().route("/metrics", get(scrape)).with_state(metrics);
+    let app = match views {
+        Some(v) => metrics.merge(ui(v)),
+        None => metrics.route("/", get(index)),
+    };
     axum::serve(listener, app).await
 }
 

@@ -149,7 +149,7 @@ pub fn quiet_call(key: u64, d: &Downstream, quiet_since_ns: u64) -> Option<CallE
 }
 
 /// A request in progress, as the kernel's connection table shows it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct InProgress {
     /// The server (root master) it belongs to.
     pub root: u32,
@@ -158,6 +158,8 @@ pub struct InProgress {
     pub start_ns: u64,
     pub write_calls: u32,
     pub last_write_ns: u64,
+    /// The whole state (the live views read its heads and thread).
+    pub conn: ConnState,
 }
 
 /// The request in progress on connection `key` (`conn_key(tgid, fd)`), if one is.
@@ -169,6 +171,7 @@ pub fn in_progress(key: u64, c: &ConnState) -> Option<InProgress> {
         start_ns: c.agg.start_ns,
         write_calls: c.agg.write_calls,
         last_write_ns: c.agg.last_write_ns,
+        conn: *c,
     })
 }
 

@@ -45,6 +45,12 @@ impl RouteCap {
         RouteCap { max, placed: HashMap::new(), candidates: HashMap::new(), last_decay: Instant::now() }
     }
 
+    /// Would a request of `route` be counted under its own name now (it holds a place, or one
+    /// is free)? Decides nothing.
+    pub fn would_own(&self, route: &str) -> bool {
+        self.placed.contains_key(route) || self.placed.len() < self.max
+    }
+
     /// Decides for a request of `route`; `earns` a place (its response was no client error).
     pub fn admit(&mut self, route: &str, earns: bool) -> Decision {
         if self.last_decay.elapsed() >= DECAY_EVERY {

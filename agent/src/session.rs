@@ -1,15 +1,22 @@
 //! One watched server: its master, its workers and front ends, and the aggregator its requests
 //! go to. The collector routes each kernel record to the session of the master it descends from.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use log::{debug, info};
-use wsgiscope_common::{CallEvent, RequestEvent};
+use wsgiscope_common::{CallEvent, Downstream, RequestEvent, REQ_HEAD_LEN};
 
 use crate::{
     aggregate::Aggregator,
     discover,
     downstream::Calls,
     exits::ExitReason,
+    kernel::Kernel,
+    record::InProgress,
+    views::{
+        active::{self, Doing},
+        api::{InFlight, Wait, WorkerNow},
+        unix_of,
+    },
     sockets::Peer,
     reconstruct::{self, Facts, Protocol},
     server::ServerKind,
@@ -116,6 +123,66 @@ impl<'m> Session<'m> {
             Protocol::Http => {}
         }
         self.agg.record(&r, &calls);
+    }
+
+    /// What every worker of this server is doing at `now_ns`: its requests in progress
+    /// (`running`, from the connection table), each one's thread as the kernel shows it, and
+    /// `waits`: per request, a downstream call sent and not yet answered.
+    pub fn active(
+        &self,
+        now_ns: u64,
+        running: &[InProgress],
+        kernel: &Kernel,
+        waits: &HashMap<(u32, u32, u64), (u32, Downstream)>,
+    ) -> Vec<WorkerNow> {
+        let service = self.agg.service().to_string();
+        let mut slots: BTreeMap<usize, WorkerNow> = self
+            .agg
+            .workers_now()
+            .into_iter()
+            .map(|(slot, pid)| {
+                let w = WorkerNow { service: service.clone(), worker: slot as u32, pid, state: "idle".into(), requests: Vec::new() };
+                (slot, w)
+            })
+            .collect();
+        let secs = |ns: u64| ns as f64 / 1e9;
+        for r in running {
+            let Some(w) = self.agg.slot_of(r.tgid).and_then(|s| slots.get_mut(&s)) else { continue };
+            let c = &r.conn;
+            let thread = kernel.thread_now(r.tgid, c.agg.tid);
+            let call = waits.get(&(r.tgid, r.fd, r.start_ns)).map(|(fd, d)| (*fd, d));
+            let Some(now) = active::classify(now_ns, r.tgid, r.fd, c, &thread, call) else { continue };
+            let head = &c.req_head[..(c.agg.req_head_len as usize).min(REQ_HEAD_LEN)];
+            let parsed = reconstruct::parse_request_head(head, c.agg.pipeline_index);
+            let wait = match (now.doing, call) {
+                (Doing::Downstream { fd }, Some((_, d))) => {
+                    let dc = self.calls.in_progress(r.tgid, fd, d);
+                    Some(Wait {
+                        protocol: dc.protocol.as_str().to_string(),
+                        peer: self.agg.label_now(&dc.peer, true),
+                        operation: self.agg.label_now(&dc.operation, false),
+                    })
+                }
+                _ => None,
+            };
+            w.state = "busy".into();
+            w.requests.push(InFlight {
+                route: self.agg.route_now(parsed.as_ref().and_then(|h| h.path.as_deref())),
+                method: parsed.map_or_else(|| reconstruct::UNKNOWN_METHOD.to_string(), |h| h.method),
+                start: unix_of(r.start_ns),
+                elapsed: secs(now_ns.saturating_sub(r.start_ns)),
+                doing: now.doing.as_str().to_string(),
+                doing_for: now.since_ns.map(|s| secs(now_ns.saturating_sub(s))),
+                wait,
+                on_cpu: now.on_cpu,
+                cpu_time: now.cpu_ns.map(secs),
+            });
+        }
+        let mut out: Vec<WorkerNow> = slots.into_values().collect();
+        for w in &mut out {
+            w.requests.sort_by(|a, b| a.start.total_cmp(&b.start));
+        }
+        out
     }
 
     /// A downstream call ended (its request's record comes after it).

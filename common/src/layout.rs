@@ -40,6 +40,10 @@ pub const MAP_PENDING: &str = "PENDING";
 pub const MAP_STATS: &str = "STATS";
 /// `conn_key(tgid, fd)` → `Downstream` (sockets a traced process connected).
 pub const MAP_DOWNSTREAM: &str = "DOWNSTREAM";
+/// tid → `ThreadReq` (threads that serve requests: their request and CPU clock).
+pub const MAP_THREADS: &str = "THREADS";
+/// pid_tgid → `GcStart` (collections in progress).
+pub const MAP_GC_STARTED: &str = "GC_STARTED";
 
 /// Globals the loader rewrites: the offset of `child_pid` in `sched_process_fork` records…
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";

@@ -30,4 +30,8 @@ mod user {
     unsafe impl aya::Pod for Pending {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Downstream {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ThreadReq {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GcStart {}
 }

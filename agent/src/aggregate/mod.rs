@@ -1,6 +1,7 @@
 //! Aggregate: reconstructed requests into per-route and per-worker series. Workers hold stable
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
 mod downstream;
+mod live;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -14,6 +15,7 @@ use crate::{
     reconstruct::Request,
     record::InProgress,
     slots::Slots,
+    views::Views,
     route::{normalise, Templates},
     route_cap::{Decision, RouteCap},
 };
@@ -112,6 +114,8 @@ pub struct Aggregator<'m> {
     peers: HashSet<String>,
     /// Routes whose N+1 calls were already logged.
     warned_repeats: HashSet<String>,
+    /// The live views each request is also kept for (`--ui on`).
+    views: Option<&'m Views>,
 }
 
 impl<'m> Aggregator<'m> {
@@ -136,6 +140,7 @@ impl<'m> Aggregator<'m> {
             operations: HashSet::new(),
             peers: HashSet::new(),
             warned_repeats: HashSet::new(),
+            views: None,
         };
         for reason in ExitReason::ALL {
             let mut l = a.service_labels();
@@ -384,6 +389,7 @@ impl<'m> Aggregator<'m> {
             m.slow_clients.get_or_create(&route_only).inc();
         }
         self.request_calls(&route, capped, &by_route, &route_only, calls);
+        self.keep(r, slot, &route, calls);
     }
 
     /// The requests in progress now (a scan of the kernel's connection table): credits their

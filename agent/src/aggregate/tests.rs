@@ -129,7 +129,8 @@ fn busy_time_is_credited_while_in_progress_and_completed_at_the_record() {
     let m = Metrics::new();
     let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 10));
     a.worker_started(7);
-    let ip = |start_ns, write_calls, last_write_ns| InProgress { root: 1, tgid: 7, fd: 9, start_ns, write_calls, last_write_ns };
+    // SAFETY (conn): plain data; the gauges read only the fields given here.
+    let ip = |start_ns, write_calls, last_write_ns| InProgress { root: 1, tgid: 7, fd: 9, start_ns, write_calls, last_write_ns, conn: unsafe { std::mem::zeroed() } };
     // Computing for 20 ms, then 30 ms: credited as it goes, the gauges show it.
     a.in_progress(1_020_000_000, &[ip(1_000_000_000, 0, 0)]);
     a.in_progress(1_030_000_000, &[ip(1_000_000_000, 0, 0)]);

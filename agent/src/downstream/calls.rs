@@ -4,7 +4,7 @@
 //! calls before the request).
 use std::collections::HashMap;
 
-use wsgiscope_common::{CallEvent, CALL_AMBIGUOUS, CALL_END_QUIET, CALL_REQ_LEN, CALL_RESP_LEN};
+use wsgiscope_common::{CallEvent, Downstream, CALL_AMBIGUOUS, CALL_END_QUIET, CALL_REQ_LEN, CALL_RESP_LEN};
 
 use super::protocol::{Connection, Outcome, Protocol};
 use crate::sockets::Peer;
@@ -52,7 +52,14 @@ pub struct RequestCalls {
     /// Per protocol and operation: calls (at most `MAX_OPERATIONS_PER_REQUEST` operations;
     /// the N+1 check looks for one that repeats).
     pub by_operation: HashMap<(Protocol, String), u64>,
+    /// The calls themselves, in order, the first `CALLS_LISTED` (the live views list them)…
+    pub list: Vec<DownCall>,
+    /// …and how many more there were.
+    pub not_listed: u64,
 }
+
+/// Calls listed per request (`RequestCalls::list`).
+pub const CALLS_LISTED: usize = 100;
 
 /// Distinct operations remembered per request for the N+1 check.
 const MAX_OPERATIONS_PER_REQUEST: usize = 256;
@@ -70,6 +77,11 @@ impl RequestCalls {
                 self.by_operation.insert(key, 1);
             }
             None => {}
+        }
+        if self.list.len() < CALLS_LISTED {
+            self.list.push(c.clone());
+        } else {
+            self.not_listed += 1;
         }
     }
 
@@ -242,6 +254,25 @@ impl Calls {
             true
         });
         lost
+    }
+
+    /// What a call still in progress on socket `fd` of `tgid` is (its protocol, operation and
+    /// peer), from the request bytes the kernel captured so far. The socket's protocol state
+    /// is not changed: the call is read again when it ends.
+    pub fn in_progress(&self, tgid: u32, fd: u32, d: &Downstream) -> DownCall {
+        let a = &d.call;
+        let request = &d.req_head[..(a.req_len as usize).min(CALL_REQ_LEN)];
+        let sock = (tgid, fd);
+        let mut conn = self.connections.get(&sock).cloned().unwrap_or_default();
+        let c = conn.classify(request, a.write_bytes > a.req_len as u64, &[]);
+        DownCall {
+            protocol: c.protocol,
+            operation: c.operation,
+            outcome: c.outcome,
+            peer: self.peers.get(&sock).cloned().unwrap_or_else(|| "unknown".to_string()),
+            seconds: 0.0,
+            start_ns: a.start_ns,
+        }
     }
 
     /// Sockets whose peer is known, and requests with calls waiting.

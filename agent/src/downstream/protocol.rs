@@ -73,7 +73,7 @@ const MAX_STATEMENTS: usize = 256;
 
 /// What one downstream connection remembers between calls: its protocol once recognised, and
 /// prepared statements (PostgreSQL statement name -> template; MySQL statement id -> template), at most 256 per connection (oldest/any evicted).
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Connection {
     protocol: Option<Protocol>,
     pg_statements: Statements<Vec<u8>>,
@@ -159,7 +159,7 @@ fn outcome(protocol: Protocol, response: &[u8]) -> Outcome {
 }
 
 /// Templates by statement key, oldest first.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Statements<K> {
     entries: VecDeque<(K, String)>,
 }

@@ -17,9 +17,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{
-    conn_key, tracepoint_category, ConnState, Downstream, Pending, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
+    conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
     GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_WATCH_EXECS, MAP_CONNS,
-    MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS, MAP_TRACED, STAT_COUNT,
+    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -42,6 +42,8 @@ pub struct Kernel {
     conns: HashMap<MapData, u64, ConnState>,
     pending: HashMap<MapData, u64, Pending>,
     downstream: HashMap<MapData, u64, Downstream>,
+    threads: HashMap<MapData, u32, ThreadReq>,
+    gc_started: HashMap<MapData, u64, GcStart>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -70,6 +72,14 @@ fn attach_tracepoint(prog: &mut TracePoint, category: &str, name: &str) -> Resul
         format!("attaching tracepoint {category}/{name} failed: this kernel lacks it or tracefs is unusable")
     })?;
     Ok(Box::new(prog.take_link(id)?))
+}
+
+/// One thread's kernel state at a moment (`Kernel::thread_now`).
+#[derive(Clone, Copy, Default)]
+pub struct ThreadNow {
+    pub syscall: Option<Pending>,
+    pub gc: Option<GcStart>,
+    pub serving: Option<ThreadReq>,
 }
 
 impl Kernel {
@@ -121,6 +131,8 @@ impl Kernel {
         let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, MAP_PENDING)?)?;
         let downstream = HashMap::try_from(take(&mut ebpf, MAP_DOWNSTREAM)?)?;
+        let threads = HashMap::try_from(take(&mut ebpf, MAP_THREADS)?)?;
+        let gc_started = HashMap::try_from(take(&mut ebpf, MAP_GC_STARTED)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         // GC probes are attached per interpreter binary, as servers are found.
         for name in GC_PROGRAMS {
@@ -139,6 +151,8 @@ impl Kernel {
             conns,
             pending,
             downstream,
+            threads,
+            gc_started,
             stats,
         };
         Ok((kernel, events))
@@ -209,6 +223,18 @@ impl Kernel {
     /// Every connection the kernel holds state for, by `conn_key(tgid, fd)`.
     pub fn connections(&self) -> impl Iterator<Item = (u64, ConnState)> + '_ {
         self.conns.iter().filter_map(Result::ok)
+    }
+
+    /// What thread `tid` of `tgid` is in the middle of, now: the syscall it is inside (if the
+    /// kernel stashed one: writes and polls), its collection in progress, its serving state
+    /// (request, CPU clock). One lookup per table (the live views ask per request in progress).
+    pub fn thread_now(&self, tgid: u32, tid: u32) -> ThreadNow {
+        let id = (u64::from(tgid) << 32) | u64::from(tid);
+        ThreadNow {
+            syscall: self.pending.get(&id, 0).ok().filter(|p| p.op != 0),
+            gc: self.gc_started.get(&id, 0).ok(),
+            serving: self.threads.get(&tid, 0).ok(),
+        }
     }
 
     /// Stops tracing every process traced on behalf of `root` (a process that turned out not

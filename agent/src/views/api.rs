@@ -129,6 +129,11 @@ pub struct InFlight {
     pub doing_for: Option<f64>,
     /// For `downstream`: whom it waits for.
     pub wait: Option<Wait>,
+    /// Is its thread on a CPU at the scan (`false`: blocked or sleeping)? `null` where the
+    /// scheduler is not measured.
+    pub on_cpu: Option<bool>,
+    /// Its thread's CPU time since the request began.
+    pub cpu_time: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

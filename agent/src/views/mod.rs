@@ -1,4 +1,99 @@
 //! Views: the live side of the agent, beside /metrics — the most recent requests of every
-//! service (X-View), what every worker is doing now (Active Service) and per-route figures over
-//! the last minute, served as JSON (`api`) and as a page at `/`.
+//! service (X-View, `requests`), what every worker is doing now (Active Service, `active`) and
+//! per-route figures over the last minute (`routes`), served as JSON (`api`, by `export`) and
+//! as the page at `/` (`page/`). The collector fills them; the HTTP server reads them.
+pub mod active;
 pub mod api;
+pub mod requests;
+pub mod routes;
+
+use std::sync::{Arc, Mutex};
+
+use api::{Active, WorkerNow, API_VERSION};
+use requests::{Interner, Kept, RequestLog};
+use routes::{Sample, Window};
+
+/// Now on CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`), in ns.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Unix time (s) of a CLOCK_MONOTONIC instant, by the clocks' offset now.
+pub fn unix_of(mono_ns: u64) -> f64 {
+    let offset = clock_ns(libc::CLOCK_REALTIME) as f64 - monotonic_ns() as f64;
+    (mono_ns as f64 + offset) / 1e9
+}
+
+/// What the live views hold; shared by the collector (writes) and the HTTP server (reads).
+pub struct Views {
+    log: Mutex<RequestLog>,
+    window: Mutex<Window>,
+    active: Mutex<Active>,
+    strings: Mutex<Interner>,
+}
+
+impl Views {
+    /// `kept`: requests kept per service for `/api/requests`.
+    pub fn new(kept: usize) -> Self {
+        Views {
+            log: Mutex::new(RequestLog::new(kept)),
+            window: Mutex::new(Window::new(monotonic_ns())),
+            active: Mutex::new(Active { api_version: API_VERSION, at: unix_of(monotonic_ns()), workers: Vec::new() }),
+            strings: Mutex::new(Interner::default()),
+        }
+    }
+
+    /// A shared copy of a string the records repeat (service, route, method, peer, operation).
+    pub fn intern(&self, s: &str) -> Arc<str> {
+        self.strings.lock().expect("views lock").get(s)
+    }
+
+    /// A request ended.
+    pub fn request(&self, r: Kept) {
+        let end_ns = r.start_ns + (r.duration * 1e9) as u64;
+        let sample = Sample {
+            route: r.route.clone(),
+            end_ns,
+            duration: r.duration as f32,
+            cpu: r.cpu_time.unwrap_or(0.0) as f32,
+            downstream: r.downstream_time as f32,
+            gc: r.gc_time as f32,
+            write: r.write_time as f32,
+            blocks: r.blocks.min(u32::MAX as u64) as u32,
+            bytes: r.bytes.min(u32::MAX as u64) as u32,
+            error: matches!(r.outcome, "error" | "aborted"),
+        };
+        let service = r.service.clone();
+        self.window.lock().expect("views lock").push(&service, sample);
+        self.log.lock().expect("views lock").push(r);
+    }
+
+    /// The workers now (replacing the last scan's).
+    pub fn set_active(&self, workers: Vec<WorkerNow>) {
+        *self.active.lock().expect("views lock") = Active { api_version: API_VERSION, at: unix_of(monotonic_ns()), workers };
+    }
+
+    pub fn requests(&self, since: u64, limit: usize) -> api::RequestsPage {
+        self.log.lock().expect("views lock").page(since, limit, unix_of)
+    }
+
+    pub fn active(&self) -> Active {
+        self.active.lock().expect("views lock").clone()
+    }
+
+    pub fn routes(&self) -> api::Routes {
+        self.window.lock().expect("views lock").routes(monotonic_ns())
+    }
+
+    /// Requests held: in the ring, and in the minute window.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.log.lock().expect("views lock").len(), self.window.lock().expect("views lock").len())
+    }
+}

@@ -1,0 +1,258 @@
+//! The most recent requests of each service, as the X-View shows them: a bounded ring per
+//! service, read by cursor. Every request that ends gets the next sequence number (across all
+//! services); a reader that falls behind the ring is told how many records it missed.
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
+
+use super::api::{CallRecord, RequestRecord, RequestsPage, API_VERSION};
+
+/// Requests kept per service by default (`--ui-requests`).
+pub const DEFAULT_KEPT: usize = 10_000;
+/// Calls listed per request; the rest are counted (`calls_not_listed`).
+pub const CALLS_LISTED: usize = 100;
+/// Records per answer by default, and at most.
+pub const DEFAULT_LIMIT: usize = 1000;
+pub const MAX_LIMIT: usize = 10_000;
+
+/// A downstream call as kept: the strings are shared (operations and peers are capped labels).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeptCall {
+    pub protocol: &'static str,
+    pub peer: Arc<str>,
+    pub operation: Arc<str>,
+    pub ok: bool,
+    /// From the request's start to the call's first byte (s).
+    pub offset: f64,
+    pub duration: f64,
+}
+
+/// A request as kept: compact, the strings shared with every other request of its route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kept {
+    pub service: Arc<str>,
+    pub route: Arc<str>,
+    pub method: Arc<str>,
+    pub status: Option<u16>,
+    pub outcome: &'static str,
+    pub worker: u32,
+    pub pid: u32,
+    /// First request byte read (ns, CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    pub duration: f64,
+    pub accept_wait: Option<f64>,
+    pub blocks: u64,
+    pub write_calls: u64,
+    pub bytes: u64,
+    pub write_time: f64,
+    pub gc_time: f64,
+    pub cpu_time: Option<f64>,
+    pub downstream_time: f64,
+    pub calls: Box<[KeptCall]>,
+    pub calls_not_listed: u64,
+}
+
+impl Kept {
+    /// The API's record, with instants as Unix time (`unix_of` converts a monotonic ns).
+    pub fn to_api(&self, seq: u64, unix_of: impl Fn(u64) -> f64) -> RequestRecord {
+        let start = unix_of(self.start_ns);
+        RequestRecord {
+            seq,
+            service: self.service.to_string(),
+            route: self.route.to_string(),
+            method: self.method.to_string(),
+            status: self.status,
+            outcome: self.outcome.to_string(),
+            worker: self.worker,
+            pid: self.pid,
+            start,
+            end: start + self.duration,
+            duration: self.duration,
+            accept_wait: self.accept_wait,
+            blocks: self.blocks,
+            write_calls: self.write_calls,
+            bytes: self.bytes,
+            write_time: self.write_time,
+            gc_time: self.gc_time,
+            cpu_time: self.cpu_time,
+            downstream_time: self.downstream_time,
+            calls: self
+                .calls
+                .iter()
+                .map(|c| CallRecord {
+                    protocol: c.protocol.to_string(),
+                    peer: c.peer.to_string(),
+                    operation: c.operation.to_string(),
+                    outcome: if c.ok { "ok" } else { "error" }.to_string(),
+                    offset: c.offset,
+                    duration: c.duration,
+                })
+                .collect(),
+            calls_not_listed: self.calls_not_listed,
+        }
+    }
+}
+
+/// Strings shared between kept records. Bounded: past `MAX_INTERNED` a string is kept as
+/// its own copy (the labels it comes from are capped, so this is a backstop).
+#[derive(Default)]
+pub struct Interner(HashSet<Arc<str>>);
+
+const MAX_INTERNED: usize = 100_000;
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        if self.0.len() < MAX_INTERNED {
+            self.0.insert(a.clone());
+        }
+        a
+    }
+}
+
+/// The rings of every service.
+pub struct RequestLog {
+    kept: usize,
+    /// The `seq` the last record got (0: none yet).
+    last_seq: u64,
+    rings: HashMap<Arc<str>, VecDeque<(u64, Kept)>>,
+}
+
+impl RequestLog {
+    /// `kept`: records per service (at least 1).
+    pub fn new(kept: usize) -> Self {
+        RequestLog { kept: kept.max(1), last_seq: 0, rings: HashMap::new() }
+    }
+
+    pub fn push(&mut self, r: Kept) -> u64 {
+        self.last_seq += 1;
+        let ring = self.rings.entry(r.service.clone()).or_default();
+        if ring.len() >= self.kept {
+            ring.pop_front();
+        }
+        ring.push_back((self.last_seq, r));
+        self.last_seq
+    }
+
+    /// Records held in all.
+    pub fn len(&self) -> usize {
+        self.rings.values().map(VecDeque::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The records after `since`, oldest first, at most `limit`. A cursor from the future (an
+    /// agent that restarted) reads from the start.
+    pub fn page(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64) -> RequestsPage {
+        let since = if since > self.last_seq { 0 } else { since };
+        let limit = limit.clamp(1, MAX_LIMIT);
+        // Each ring is in seq order: the records after `since` are a tail of it.
+        let tails: Vec<_> = self
+            .rings
+            .values()
+            .map(|r| {
+                let from = r.partition_point(|(s, _)| *s <= since);
+                r.range(from..)
+            })
+            .collect();
+        let held_after: u64 = tails.iter().map(|t| t.len() as u64).sum();
+        let mut all: Vec<&(u64, Kept)> = tails.into_iter().flatten().collect();
+        all.sort_unstable_by_key(|(s, _)| *s);
+        let more = all.len() > limit;
+        all.truncate(limit);
+        let oldest = self.rings.values().filter_map(|r| r.front().map(|(s, _)| *s)).min().unwrap_or(self.last_seq + 1);
+        RequestsPage {
+            api_version: API_VERSION,
+            cursor: all.last().map_or(self.last_seq, |(s, _)| *s),
+            oldest,
+            // Every seq after `since` went to one record: those not held were dropped.
+            missed: (self.last_seq - since) - held_after,
+            more,
+            requests: all.into_iter().map(|(s, k)| k.to_api(*s, &unix_of)).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(service: &str, route: &str) -> Kept {
+        Kept {
+            service: service.into(),
+            route: route.into(),
+            method: "GET".into(),
+            status: Some(200),
+            outcome: "ok",
+            worker: 0,
+            pid: 1,
+            start_ns: 1_000_000_000,
+            duration: 0.5,
+            accept_wait: None,
+            blocks: 1,
+            write_calls: 1,
+            bytes: 10,
+            write_time: 0.0,
+            gc_time: 0.0,
+            cpu_time: Some(0.1),
+            downstream_time: 0.0,
+            calls: Box::new([]),
+            calls_not_listed: 0,
+        }
+    }
+
+    fn unix(ns: u64) -> f64 {
+        ns as f64 / 1e9 + 100.0
+    }
+
+    #[test]
+    fn pages_follow_the_cursor_across_services() {
+        let mut log = RequestLog::new(10);
+        for i in 0..5 {
+            log.push(kept(if i % 2 == 0 { "a" } else { "b" }, &format!("/r{i}")));
+        }
+        let p = log.page(0, 3, unix);
+        assert_eq!(p.requests.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!((p.cursor, p.more, p.missed, p.oldest), (3, true, 0, 1));
+        assert_eq!(p.requests[1].service, "b");
+        assert_eq!((p.requests[0].start, p.requests[0].end), (101.0, 101.5));
+        let p = log.page(p.cursor, 3, unix);
+        assert_eq!(p.requests.iter().map(|r| r.route.as_str()).collect::<Vec<_>>(), ["/r3", "/r4"]);
+        assert_eq!((p.cursor, p.more), (5, false));
+        let p = log.page(5, 3, unix);
+        assert!(p.requests.is_empty());
+        assert_eq!(p.cursor, 5);
+    }
+
+    #[test]
+    fn a_reader_behind_the_ring_is_told_what_it_missed() {
+        let mut log = RequestLog::new(3);
+        for i in 0..8 {
+            log.push(kept("a", &format!("/r{i}")));
+        }
+        log.push(kept("b", "/x"));
+        // Ring a holds 6..=8, ring b holds 9; 1..=5 were dropped.
+        let p = log.page(0, 100, unix);
+        assert_eq!(p.requests.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 7, 8, 9]);
+        assert_eq!((p.missed, p.oldest), (5, 6));
+        assert_eq!(log.page(4, 100, unix).missed, 1);
+        assert_eq!(log.page(7, 100, unix).missed, 0);
+        assert_eq!(log.len(), 4);
+        // A cursor from an earlier agent (beyond the last seq) starts over.
+        assert_eq!(log.page(1000, 100, unix).requests.len(), 4);
+    }
+
+    #[test]
+    fn interned_strings_are_shared() {
+        let mut i = Interner::default();
+        let a = i.get("/users/{id}");
+        let b = i.get("/users/{id}");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}
