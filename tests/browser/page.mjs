@@ -13,6 +13,23 @@ if (!url || !outdir) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// The request profile shown under the selection table.
+function readProfile(page) {
+  return page.evaluate(() => {
+    const p = document.getElementById("profile");
+    const cells = (tr) => [...tr.cells].map((td) => td.textContent);
+    return {
+      seq: Number(p.dataset.seq),
+      title: p.querySelector("h3")?.textContent ?? "",
+      breakdownBars: p.querySelectorAll(".breakdown .track").length,
+      timelineCalls: p.querySelectorAll(".timeline .call").length,
+      // protocol, peer, operation, outcome, offset, duration
+      calls: [...p.querySelectorAll("#calls tbody tr")].map(cells),
+      text: p.textContent,
+    };
+  });
+}
+
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -69,16 +86,15 @@ try {
     out.firstRowSeq = Number(await first.getAttribute("data-seq"));
     await first.click();
     await page.waitForSelector("#profile:not([hidden])", { timeout: 5000 });
-    out.profile = await page.evaluate(() => {
-      const p = document.getElementById("profile");
-      return {
-        seq: Number(p.dataset.seq),
-        title: p.querySelector("h3")?.textContent ?? "",
-        breakdownBars: p.querySelectorAll(".breakdown .track").length,
-        calls: p.querySelectorAll("#calls tbody tr").length,
-        text: p.textContent,
-      };
-    });
+    out.profile = await readProfile(page);
+    // And the first request that made downstream calls, for its list of calls.
+    const withCalls = page.locator("#selection tbody tr:not([data-calls='0'])").first();
+    if (await withCalls.count() > 0) {
+      await withCalls.click();
+      await page.waitForFunction((seq) => document.getElementById("profile").dataset.seq === seq,
+        await withCalls.getAttribute("data-seq"), { timeout: 5000 });
+      out.callsProfile = await readProfile(page);
+    }
   }
   await page.screenshot({ path: path.join(outdir, "page.png"), fullPage: true });
   out.screenshot = path.join(outdir, "page.png");

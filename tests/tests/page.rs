@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use wsgiscope_integration::{get, http_get, repo_root, serial, unix_now, Agent, Server, TempDir};
+use wsgiscope_integration::{get, http_get, repo_root, serial, services::Redis, unix_now, Agent, Server, TempDir};
 
 /// Paths a client chose: markup in a route must show as text and never run.
 const HOSTILE: &[&str] = &["/page/\"><svg/onload=window.__xss=1>", "/page/<script>window.__xss=2</script>"];
@@ -96,12 +96,16 @@ fn workers(list: &Value) -> BTreeSet<(String, u64, u64)> {
 #[test]
 fn page_shows_every_request_worker_and_route() {
     let _serial = serial();
-    let server = Server::gunicorn(&["-w", "2", "-k", "sync"]).unwrap();
+    // A real Redis for the app's /redis route: requests with downstream calls to profile.
+    let redis = Redis::start().unwrap();
+    let env = [("TESTAPP_REDIS", redis.tcp_url())];
+    let server = Server::gunicorn_app(TempDir::new("server"), ".venv", "testapp", &["-w", "2", "-k", "sync"], &env).unwrap();
     server.wait_workers(2).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
 
     let mut sent = 0;
-    let paths = [("/hello", 12), ("/sleep?ms=30", 5), ("/error", 3), ("/blocks", 2), (HOSTILE[0], 1), (HOSTILE[1], 1)];
+    let paths =
+        [("/hello", 12), ("/sleep?ms=30", 5), ("/error", 3), ("/blocks", 2), ("/redis?n=3", 2), (HOSTILE[0], 1), (HOSTILE[1], 1)];
     for (path, n) in paths {
         for _ in 0..n {
             get(server.port, path).unwrap();
@@ -155,6 +159,27 @@ fn page_shows_every_request_worker_and_route() {
     // The slowest first: a /sleep request (30 ms) heads the selection.
     assert!(profile["title"].as_str().unwrap().contains("GET /sleep → 200"), "{profile}");
 
+    // A request with downstream calls: its profile lists them as the agent recorded them.
+    let shown = &page["callsProfile"];
+    let record = records.iter().find(|r| r["seq"] == shown["seq"]).unwrap_or_else(|| panic!("no record {shown}"));
+    assert_eq!(record["route"], "/redis", "{record}");
+    let calls: Vec<[String; 4]> = record["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ["protocol", "peer", "operation", "outcome"].map(|k| c[k].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(calls.len(), 3, "{record}");
+    assert!(calls.iter().all(|c| c[0] == "redis" && c[2] == "GET"), "{calls:?}");
+    let listed: Vec<[String; 4]> = shown["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| [0, 1, 2, 3].map(|i| row[i].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(listed, calls, "the profile's call list");
+    assert_eq!(shown["timelineCalls"], 3);
+
     let kept = keep_screenshot(&dir.0, "page.png");
     eprintln!("screenshot: {}", kept.display());
 }
@@ -171,14 +196,15 @@ fn page_shows_a_request_in_flight() {
     // A request that outlasts the browser's visit.
     let port = server.port;
     let slow = thread::spawn(move || get(port, "/sleep?ms=30000"));
-    let busy_pid = || {
+    // The worker serving it, once /api/active (refreshed every 500 ms) shows it.
+    let sleeping = || {
         let active = api(&agent, "/api/active");
-        let busy = active["workers"].as_array().unwrap().iter().find(|w| w["state"] == "busy").cloned();
-        busy.map(|w| (w["pid"].as_u64().unwrap(), w["requests"][0]["route"].clone()))
+        let list = active["workers"].as_array().unwrap().iter();
+        let mut busy = list.filter(|w| w["state"] == "busy" && w["requests"][0]["route"] == "/sleep");
+        busy.next().map(|w| w["pid"].as_u64().unwrap())
     };
-    wait_until("a busy worker in /api/active", &agent, || busy_pid().is_some());
-    let (pid, route) = busy_pid().unwrap();
-    assert_eq!(route, "/sleep");
+    wait_until("the /sleep request in /api/active", &agent, || sleeping().is_some());
+    let pid = sleeping().unwrap();
 
     let dir = TempDir::new("page-in-flight");
     let page = drive(&agent, &dir.0, true);

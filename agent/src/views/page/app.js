@@ -29,6 +29,7 @@ const $ = (id) => document.getElementById(id);
 
 function fmtDur(s) {
   if (s === null || s === undefined || !Number.isFinite(s)) return "–";
+  if (s === 0) return "0";
   if (s < 1e-3) return (s * 1e6).toFixed(0) + "µs";
   if (s < 1) return (s * 1e3).toFixed(s < 0.01 ? 2 : 1) + "ms";
   return s.toFixed(s < 10 ? 2 : 1) + "s";
@@ -318,6 +319,7 @@ function renderSelection() {
       el("td", {}, r.blocks),
       el("td", {}, fmtBytes(r.bytes)));
     tr.dataset.seq = String(r.seq);
+    tr.dataset.calls = String(r.calls.length);
     tr.addEventListener("click", () => showProfile(r, tr));
     return tr;
   });
@@ -388,6 +390,9 @@ function doingText(q) {
   let t = q.doing;
   if (q.doing === "downstream" && q.wait) t += ` ${q.wait.protocol} ${q.wait.peer} ${q.wait.operation}`;
   if (q.doing_for !== null && q.doing_for !== undefined) t += ` for ${fmtDur(q.doing_for)}`;
+  // Whether its thread runs now tells a busy loop from a sleep or a lock.
+  if (q.on_cpu === true || q.on_cpu === false) t += q.on_cpu ? " · on CPU" : " · off CPU";
+  if (typeof q.cpu_time === "number") t += ` · CPU ${fmtDur(q.cpu_time)}`;
   return t;
 }
 
