@@ -12,7 +12,8 @@ const SHOWN_ROWS = 1000; // selection rows put in the DOM (all are counted)
 const state = {
   records: [], // oldest first
   cursor: 0,
-  missed: 0,
+  missed: 0, // dropped by the agent's ring between two reads of this page
+  goneBefore: 0, // dropped before the page's first read
   clockOffset: 0, // agent clock − browser clock, when they differ by more than 2 s
   answered: { requests: false, active: false, routes: false },
   drawn: [], // [record, x, y] of the last frame, in CSS pixels
@@ -84,13 +85,18 @@ const nowAgent = () => Date.now() / 1000 + state.clockOffset;
 // ---- fetching ---------------------------------------------------------------------------
 
 // Failed fetches are expected (the agent stopped): they set the banner, never throw.
+// An agent that accepts but never answers counts as unreachable too: a 3 s timeout.
 async function getJson(path) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 3000);
   try {
-    const r = await fetch(path, { cache: "no-store" });
+    const r = await fetch(path, { cache: "no-store", signal: abort.signal });
     if (!r.ok) return null;
     return await r.json();
   } catch (_) {
     return null;
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -105,7 +111,8 @@ async function pollRequests() {
       state.cursor = 0;
       continue;
     }
-    state.missed += page.missed;
+    if (since === 0) state.goneBefore = page.missed;
+    else state.missed += page.missed;
     state.cursor = page.cursor;
     for (const r of page.requests) state.records.push(r);
     if (!page.more) break;
@@ -113,9 +120,10 @@ async function pollRequests() {
   prune();
   document.body.dataset.cursor = String(state.cursor);
   const m = $("missed");
-  m.hidden = state.missed === 0;
-  m.textContent = `${state.missed} request records were dropped by the agent's ring before this page read them ` +
-    `(raise --ui-requests or keep the page polling).`;
+  m.hidden = state.missed === 0 && state.goneBefore === 0;
+  m.textContent = (state.missed ? `${state.missed} requests ended but were dropped by the agent's ring before ` +
+    `this page could read them: the X-View lacks them (raise --ui-requests). ` : "") +
+    (state.goneBefore ? `${state.goneBefore} older requests had left the agent's ring before this page opened.` : "");
   return true;
 }
 
@@ -147,9 +155,9 @@ async function pollRoutes() {
 
 async function tick() {
   const [req, act, rou] = await Promise.all([pollRequests(), pollActive(), pollRoutes()]);
-  state.answered.requests ||= req;
-  state.answered.active ||= act;
-  state.answered.routes ||= rou;
+  state.answered.requests = state.answered.requests || req;
+  state.answered.active = state.answered.active || act;
+  state.answered.routes = state.answered.routes || rou;
   const up = req && act && rou;
   $("unreachable").hidden = up;
   $("status").textContent = up ? `live · updated ${fmtClock(Date.now() / 1000)}` : `no answer since ${$("status").dataset.last || "start"}`;
@@ -223,14 +231,22 @@ function drawScatter() {
   const oldest = g.now - WINDOW;
   const drawn = [];
   for (const cls of ["other", "ok", "client", "error"]) {
-    ctx.fillStyle = colours[cls];
+    // One path per colour (and per selected or not): 20,000 dots stay cheap to redraw.
+    const dots = new Path2D(), picked = new Path2D();
     for (const r of state.records) {
       if (r.end < oldest || outcomeClass(r) !== cls) continue;
       const x = g.x(r.end), y = g.y(r.duration);
-      ctx.beginPath(); ctx.arc(x, y, 2.5, 0, 2 * Math.PI); ctx.fill();
-      if (chosen.has(r.seq)) { ctx.strokeStyle = "#000"; ctx.stroke(); }
+      const path = chosen.has(r.seq) ? picked : dots;
+      path.moveTo(x + 2.5, y);
+      path.arc(x, y, 2.5, 0, 2 * Math.PI);
       drawn.push([r, x, y]);
     }
+    // With a selection, the rest fade.
+    ctx.fillStyle = colours[cls];
+    ctx.globalAlpha = chosen.size ? 0.2 : 1;
+    ctx.fill(dots);
+    ctx.globalAlpha = 1;
+    ctx.fill(picked);
   }
   state.drawn = drawn;
   canvas.dataset.dots = String(drawn.length);
@@ -276,10 +292,14 @@ function setupDrag() {
     const [x, y] = canvasPoint(ev);
     state.drag = { x0: x, y0: y, x1: x, y1: y };
   });
+  let pending = false; // one redraw per animation frame, however fast the mouse moves
   window.addEventListener("mousemove", (ev) => {
     if (!state.drag) return;
     [state.drag.x1, state.drag.y1] = canvasPoint(ev);
-    drawScatter();
+    if (!pending) {
+      pending = true;
+      requestAnimationFrame(() => { pending = false; drawScatter(); });
+    }
   });
   window.addEventListener("mouseup", (ev) => {
     if (!state.drag) return;
