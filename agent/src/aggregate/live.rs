@@ -46,12 +46,12 @@ impl<'m> Aggregator<'m> {
             .list
             .iter()
             .map(|c| KeptCall {
-                protocol: c.protocol.as_str(),
-                peer: v.intern(self.label_of(&c.peer, true)),
-                operation: v.intern(self.label_of(&c.operation, false)),
+                protocol: c.protocol,
+                peer: v.intern_id(self.label_of(&c.peer, true)),
+                operation: v.intern_id(self.label_of(&c.operation, false)),
                 ok: c.outcome == Outcome::Ok,
-                offset: c.start_ns.saturating_sub(r.start_ns) as f64 / 1e9,
-                duration: c.seconds,
+                offset: (c.start_ns.saturating_sub(r.start_ns) as f64 / 1e9) as f32,
+                duration: c.seconds as f32,
             })
             .collect();
         let (status, outcome) = match r.status {

@@ -165,7 +165,8 @@ pub struct RouteNow {
     pub p99: f64,
     /// Sum of durations: where the server's time went.
     pub total_time: f64,
-    /// Share of requests with a 5xx status or no response (aborted).
+    /// Share of requests with a 5xx status or no response at all (outcomes `error`,
+    /// `aborted`, `no_response`).
     pub error_ratio: f64,
     pub mean_blocks: f64,
     pub mean_bytes: f64,

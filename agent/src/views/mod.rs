@@ -50,9 +50,14 @@ impl Views {
         }
     }
 
-    /// A shared copy of a string the records repeat (service, route, method, peer, operation).
+    /// A shared copy of a string the records repeat (service, route, method).
     pub fn intern(&self, s: &str) -> Arc<str> {
         self.strings.lock().expect("views lock").get(s)
+    }
+
+    /// The id of a string calls repeat (peer, operation).
+    pub fn intern_id(&self, s: &str) -> requests::StrId {
+        self.strings.lock().expect("views lock").id(s)
     }
 
     /// A request ended.
@@ -68,7 +73,7 @@ impl Views {
             write: r.write_time as f32,
             blocks: r.blocks.min(u32::MAX as u64) as u32,
             bytes: r.bytes.min(u32::MAX as u64) as u32,
-            error: matches!(r.outcome, "error" | "aborted"),
+            error: matches!(r.outcome, "error" | "aborted" | "no_response"),
         };
         let service = r.service.clone();
         self.window.lock().expect("views lock").push(&service, sample);
@@ -81,7 +86,8 @@ impl Views {
     }
 
     pub fn requests(&self, since: u64, limit: usize) -> api::RequestsPage {
-        self.log.lock().expect("views lock").page(since, limit, unix_of)
+        let strings = self.strings.lock().expect("views lock");
+        self.log.lock().expect("views lock").page(since, limit, unix_of, &strings)
     }
 
     pub fn active(&self) -> Active {

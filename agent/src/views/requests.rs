@@ -6,6 +6,8 @@ use std::{
     sync::Arc,
 };
 
+use crate::downstream::protocol::Protocol;
+
 use super::api::{CallRecord, RequestRecord, RequestsPage, API_VERSION};
 
 /// Requests kept per service by default (`--ui-requests`).
@@ -16,16 +18,18 @@ pub const CALLS_LISTED: usize = 100;
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
 
-/// A downstream call as kept: the strings are shared (operations and peers are capped labels).
-#[derive(Clone, Debug, PartialEq)]
+/// A downstream call as kept, in 20 bytes (a request can list 100): its peer and operation
+/// (capped labels) as ids of the shared strings, its times as f32 seconds (µs precision for a
+/// call up to minutes into its request).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KeptCall {
-    pub protocol: &'static str,
-    pub peer: Arc<str>,
-    pub operation: Arc<str>,
-    pub ok: bool,
+    pub peer: StrId,
+    pub operation: StrId,
     /// From the request's start to the call's first byte (s).
-    pub offset: f64,
-    pub duration: f64,
+    pub offset: f32,
+    pub duration: f32,
+    pub protocol: Protocol,
+    pub ok: bool,
 }
 
 /// A request as kept: compact, the strings shared with every other request of its route.
@@ -54,8 +58,9 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// The API's record, with instants as Unix time (`unix_of` converts a monotonic ns).
-    pub fn to_api(&self, seq: u64, unix_of: impl Fn(u64) -> f64) -> RequestRecord {
+    /// The API's record, with instants as Unix time (`unix_of` converts a monotonic ns) and
+    /// the strings of the calls from `strings`.
+    pub fn to_api(&self, seq: u64, unix_of: impl Fn(u64) -> f64, strings: &Interner) -> RequestRecord {
         let start = unix_of(self.start_ns);
         RequestRecord {
             seq,
@@ -81,12 +86,12 @@ impl Kept {
                 .calls
                 .iter()
                 .map(|c| CallRecord {
-                    protocol: c.protocol.to_string(),
-                    peer: c.peer.to_string(),
-                    operation: c.operation.to_string(),
+                    protocol: c.protocol.as_str().to_string(),
+                    peer: strings.name(c.peer).to_string(),
+                    operation: strings.name(c.operation).to_string(),
                     outcome: if c.ok { "ok" } else { "error" }.to_string(),
-                    offset: c.offset,
-                    duration: c.duration,
+                    offset: c.offset as f64,
+                    duration: c.duration as f64,
                 })
                 .collect(),
             calls_not_listed: self.calls_not_listed,
@@ -94,23 +99,56 @@ impl Kept {
     }
 }
 
-/// Strings shared between kept records. Bounded: past `MAX_INTERNED` a string is kept as
-/// its own copy (the labels it comes from are capped, so this is a backstop).
-#[derive(Default)]
-pub struct Interner(HashSet<Arc<str>>);
+/// The id of a shared string (`Interner::id`).
+pub type StrId = u32;
+
+/// Strings shared between kept records, by reference or by id. Bounded: the labels they come
+/// from are capped per service; past `MAX_INTERNED` (a backstop) a string is kept as its own
+/// copy, or gets the id of `OVERFLOW`.
+pub struct Interner {
+    shared: HashSet<Arc<str>>,
+    ids: HashMap<Arc<str>, StrId>,
+    names: Vec<Arc<str>>,
+}
 
 const MAX_INTERNED: usize = 100_000;
+/// What an id stands for once there are too many.
+const OVERFLOW: &str = "other";
+
+impl Default for Interner {
+    fn default() -> Self {
+        Interner { shared: HashSet::new(), ids: HashMap::from([(Arc::from(OVERFLOW), 0)]), names: vec![Arc::from(OVERFLOW)] }
+    }
+}
 
 impl Interner {
     pub fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.0.get(s) {
+        if let Some(a) = self.shared.get(s) {
             return a.clone();
         }
         let a: Arc<str> = Arc::from(s);
-        if self.0.len() < MAX_INTERNED {
-            self.0.insert(a.clone());
+        if self.shared.len() < MAX_INTERNED {
+            self.shared.insert(a.clone());
         }
         a
+    }
+
+    pub fn id(&mut self, s: &str) -> StrId {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        if self.names.len() >= MAX_INTERNED {
+            return 0;
+        }
+        let a = self.get(s);
+        let id = self.names.len() as StrId;
+        self.names.push(a.clone());
+        self.ids.insert(a, id);
+        id
+    }
+
+    pub fn name(&self, id: StrId) -> &str {
+        self.names.get(id as usize).map_or(OVERFLOW, |a| a)
     }
 }
 
@@ -149,7 +187,7 @@ impl RequestLog {
 
     /// The records after `since`, oldest first, at most `limit`. A cursor from the future (an
     /// agent that restarted) reads from the start.
-    pub fn page(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64) -> RequestsPage {
+    pub fn page(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64, strings: &Interner) -> RequestsPage {
         let since = if since > self.last_seq { 0 } else { since };
         let limit = limit.clamp(1, MAX_LIMIT);
         // Each ring is in seq order: the records after `since` are a tail of it.
@@ -174,7 +212,7 @@ impl RequestLog {
             // Every seq after `since` went to one record: those not held were dropped.
             missed: (self.last_seq - since) - held_after,
             more,
-            requests: all.into_iter().map(|(s, k)| k.to_api(*s, &unix_of)).collect(),
+            requests: all.into_iter().map(|(s, k)| k.to_api(*s, &unix_of, strings)).collect(),
         }
     }
 }
@@ -211,21 +249,27 @@ mod tests {
         ns as f64 / 1e9 + 100.0
     }
 
+    impl RequestLog {
+        fn page_of(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64) -> RequestsPage {
+            self.page(since, limit, unix_of, &Interner::default())
+        }
+    }
+
     #[test]
     fn pages_follow_the_cursor_across_services() {
         let mut log = RequestLog::new(10);
         for i in 0..5 {
             log.push(kept(if i % 2 == 0 { "a" } else { "b" }, &format!("/r{i}")));
         }
-        let p = log.page(0, 3, unix);
+        let p = log.page_of(0, 3, unix);
         assert_eq!(p.requests.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!((p.cursor, p.more, p.missed, p.oldest), (3, true, 0, 1));
         assert_eq!(p.requests[1].service, "b");
         assert_eq!((p.requests[0].start, p.requests[0].end), (101.0, 101.5));
-        let p = log.page(p.cursor, 3, unix);
+        let p = log.page_of(p.cursor, 3, unix);
         assert_eq!(p.requests.iter().map(|r| r.route.as_str()).collect::<Vec<_>>(), ["/r3", "/r4"]);
         assert_eq!((p.cursor, p.more), (5, false));
-        let p = log.page(5, 3, unix);
+        let p = log.page_of(5, 3, unix);
         assert!(p.requests.is_empty());
         assert_eq!(p.cursor, 5);
     }
@@ -238,14 +282,14 @@ mod tests {
         }
         log.push(kept("b", "/x"));
         // Ring a holds 6..=8, ring b holds 9; 1..=5 were dropped.
-        let p = log.page(0, 100, unix);
+        let p = log.page_of(0, 100, unix);
         assert_eq!(p.requests.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 7, 8, 9]);
         assert_eq!((p.missed, p.oldest), (5, 6));
-        assert_eq!(log.page(4, 100, unix).missed, 1);
-        assert_eq!(log.page(7, 100, unix).missed, 0);
+        assert_eq!(log.page_of(4, 100, unix).missed, 1);
+        assert_eq!(log.page_of(7, 100, unix).missed, 0);
         assert_eq!(log.len(), 4);
         // A cursor from an earlier agent (beyond the last seq) starts over.
-        assert_eq!(log.page(1000, 100, unix).requests.len(), 4);
+        assert_eq!(log.page_of(1000, 100, unix).requests.len(), 4);
     }
 
     #[test]
@@ -254,5 +298,12 @@ mod tests {
         let a = i.get("/users/{id}");
         let b = i.get("/users/{id}");
         assert!(Arc::ptr_eq(&a, &b));
+        let id = i.id("SELECT ?");
+        assert_eq!((i.id("SELECT ?"), i.name(id), i.name(9999)), (id, "SELECT ?", "other"));
+    }
+
+    #[test]
+    fn a_kept_call_is_small() {
+        assert!(size_of::<KeptCall>() <= 20, "{}", size_of::<KeptCall>());
     }
 }

@@ -25,7 +25,7 @@ pub struct Sample {
     pub write: f32,
     pub blocks: u32,
     pub bytes: u32,
-    /// A 5xx status or no response (aborted).
+    /// A 5xx status or no response at all.
     pub error: bool,
 }
 

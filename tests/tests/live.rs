@@ -1,0 +1,293 @@
+//! The live views' JSON API against real servers: every request of a known workload appears in
+//! /api/requests exactly once, with the route, status, worker, blocks and duration /metrics and
+//! the app's own middleware give it; requests in progress show in /api/active with what they
+//! are doing (sleeping in the app, waiting on a downstream peer) while they run; /api/routes
+//! counts the last minute.
+use std::{
+    collections::BTreeMap,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use wsgiscope_integration::{
+    get, http_get, serial,
+    services::Downstream,
+    unix_now, Agent, Server, UwsgiMode,
+};
+
+/// GET a JSON document from the agent.
+fn api(agent: &Agent, path: &str) -> Value {
+    let (status, body) = http_get(&agent.metrics_url, path).unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// Every record after cursor 0, read in pages of `limit`.
+fn all_requests(agent: &Agent, limit: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = api(agent, &format!("/api/requests?since={since}&limit={limit}"));
+        assert_eq!(page["api_version"], 1);
+        assert_eq!(page["missed"], 0, "nothing dropped from a ring of 10,000");
+        let records = page["requests"].as_array().unwrap();
+        assert!(records.len() <= limit);
+        for r in records {
+            let seq = r["seq"].as_u64().unwrap();
+            assert!(seq > since, "records come after the cursor, in order");
+            since = seq;
+            out.push(r.clone());
+        }
+        assert_eq!(page["cursor"].as_u64().unwrap(), since);
+        if !page["more"].as_bool().unwrap() {
+            return out;
+        }
+    }
+}
+
+/// A known workload, the app's log of it, the API's records and /metrics must agree.
+/// `error_status`: what the server answers when the app raises (uWSGI closes without a
+/// response: `None`).
+fn every_request_once(server: &Server, agent: &Agent, error_status: Option<u16>) {
+    let routes: &[(&str, usize)] = &[("/hello", 12), ("/sleep", 4), ("/blocks", 3), ("/error", 3), ("/page/x", 2)];
+    let mut sent = 0;
+    for &(path, n) in routes {
+        for _ in 0..n {
+            let r = get(server.port, path);
+            if path == "/error" {
+                assert_eq!(r.ok().map(|r| r.status), error_status, "{path}");
+            } else {
+                r.unwrap();
+            }
+            sent += 1;
+        }
+    }
+    let m = agent.metrics_when("every request", |m| m.sum("wsgi_requests_total", &[]) as usize >= sent);
+    let truth = server.truth();
+    assert_eq!(truth.len(), sent, "the middleware logged every request");
+    let records = all_requests(agent, 7);
+    assert_eq!(records.len(), sent, "each request once in /api/requests");
+
+    // Worker slots as /metrics gives them.
+    let slots: BTreeMap<u32, u64> = m
+        .series("wsgi_worker_info", &[])
+        .map(|(l, _)| (l["pid"].parse().unwrap(), l["worker"].parse().unwrap()))
+        .collect();
+    // Per process, in the order it served them, the records match the app's own log.
+    let mut by_pid: BTreeMap<u32, Vec<&Value>> = BTreeMap::new();
+    for r in &records {
+        by_pid.entry(r["pid"].as_u64().unwrap() as u32).or_default().push(r);
+    }
+    for (pid, rs) in &mut by_pid {
+        rs.sort_by(|a, b| a["start"].as_f64().unwrap().total_cmp(&b["start"].as_f64().unwrap()));
+        let app: Vec<_> = truth.iter().filter(|t| t.pid == *pid).collect();
+        assert_eq!(rs.len(), app.len(), "process {pid}: requests");
+        for (r, t) in rs.iter().zip(&app) {
+            let route = if t.route.starts_with("/page/") { "/page/x" } else { t.route.as_str() };
+            assert_eq!(r["route"], route, "process {pid}: {r}");
+            assert_eq!(r["method"], "GET");
+            if t.route == "/error" {
+                assert_eq!(r["status"].as_u64(), error_status.map(u64::from), "{r}");
+                assert_eq!(r["outcome"], if error_status.is_some() { "error" } else { "no_response" }, "{r}");
+            } else {
+                assert_eq!(r["status"].as_u64(), Some(t.status as u64), "{r}");
+                assert_eq!(r["outcome"], "ok", "{r}");
+            }
+            assert_eq!(r["blocks"].as_u64(), Some(t.blocks), "{r}");
+            assert_eq!(r["worker"].as_u64(), Some(slots[pid]), "{r}: the slot /metrics gives process {pid}");
+            let (d, e) = (r["duration"].as_f64().unwrap(), t.elapsed);
+            // The agent's span holds the app's (from the first byte read to the last written).
+            assert!(d >= e - 100e-6, "{r}: duration {d} vs the app's {e}");
+            assert!(r["end"].as_f64().unwrap() - r["start"].as_f64().unwrap() - d < 1e-6);
+            assert!(r["cpu_time"].as_f64().is_some_and(|c| c > 0.0), "{r}: CPU time");
+            assert!(r["calls"].as_array().unwrap().is_empty());
+            for private in ["query", "headers", "body"] {
+                assert!(r.get(private).is_none());
+            }
+        }
+    }
+    // Durations are the ones /metrics counts (the same values, summed per route), and the sleep
+    // route's mean is within the middleware's timing as the metrics tests bound it.
+    for &(path, n) in routes {
+        let rs: Vec<&Value> = records.iter().filter(|r| r["route"] == path).collect();
+        assert_eq!(rs.len(), n, "{path}");
+        let sum: f64 = rs.iter().map(|r| r["duration"].as_f64().unwrap()).sum();
+        let metric = m.sum("wsgi_request_duration_seconds_sum", &[("route", path)]);
+        assert!((sum - metric).abs() <= 1e-6 * n as f64, "{path}: API durations {sum} vs /metrics {metric}");
+        let blocks: u64 = rs.iter().map(|r| r["blocks"].as_u64().unwrap()).sum();
+        assert_eq!(blocks as f64, m.sum("wsgi_response_blocks_sum", &[("route", path)]), "{path}: blocks");
+    }
+    let sleeps: Vec<f64> = truth.iter().filter(|t| t.route == "/sleep").map(|t| t.elapsed).collect();
+    let truth_mean = sleeps.iter().sum::<f64>() / sleeps.len() as f64;
+    let api_sleeps: Vec<f64> =
+        records.iter().filter(|r| r["route"] == "/sleep").map(|r| r["duration"].as_f64().unwrap()).collect();
+    let mean = api_sleeps.iter().sum::<f64>() / api_sleeps.len() as f64;
+    let tolerance = (truth_mean * 0.02).max(100e-6);
+    assert!((mean - truth_mean).abs() <= tolerance, "sleep {mean} vs middleware {truth_mean} (±{tolerance})");
+
+    // The minute's route table counts the same requests.
+    let table = api(agent, "/api/routes");
+    let by_route: BTreeMap<String, &Value> =
+        table["routes"].as_array().unwrap().iter().map(|r| (r["route"].as_str().unwrap().to_string(), r)).collect();
+    for &(path, n) in routes {
+        let r = by_route.get(path).unwrap_or_else(|| panic!("{path} in /api/routes: {table}"));
+        assert_eq!(r["requests"].as_u64(), Some(n as u64), "{path}");
+        let errors = if path == "/error" { 1.0 } else { 0.0 };
+        assert_eq!(r["error_ratio"].as_f64(), Some(errors), "{path}");
+        assert!(r["p50"].as_f64().unwrap() <= r["p99"].as_f64().unwrap());
+    }
+    let sleep = by_route["/sleep"];
+    assert!(sleep["p50"].as_f64().unwrap() >= 0.05 && sleep["p99"].as_f64().unwrap() >= 0.05);
+    // Sorted by total time: the sleep route (4 × 50 ms) leads.
+    assert_eq!(table["routes"][0]["route"], "/sleep", "{table}");
+}
+
+/// The in-flight request of `route` once /api/active shows it, with its worker.
+fn wait_active(agent: &Agent, route: &str, doing: &str) -> (Value, Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active = api(agent, "/api/active");
+        for w in active["workers"].as_array().unwrap() {
+            for r in w["requests"].as_array().unwrap() {
+                if r["route"] == route && r["doing"] == doing {
+                    return (w.clone(), r.clone());
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no {route} request doing {doing} in /api/active: {active}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every worker idle (the request ended), within a few scans.
+fn wait_idle(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let active = api(agent, "/api/active");
+        let workers = active["workers"].as_array().unwrap();
+        if !workers.is_empty() && workers.iter().all(|w| w["state"] == "idle" && w["requests"] == Value::Array(vec![])) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workers still busy: {active}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A request sleeping in the app shows as busy in the application, off CPU, for as long as it
+/// has run; the other workers idle.
+fn a_sleeping_request_is_active(server: &Server, agent: &Agent) {
+    let port = server.port;
+    let sent_at = unix_now();
+    let client = thread::spawn(move || get(port, "/sleep?ms=3000").unwrap());
+    thread::sleep(Duration::from_millis(1200));
+    let (worker, r) = wait_active(agent, "/sleep", "application");
+    let seen_at = unix_now();
+    assert_eq!(worker["state"], "busy");
+    assert!(server.workers().contains(&(worker["pid"].as_u64().unwrap() as u32)), "{worker}");
+    assert_eq!(r["method"], "GET");
+    assert_eq!(r["on_cpu"], false, "sleeping: off CPU ({r})");
+    assert!(r["cpu_time"].as_f64().unwrap() < 0.2, "{r}");
+    let elapsed = r["elapsed"].as_f64().unwrap();
+    // Scans are 500 ms apart: the elapsed time is that of the last scan.
+    assert!(elapsed > seen_at - sent_at - 0.7 && elapsed <= seen_at - sent_at + 0.05, "elapsed {elapsed}");
+    assert!((r["start"].as_f64().unwrap() - sent_at).abs() < 0.2, "{r}");
+    let idle = api(agent, "/api/active")["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "idle")
+        .count();
+    assert_eq!(idle, server.workers().len() - 1, "the other workers are idle");
+    client.join().unwrap();
+    wait_idle(agent);
+}
+
+#[test]
+fn gunicorn_every_request_once_and_what_runs_now() {
+    let _serial = serial();
+    let mut server = Server::gunicorn(&["-w", "2", "-k", "sync"]).unwrap();
+    server.wait_workers(2).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    // Both workers listed, idle, before any request (from the first scan on).
+    wait_idle(&agent);
+    let active = api(&agent, "/api/active");
+    let mut pids: Vec<u32> = active["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect();
+    pids.sort_unstable();
+    assert_eq!(pids, server.workers(), "{active}");
+    every_request_once(&server, &agent, Some(500));
+    a_sleeping_request_is_active(&server, &agent);
+    server.stop();
+}
+
+#[test]
+fn uwsgi_every_request_once_and_what_runs_now() {
+    let _serial = serial();
+    let mut server = Server::uwsgi(UwsgiMode::HttpSocket, 2).unwrap();
+    server.wait_workers(2).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    every_request_once(&server, &agent, None);
+    a_sleeping_request_is_active(&server, &agent);
+    server.stop();
+}
+
+/// A request blocked on a downstream peer shows what it waits for and since when.
+fn blocked_on_downstream(server: &Server, d: &Downstream, agent: &Agent) {
+    let port = server.port;
+    let sent_at = unix_now();
+    let client = thread::spawn(move || get(port, "/http/slow?ms=3000").unwrap());
+    thread::sleep(Duration::from_millis(1200));
+    let (worker, r) = wait_active(agent, "/http/slow", "downstream");
+    let seen_at = unix_now();
+    assert_eq!(worker["state"], "busy");
+    let wait = &r["wait"];
+    assert_eq!(wait["protocol"], "http", "{r}");
+    assert_eq!(wait["operation"], "GET", "{r}");
+    assert_eq!(wait["peer"], format!("127.0.0.1:{}", d.backend.port), "{r}");
+    let (elapsed, waiting) = (r["elapsed"].as_f64().unwrap(), r["doing_for"].as_f64().unwrap());
+    assert!(waiting <= elapsed && waiting > elapsed - 0.1, "waiting {waiting} of {elapsed} s: the call began at once");
+    assert!(elapsed > seen_at - sent_at - 0.7 && elapsed <= seen_at - sent_at + 0.05, "elapsed {elapsed}");
+    assert_eq!(r["on_cpu"], false);
+    assert_eq!(client.join().unwrap().status, 200);
+    // Its record lists the call, with the same peer and operation.
+    wait_idle(agent);
+    let records = all_requests(agent, 1000);
+    let slow = records.iter().find(|r| r["route"] == "/http/slow").expect("the slow request's record");
+    let calls = slow["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{slow}");
+    assert_eq!((&calls[0]["protocol"], &calls[0]["operation"], &calls[0]["outcome"]), (&wait["protocol"], &wait["operation"], &"ok".into()));
+    assert_eq!(calls[0]["peer"], wait["peer"]);
+    let call_time = calls[0]["duration"].as_f64().unwrap();
+    assert!(call_time >= 3.0 && call_time < slow["duration"].as_f64().unwrap(), "{slow}");
+    assert!((slow["downstream_time"].as_f64().unwrap() - call_time).abs() < 1e-9);
+}
+
+#[test]
+fn a_request_blocked_on_a_downstream_socket_is_active() {
+    let _serial = serial();
+    let d = Downstream::start().unwrap();
+    let server = d.serve(".venv", &["-w", "2", "-k", "sync"], 1).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    blocked_on_downstream(&server, &d, &agent);
+    drop(agent);
+    drop(server);
+    let server = d.serve_uwsgi(UwsgiMode::HttpSocket, 2, 1).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    blocked_on_downstream(&server, &d, &agent);
+}
+
+#[test]
+fn ui_off_serves_metrics_only() {
+    let _serial = serial();
+    let mut server = Server::gunicorn(&["-w", "1"]).unwrap();
+    server.wait_workers(1).unwrap();
+    let agent = Agent::attach(server.master(), &["--ui", "off"]).unwrap();
+    for path in ["/api/requests", "/api/active", "/api/routes", "/app.js"] {
+        assert_eq!(http_get(&agent.metrics_url, path).unwrap().0, 404, "{path}");
+    }
+    let (status, body) = http_get(&agent.metrics_url, "/").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("--ui off"), "{body}");
+    assert!(agent.metrics().sum("wsgi_workers", &[]) >= 1.0);
+    server.stop();
+}
