@@ -70,6 +70,11 @@ try {
     };
   }));
 
+  // Sorting: a click on the requests header orders the route rows by it, largest first.
+  await page.click("#routes th[data-key='requests']");
+  out.routesByRequests = await page.evaluate(() =>
+    [...document.querySelectorAll("#routes tbody tr")].map((tr) => Number(tr.dataset.requests)));
+
   // Box-select: a real mouse drag from the canvas's top-left corner to its bottom-right one.
   const box = await page.locator("#xview").boundingBox();
   await page.mouse.move(box.x + 2, box.y + 2);

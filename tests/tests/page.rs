@@ -143,6 +143,16 @@ fn page_shows_every_request_worker_and_route() {
     assert_eq!(shown, rows(&routes["routes"], "requests"));
     assert!(shown.contains(&("testapp".into(), "/hello".into(), 12)), "{shown:?}");
     assert!(shown.contains(&("testapp".into(), "/sleep".into(), 5)), "{shown:?}");
+    // Rows by total time, largest first (the default), then by requests after a click.
+    let total_time = |route: &Value| {
+        let r = routes["routes"].as_array().unwrap().iter().find(|r| r["route"] == route["route"]).unwrap();
+        r["total_time"].as_f64().unwrap()
+    };
+    let times: Vec<f64> = page["routes"].as_array().unwrap().iter().map(total_time).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "rows by total time: {times:?}");
+    let mut counts: Vec<u64> = shown.iter().map(|r| r.2).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(page["routesByRequests"], serde_json::json!(counts));
     for hostile in HOSTILE {
         let row = page["routes"].as_array().unwrap().iter().find(|r| r["route"] == *hostile);
         let row = row.unwrap_or_else(|| panic!("no row for {hostile}: {shown:?}"));
