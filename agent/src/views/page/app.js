@@ -153,7 +153,17 @@ async function pollRoutes() {
   return true;
 }
 
+// The next poll is scheduled whatever happens in this one: a rendering bug shows as a page
+// error, and the page still goes on.
 async function tick() {
+  try {
+    await poll();
+  } finally {
+    setTimeout(tick, POLL_MS);
+  }
+}
+
+async function poll() {
   const [req, act, rou] = await Promise.all([pollRequests(), pollActive(), pollRoutes()]);
   state.answered.requests = state.answered.requests || req;
   state.answered.active = state.answered.active || act;
@@ -165,7 +175,6 @@ async function tick() {
   drawScatter();
   const a = state.answered;
   if (a.requests && a.active && a.routes) document.body.dataset.ready = "1";
-  setTimeout(tick, POLL_MS);
 }
 
 // ---- X-View scatter ---------------------------------------------------------------------
