@@ -90,14 +90,14 @@ try {
     const first = page.locator("#selection tbody tr").first();
     out.firstRowSeq = Number(await first.getAttribute("data-seq"));
     await first.click();
-    await page.waitForSelector("#profile:not([hidden])", { timeout: 5000 });
+    await page.waitForSelector("#profile:not([hidden])", { timeout: 15000 });
     out.profile = await readProfile(page);
     // And the first request that made downstream calls, for its list of calls.
     const withCalls = page.locator("#selection tbody tr:not([data-calls='0'])").first();
     if (await withCalls.count() > 0) {
       await withCalls.click();
       await page.waitForFunction((seq) => document.getElementById("profile").dataset.seq === seq,
-        await withCalls.getAttribute("data-seq"), { timeout: 5000 });
+        await withCalls.getAttribute("data-seq"), { timeout: 15000 });
       out.callsProfile = await readProfile(page);
     }
   }
