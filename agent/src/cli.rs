@@ -26,6 +26,22 @@ pub enum Command {
     Run(RunArgs),
     /// Node-wide: discover every WSGI server running now or started later, attach to each.
     Daemon(DaemonArgs),
+    /// Live view of a running agent in the terminal: its workers and routes, read from its API.
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// The agent to read: its --listen address.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    pub url: String,
+    /// Exit with status 2 once the agent has not answered for this many seconds (0: keep
+    /// retrying).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub exit_after: f64,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
+    pub interval: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -157,6 +173,22 @@ fn parse_buckets(s: &str) -> Result<BucketList> {
     Ok(BucketList(bounds))
 }
 
+/// A number of seconds, 0 or more.
+fn parse_seconds(s: &str) -> Result<f64> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => bail!("{s:?} is not a number of seconds (0 or more)"),
+    }
+}
+
+/// A refresh interval: at least 0.1 s.
+fn parse_interval(s: &str) -> Result<f64> {
+    match parse_seconds(s)? {
+        v if v >= 0.1 => Ok(v),
+        _ => bail!("refresh at most every 0.1 s"),
+    }
+}
+
 /// Longest `--service` accepted.
 const MAX_SERVICE_LEN: usize = 128;
 
@@ -218,5 +250,18 @@ mod tests {
         assert_eq!(run.command, ["gunicorn", "-w", "2", "app:app"]);
         assert_eq!(run.service.as_deref(), Some("shop"));
         assert!(Cli::try_parse_from(["wsgiscope", "run"]).is_err());
+    }
+
+    #[test]
+    fn top_reads_the_default_listen_address() {
+        let cli = Cli::try_parse_from(["wsgiscope", "top"]).unwrap();
+        let Command::Top(top) = cli.command else { panic!("not top") };
+        assert_eq!(top.url, "http://127.0.0.1:9464");
+        assert_eq!((top.exit_after, top.interval), (5.0, 1.0));
+        let cli = Cli::try_parse_from(["wsgiscope", "top", "--url", "10.0.0.1:9", "--exit-after", "0"]).unwrap();
+        let Command::Top(top) = cli.command else { panic!("not top") };
+        assert_eq!((top.url.as_str(), top.exit_after), ("10.0.0.1:9", 0.0));
+        assert!(Cli::try_parse_from(["wsgiscope", "top", "--interval", "0"]).is_err());
+        assert!(Cli::try_parse_from(["wsgiscope", "top", "--exit-after", "-1"]).is_err());
     }
 }

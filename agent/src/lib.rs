@@ -13,7 +13,8 @@
 //! of each server kind), `python` the interpreter's GC probe points, `k8s` pod labels, `sockets`
 //! the downstream connections a worker opened before the agent attached; `slots`,
 //! `exits` and `kernel_stats` are the aggregator's worker slots, exit causes and the kernel's
-//! own counters; `cli` is the command line.
+//! own counters; `cli` is the command line. `top` is a client: a terminal view of the live API
+//! (`views::api`) that a running agent serves.
 pub mod aggregate;
 pub mod cli;
 pub mod collect;
@@ -36,4 +37,5 @@ pub mod server;
 pub mod session;
 pub mod slots;
 pub mod sockets;
+pub mod top;
 pub mod views;

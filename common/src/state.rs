@@ -211,3 +211,6 @@ pub struct ThreadReq {
 /// `ThreadReq::flags`: the thread read a request while another it read was still before its
 /// response: it serves requests concurrently (an event loop), so attribution needs care.
 pub const THREAD_CONCURRENT: u32 = 1;
+/// `ThreadReq::flags`: the entry is new and the scheduler has not charged the thread since: its
+/// first charge can hold time from before the entry existed, so it is capped at the time since.
+pub const THREAD_FRESH: u32 = 2;

@@ -13,7 +13,7 @@ use wsgiscope_common::{
     conn_key,
     sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID},
-    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT,
+    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT, THREAD_FRESH,
 };
 
 /// Set by the agent when `sched_stat_runtime` is attached.
@@ -60,10 +60,18 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     if let Some(t) = serving(pid).then(|| THREADS.get_ptr_mut(&pid)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
-        t.cpu_total_ns += field::<u64>(&ctx, RUNTIME as usize);
+        let mut runtime = field::<u64>(&ctx, RUNTIME as usize);
+        let ts = now();
+        if t.flags & THREAD_FRESH != 0 {
+            t.flags &= !THREAD_FRESH;
+            if t.cpu_since_ns != 0 {
+                runtime = runtime.min(ts.saturating_sub(t.cpu_since_ns));
+            }
+        }
+        t.cpu_total_ns += runtime;
         // Charged while it runs (a tick, a wakeup check): its clock runs on from here.
         if t.cpu_since_ns != 0 {
-            t.cpu_since_ns = now();
+            t.cpu_since_ns = ts;
         }
     }
     0
@@ -108,7 +116,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         return;
     }
     // Running now: its clock starts at zero.
-    let t = ThreadReq { start_ns, fd, in_flight: 1, flags: 0, _pad: 0, cpu_total_ns: 0, cpu_since_ns: now() };
+    let t = ThreadReq { start_ns, fd, in_flight: 1, flags: THREAD_FRESH, _pad: 0, cpu_total_ns: 0, cpu_since_ns: now() };
     if THREADS.insert(&tid, &t, 0).is_ok() {
         set_serving(tid, true);
         c.agg.cpu_start_ns = 0;

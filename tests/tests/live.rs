@@ -291,3 +291,30 @@ fn ui_off_serves_metrics_only() {
     assert!(agent.metrics().sum("wsgi_workers", &[]) >= 1.0);
     server.stop();
 }
+
+/// A client that does not read its response: the worker shows `writing` (inside its write to
+/// the client) for as long as it has been blocked there.
+#[test]
+fn a_worker_blocked_writing_to_a_slow_client_is_active() {
+    use std::{io::{Read, Write}, net::TcpStream};
+    let _serial = serial();
+    let mut server = Server::gunicorn(&["-w", "1"]).unwrap();
+    server.wait_workers(1).unwrap();
+    let agent = Agent::attach(server.master(), &[]).unwrap();
+    wait_idle(&agent);
+    // 64 MiB do not fit the socket buffers: the worker blocks in sendto until the client reads.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let sent_at = unix_now();
+    write!(s, "GET /big?mb=64 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let (worker, r) = wait_active(&agent, "/big", "writing");
+    assert_eq!(worker["pid"].as_u64(), Some(server.workers()[0] as u64));
+    let (elapsed, writing) = (r["elapsed"].as_f64().unwrap(), r["doing_for"].as_f64().unwrap());
+    assert!(writing > 0.5 && writing <= elapsed, "blocked writing for {writing} of {elapsed} s");
+    assert!(elapsed <= unix_now() - sent_at + 0.05);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert!(raw.len() > 64 << 20);
+    wait_idle(&agent);
+    server.stop();
+}

@@ -94,6 +94,11 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         "demo: metrics at http://{}/metrics, app at http://{app_addr}",
         args.metrics
     );
+    println!(
+        "demo: live page (every request, every worker now, routes) at http://{}/ ; in a terminal: \
+         target/release/wsgiscope top --url http://{}",
+        args.metrics, args.metrics
+    );
     let deadline = match args.duration {
         Some(0) => return Ok(()),
         Some(secs) => {
@@ -105,6 +110,30 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
             None
         }
     };
+    // A trickle of traffic keeps the live page moving: each route of the table in turn, and
+    // now and then a slow one (a worker visibly busy in the page's Active Service panel).
+    let trickle = std::sync::atomic::AtomicBool::new(true);
+    let result = thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0usize;
+            while trickle.load(Ordering::Relaxed) {
+                let route = if i % 40 == 0 { "/sleep?ms=3000" } else { TRAFFIC[i % TRAFFIC.len()].0 };
+                let _ = http::get_status(app_addr, route);
+                i += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let r = keep_running(deadline, &mut agent, &mut gunicorn, &mut redis, &mut backend);
+        trickle.store(false, Ordering::Relaxed);
+        r
+    });
+    result?;
+    println!("demo: stopping");
+    Ok(())
+}
+
+/// Until Ctrl-C or the deadline, as long as every process lives.
+fn keep_running(deadline: Option<Instant>, agent: &mut Group, gunicorn: &mut Group, redis: &mut Group, backend: &mut Group) -> Result<()> {
     while !group::stopping() && deadline.is_none_or(|d| Instant::now() < d) {
         agent.check_alive()?;
         gunicorn.check_alive()?;
@@ -112,7 +141,6 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         backend.check_alive()?;
         thread::sleep(Duration::from_millis(100));
     }
-    println!("demo: stopping");
     Ok(())
 }
 

@@ -150,9 +150,26 @@ pub fn attach_agent(
     log_path: Option<&Path>,
     alive: &mut [&mut Group],
 ) -> Result<Group> {
+    attach_agent_args(root, master, metrics, log_path, alive, &[])
+}
+
+/// [`attach_agent`] with `extra` options (e.g. `--ui off`).
+pub fn attach_agent_with(root: &Path, master: u32, metrics: SocketAddr, log_path: Option<&Path>, extra: &[&str]) -> Result<Group> {
+    attach_agent_args(root, master, metrics, log_path, &mut [], extra)
+}
+
+fn attach_agent_args(
+    root: &Path,
+    master: u32,
+    metrics: SocketAddr,
+    log_path: Option<&Path>,
+    alive: &mut [&mut Group],
+    extra: &[&str],
+) -> Result<Group> {
     let mut cmd = Command::new(agent_binary(root));
     cmd.args(["attach", "--pid", &master.to_string(), "--listen"])
-        .arg(metrics.to_string());
+        .arg(metrics.to_string())
+        .args(extra);
     if let Some(path) = log_path {
         let log = File::options().create(true).append(true).open(path)?;
         cmd.stdout(log.try_clone()?).stderr(log);

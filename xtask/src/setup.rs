@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql-15",
     "mariadb-server",
     "redis-server",
+    // A real terminal for `wsgiscope top` (tests/tests/top.rs).
+    "tmux",
     // The browser tests/tests/page.rs drives through the live page (tests/browser/page.mjs).
     "chromium",
 ];

@@ -6,6 +6,8 @@
 //! 2. Probe cost per syscall (`micro.rs`): a write loop, traced and untraced, agent on and off;
 //!    and a context-switch loop (the scheduler hooks fire for every process).
 //! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
+//! 4. Live views (`views.rs`): the agent's CPU serving the page's API under load, and its RSS
+//!    with the ring full (`--only views` runs this part alone and updates its section).
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
 mod capacity;
@@ -15,6 +17,7 @@ mod overhead;
 mod procs;
 mod report;
 mod stats;
+mod views;
 
 use std::{
     path::{Path, PathBuf},
@@ -39,6 +42,9 @@ pub struct BenchArgs {
     /// Where to write the report [default: BENCHMARKS.md; with --quick target/xtask-bench/BENCHMARKS.quick.md].
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Run one part only and replace its section in the report (`views`: the live views).
+    #[arg(long, value_parser = ["views"])]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -90,6 +96,9 @@ pub struct Plan {
     pub bytes1_requests: u64,
     pub burst_secs: u64,
     pub burst_connections: usize,
+    /// The live views' fixed-rate run (s), and the requests that fill the ring.
+    pub views_secs: u64,
+    pub views_fill: u64,
 }
 
 impl Plan {
@@ -108,6 +117,8 @@ impl Plan {
                 bytes1_requests: 2,
                 burst_secs: 3,
                 burst_connections: 8,
+                views_secs: 3,
+                views_fill: 500,
             }
         } else {
             Plan {
@@ -123,6 +134,8 @@ impl Plan {
                 bytes1_requests: 10,
                 burst_secs: 20,
                 burst_connections: 8,
+                views_secs: 20,
+                views_fill: 12_000,
             }
         }
     }
@@ -167,6 +180,7 @@ pub struct Results {
     pub overhead: overhead::Overhead,
     pub micro: Vec<micro::Sample>,
     pub capacity: capacity::Capacity,
+    pub views: views::Views,
 }
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
@@ -194,9 +208,13 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
 
     // The Redis every bench gunicorn's /redis route calls; held until the end (dropped last).
     let (_redis, redis) = group::redis(&work)?;
+    if args.only.is_some() {
+        return only_views(root, &work, &plan, &redis, &env, args);
+    }
     let overhead = overhead::run(root, &work, &plan, &redis)?;
     let micro = micro::run(root, &work, &plan, &redis)?;
     let capacity = capacity::run(root, &work, &plan, &redis)?;
+    let views = views::run(root, &work, &plan, &redis)?;
 
     env.load_after = procs::loadavg();
     env.elapsed = started.elapsed();
@@ -207,6 +225,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         overhead,
         micro,
         capacity,
+        views,
     };
     let output = args.output.clone().unwrap_or_else(|| {
         if args.quick {
@@ -218,6 +237,27 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     std::fs::write(&output, report::render(&results))
         .with_context(|| format!("cannot write {}", output.display()))?;
     println!("bench: wrote {}", output.display());
+    Ok(())
+}
+
+/// `--only views`: the live views' part alone, its section replaced in the existing report.
+fn only_views(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environment, args: &BenchArgs) -> Result<()> {
+    let mut v = views::run(root, work, plan, redis)?;
+    v.date = env.date.clone();
+    v.commit = env.commit.clone();
+    let output = args.output.clone().unwrap_or_else(|| {
+        if plan.quick {
+            work.join("BENCHMARKS.quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    let report = std::fs::read_to_string(&output).unwrap_or_default();
+    let mut section = String::new();
+    views::section(&mut section, &v);
+    std::fs::write(&output, views::splice(&report, &section))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote the live views' section of {}", output.display());
     Ok(())
 }
 

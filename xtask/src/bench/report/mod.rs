@@ -20,6 +20,7 @@ pub fn render(r: &Results) -> String {
     sections::agent_counts(&mut md, &r.overhead);
     sections::probes(&mut md, r);
     sections::capacity(&mut md, &r.capacity);
+    super::views::section(&mut md, &r.views);
     commands(&mut md, r);
     versions(&mut md, r);
     md

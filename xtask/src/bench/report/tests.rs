@@ -209,6 +209,7 @@ fn renders_every_section_with_empty_results() {
         overhead: Overhead::default(),
         micro: Vec::new(),
         capacity: Capacity::default(),
+        views: Default::default(),
     };
     let md = render(&r);
     for heading in [
@@ -218,6 +219,7 @@ fn renders_every_section_with_empty_results() {
         "### Context switches (any process)",
         "### /redis?n=20 (20 Redis GETs in a loop, then one block)",
         "## 3. Capacity",
+        "## 4. Live views (page and API)",
         "## Exact commands",
         "## Versions",
     ] {
