@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "redis-server",
     // A real terminal for `wsgiscope top` (tests/tests/top.rs).
     "tmux",
+    // The browser tests/tests/page.rs drives through the live page (tests/browser/page.mjs).
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const GUNICORN_VERSION: &str = "27.0.1";
@@ -63,6 +65,22 @@ pub fn run(root: &Path) -> Result<()> {
     pip_tool(&root.join(".venv"), "kubernetes-validate", KUBERNETES_VALIDATE_VERSION, "kubernetes-validate")?;
     // uWSGI built by pip against the pyenv Python: a libpython without USDT notes (tests/tests/gc.rs).
     pip_tool(&root.join(".venv"), "uwsgi", UWSGI_PIP_VERSION, "uwsgi")?;
+    npm_ci(&root.join("tests/browser"))?;
+    Ok(())
+}
+
+/// The browser driver's node packages (playwright-core, pinned by package-lock.json), installed
+/// again when npm's own record of node_modules is missing or older than the lock file.
+fn npm_ci(dir: &Path) -> Result<()> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = modified(&dir.join("node_modules/.package-lock.json"));
+    let locked = modified(&dir.join("package-lock.json"));
+    if installed.is_some() && installed >= locked {
+        println!("setup: node packages already in {}", dir.display());
+        return Ok(());
+    }
+    run_checked(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(dir))?;
+    println!("setup: installed node packages in {}", dir.display());
     Ok(())
 }
 
