@@ -259,7 +259,8 @@ fn blocked_on_downstream(server: &Server, d: &Downstream, agent: &Agent) {
     assert_eq!(calls[0]["peer"], wait["peer"]);
     let call_time = calls[0]["duration"].as_f64().unwrap();
     assert!(call_time >= 3.0 && call_time < slow["duration"].as_f64().unwrap(), "{slow}");
-    assert!((slow["downstream_time"].as_f64().unwrap() - call_time).abs() < 1e-9);
+    // The record keeps a call's time in f32 (its list is compact), the sum in f64.
+    assert!((slow["downstream_time"].as_f64().unwrap() - call_time).abs() < 1e-5);
 }
 
 #[test]
