@@ -76,7 +76,10 @@ struct Since {
 
 async fn requests(State(v): State<Arc<Views>>, q: Result<Query<Since>, axum::extract::rejection::QueryRejection>) -> Response {
     match q {
-        Ok(Query(q)) => Json(v.requests(q.since, q.limit.unwrap_or(DEFAULT_LIMIT))).into_response(),
+        Ok(Query(q)) => {
+            let body = v.requests_json(q.since, q.limit.unwrap_or(DEFAULT_LIMIT));
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}: use /api/requests?since=CURSOR&limit=N (numbers)\n")).into_response(),
     }
 }

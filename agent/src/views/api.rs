@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSION: u32 = 1;
 
 /// `GET /api/requests?since=CURSOR&limit=N`: the requests that ended after `since`, oldest
-/// first, at most `limit` (default 1000, at most 10000).
+/// first, at most `limit` (default and most 1000; `more` says whether to read on).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct RequestsPage {
     pub api_version: u32,

@@ -85,9 +85,10 @@ impl Views {
         *self.active.lock().expect("views lock") = Active { api_version: API_VERSION, at: unix_of(monotonic_ns()), workers };
     }
 
-    pub fn requests(&self, since: u64, limit: usize) -> api::RequestsPage {
+    /// `/api/requests`, as JSON.
+    pub fn requests_json(&self, since: u64, limit: usize) -> String {
         let strings = self.strings.lock().expect("views lock");
-        self.log.lock().expect("views lock").page(since, limit, unix_of, &strings)
+        self.log.lock().expect("views lock").page_json(since, limit, unix_of, &strings)
     }
 
     pub fn active(&self) -> Active {

@@ -6,6 +6,8 @@ use std::{
     sync::Arc,
 };
 
+use serde::{ser::SerializeStruct, Serialize, Serializer};
+
 use crate::downstream::protocol::Protocol;
 
 use super::api::{CallRecord, RequestRecord, RequestsPage, API_VERSION};
@@ -14,9 +16,10 @@ use super::api::{CallRecord, RequestRecord, RequestsPage, API_VERSION};
 pub const DEFAULT_KEPT: usize = 10_000;
 /// Calls listed per request; the rest are counted (`calls_not_listed`).
 pub const CALLS_LISTED: usize = 100;
-/// Records per answer by default, and at most.
+/// Records per answer by default, and at most (a reader behind by more pages through `more`:
+/// an answer of 1,000 requests of 100 calls each is ~15 MB of JSON).
 pub const DEFAULT_LIMIT: usize = 1000;
-pub const MAX_LIMIT: usize = 10_000;
+pub const MAX_LIMIT: usize = 1000;
 
 /// A downstream call as kept, in 20 bytes (a request can list 100): its peer and operation
 /// (capped labels) as ids of the shared strings, its times as f32 seconds (µs precision for a
@@ -187,9 +190,9 @@ impl RequestLog {
         self.len() == 0
     }
 
-    /// The records after `since`, oldest first, at most `limit`. A cursor from the future (an
-    /// agent that restarted) reads from the start.
-    pub fn page(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64, strings: &Interner) -> RequestsPage {
+    /// The records after `since`, oldest first, at most `limit`, and what the page says of
+    /// the rest. A cursor from the future (an agent that restarted) reads from the start.
+    fn select(&self, since: u64, limit: usize) -> Selected<'_> {
         let since = if since > self.last_seq { 0 } else { since };
         let limit = limit.clamp(1, MAX_LIMIT);
         // Each ring is in seq order: the records after `since` are a tail of it.
@@ -202,20 +205,133 @@ impl RequestLog {
             })
             .collect();
         let held_after: u64 = tails.iter().map(|t| t.len() as u64).sum();
-        let mut all: Vec<&(u64, Kept)> = tails.into_iter().flatten().collect();
-        all.sort_unstable_by_key(|(s, _)| *s);
-        let more = all.len() > limit;
-        all.truncate(limit);
-        let oldest = self.rings.values().filter_map(|r| r.front().map(|(s, _)| *s)).min().unwrap_or(self.last_seq + 1);
-        RequestsPage {
-            api_version: API_VERSION,
-            cursor: all.last().map_or(self.last_seq, |(s, _)| *s),
-            oldest,
+        let mut records: Vec<&(u64, Kept)> = tails.into_iter().flatten().collect();
+        records.sort_unstable_by_key(|(s, _)| *s);
+        let more = records.len() > limit;
+        records.truncate(limit);
+        Selected {
+            cursor: records.last().map_or(self.last_seq, |(s, _)| *s),
+            oldest: self.rings.values().filter_map(|r| r.front().map(|(s, _)| *s)).min().unwrap_or(self.last_seq + 1),
             // Every seq after `since` went to one record: those not held were dropped.
             missed: (self.last_seq - since) - held_after,
             more,
-            requests: all.into_iter().map(|(s, k)| k.to_api(*s, &unix_of, strings)).collect(),
+            records,
         }
+    }
+
+    /// The page as the API's types (tests, and what the JSON must read back as).
+    pub fn page(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64, strings: &Interner) -> RequestsPage {
+        let s = self.select(since, limit);
+        RequestsPage {
+            api_version: API_VERSION,
+            cursor: s.cursor,
+            oldest: s.oldest,
+            missed: s.missed,
+            more: s.more,
+            requests: s.records.iter().map(|(seq, k)| k.to_api(*seq, &unix_of, strings)).collect(),
+        }
+    }
+
+    /// The page as JSON, written straight from the kept records (no copy of them in between:
+    /// a page of call-heavy requests would otherwise cost the agent its size several times).
+    pub fn page_json(&self, since: u64, limit: usize, unix_of: impl Fn(u64) -> f64, strings: &Interner) -> String {
+        let s = self.select(since, limit);
+        let page = PageJson { s: &s, unix_of: &unix_of, strings };
+        serde_json::to_string(&page).expect("a page serialises")
+    }
+}
+
+struct Selected<'a> {
+    cursor: u64,
+    oldest: u64,
+    missed: u64,
+    more: bool,
+    records: Vec<&'a (u64, Kept)>,
+}
+
+/// `RequestsPage`'s fields, in its order, from the kept records.
+struct PageJson<'a, F> {
+    s: &'a Selected<'a>,
+    unix_of: &'a F,
+    strings: &'a Interner,
+}
+
+impl<F: Fn(u64) -> f64> Serialize for PageJson<'_, F> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        struct Records<'a, F>(&'a PageJson<'a, F>);
+        impl<F: Fn(u64) -> f64> Serialize for Records<'_, F> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let p = self.0;
+                ser.collect_seq(p.s.records.iter().map(|(seq, k)| RecordJson { seq: *seq, k, unix_of: p.unix_of, strings: p.strings }))
+            }
+        }
+        let mut m = ser.serialize_struct("RequestsPage", 6)?;
+        m.serialize_field("api_version", &API_VERSION)?;
+        m.serialize_field("cursor", &self.s.cursor)?;
+        m.serialize_field("oldest", &self.s.oldest)?;
+        m.serialize_field("missed", &self.s.missed)?;
+        m.serialize_field("more", &self.s.more)?;
+        m.serialize_field("requests", &Records(self))?;
+        m.end()
+    }
+}
+
+/// `RequestRecord`'s fields, in its order, from one kept record.
+struct RecordJson<'a, F> {
+    seq: u64,
+    k: &'a Kept,
+    unix_of: &'a F,
+    strings: &'a Interner,
+}
+
+impl<F: Fn(u64) -> f64> Serialize for RecordJson<'_, F> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        struct Calls<'a>(&'a [KeptCall], &'a Interner);
+        impl Serialize for Calls<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.iter().map(|c| CallJson(c, self.1)))
+            }
+        }
+        struct CallJson<'a>(&'a KeptCall, &'a Interner);
+        impl Serialize for CallJson<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let (c, strings) = (self.0, self.1);
+                let mut m = ser.serialize_struct("CallRecord", 6)?;
+                m.serialize_field("protocol", c.protocol.as_str())?;
+                m.serialize_field("peer", strings.name(c.peer))?;
+                m.serialize_field("operation", strings.name(c.operation))?;
+                m.serialize_field("outcome", if c.ok { "ok" } else { "error" })?;
+                m.serialize_field("offset", &(c.offset as f64))?;
+                m.serialize_field("duration", &(c.duration as f64))?;
+                m.end()
+            }
+        }
+        let k = self.k;
+        let start = (self.unix_of)(k.start_ns);
+        let mut m = ser.serialize_struct("RequestRecord", 23)?;
+        m.serialize_field("seq", &self.seq)?;
+        m.serialize_field("service", &*k.service)?;
+        m.serialize_field("route", &*k.route)?;
+        m.serialize_field("method", &*k.method)?;
+        m.serialize_field("status", &k.status)?;
+        m.serialize_field("outcome", k.outcome)?;
+        m.serialize_field("worker", &k.worker)?;
+        m.serialize_field("pid", &k.pid)?;
+        m.serialize_field("start", &start)?;
+        m.serialize_field("end", &(start + k.duration))?;
+        m.serialize_field("duration", &k.duration)?;
+        m.serialize_field("accept_wait", &k.accept_wait)?;
+        m.serialize_field("blocks", &k.blocks)?;
+        m.serialize_field("write_calls", &k.write_calls)?;
+        m.serialize_field("bytes", &k.bytes)?;
+        m.serialize_field("write_time", &k.write_time)?;
+        m.serialize_field("gc_time", &k.gc_time)?;
+        m.serialize_field("cpu_time", &k.cpu_time)?;
+        m.serialize_field("memory_growth", &k.memory_growth)?;
+        m.serialize_field("downstream_time", &k.downstream_time)?;
+        m.serialize_field("calls", &Calls(&k.calls, self.strings))?;
+        m.serialize_field("calls_not_listed", &k.calls_not_listed)?;
+        m.end()
     }
 }
 
@@ -303,6 +419,24 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         let id = i.id("SELECT ?");
         assert_eq!((i.id("SELECT ?"), i.name(id), i.name(9999)), (id, "SELECT ?", "other"));
+    }
+
+    #[test]
+    fn the_json_reads_back_as_the_api_s_page() {
+        let mut log = RequestLog::new(10);
+        let mut strings = Interner::default();
+        let (peer, op) = (strings.id("127.0.0.1:6379"), strings.id("GET"));
+        let mut k = kept("a", "/r\"q\n");
+        k.calls = Box::new([KeptCall { peer, operation: op, offset: 0.25, duration: 0.125, protocol: Protocol::Redis, ok: false }]);
+        k.status = None;
+        k.accept_wait = Some(0.5);
+        log.push(k);
+        log.push(kept("b", "/x"));
+        let json = log.page_json(0, 1, unix, &strings);
+        let page: RequestsPage = serde_json::from_str(&json).unwrap();
+        assert_eq!(page, log.page(0, 1, unix, &strings));
+        assert_eq!(page.requests[0].calls[0].peer, "127.0.0.1:6379");
+        assert!(page.more);
     }
 
     #[test]

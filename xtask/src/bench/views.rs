@@ -68,10 +68,13 @@ pub struct Views {
 fn reader(agent: SocketAddr, stop: &AtomicBool, records: &AtomicU64, reads: &AtomicU64) {
     let mut cursor = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((200, body)) = http::get(agent, &format!("/api/requests?since={cursor}&limit=10000")) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-                cursor = v["cursor"].as_u64().unwrap_or(cursor);
-                records.fetch_add(v["requests"].as_array().map_or(0, |a| a.len() as u64), Ordering::Relaxed);
+        // New records by cursor, page after page while the agent says there are more.
+        while let Ok((200, body)) = http::get(agent, &format!("/api/requests?since={cursor}&limit=1000")) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else { break };
+            cursor = v["cursor"].as_u64().unwrap_or(cursor);
+            records.fetch_add(v["requests"].as_array().map_or(0, |a| a.len() as u64), Ordering::Relaxed);
+            if v["more"] != true {
+                break;
             }
         }
         let _ = http::get(agent, "/api/active");
@@ -121,11 +124,18 @@ fn measure(root: &Path, work: &Path, plan: &Plan, redis: &str, ui: bool) -> Resu
             let done = wait_counted(metrics, after.requests + fill as f64)?;
             println!("bench: views (ui {ui}): filled in {:.1} s, counted {}", started.elapsed().as_secs_f64(), done.requests);
             if ui {
-                let (_, body) = http::get(metrics, "/api/requests?since=0&limit=10000")?;
-                let v: serde_json::Value = serde_json::from_str(&body).context("/api/requests")?;
-                let rs = v["requests"].as_array().context("records")?;
-                out.ring_records = rs.len() as u64;
-                out.ring_calls = rs.iter().map(|r| r["calls"].as_array().map_or(0, |c| c.len() as u64)).sum();
+                let mut since = 0;
+                loop {
+                    let (_, body) = http::get(metrics, &format!("/api/requests?since={since}&limit=1000"))?;
+                    let v: serde_json::Value = serde_json::from_str(&body).context("/api/requests")?;
+                    let rs = v["requests"].as_array().context("records")?;
+                    out.ring_records += rs.len() as u64;
+                    out.ring_calls += rs.iter().map(|r| r["calls"].as_array().map_or(0, |c| c.len() as u64)).sum::<u64>();
+                    since = v["cursor"].as_u64().context("cursor")?;
+                    if v["more"] != true {
+                        break;
+                    }
+                }
             }
             out.peak_rss_kib = procs::peak_rss_kib(pid)?;
             Ok(())
