@@ -42,18 +42,21 @@ impl<'m> Aggregator<'m> {
     /// The request as the live views keep it.
     pub(super) fn keep(&self, r: &Request, slot: usize, route: &str, calls: &RequestCalls) {
         let Some(v) = self.views else { return };
-        let listed = calls
-            .list
-            .iter()
-            .map(|c| KeptCall {
-                protocol: c.protocol,
-                peer: v.intern_id(self.label_of(&c.peer, true)),
-                operation: v.intern_id(self.label_of(&c.operation, false)),
-                ok: c.outcome == Outcome::Ok,
-                offset: (c.start_ns.saturating_sub(r.start_ns) as f64 / 1e9) as f32,
-                duration: c.seconds as f32,
-            })
-            .collect();
+        let (service, route, method, listed) = v.with_strings(|strings| {
+            let listed = calls
+                .list
+                .iter()
+                .map(|c| KeptCall {
+                    protocol: c.protocol,
+                    peer: strings.id(self.label_of(&c.peer, true)),
+                    operation: strings.id(self.label_of(&c.operation, false)),
+                    ok: c.outcome == Outcome::Ok,
+                    offset: (c.start_ns.saturating_sub(r.start_ns) as f64 / 1e9) as f32,
+                    duration: c.seconds as f32,
+                })
+                .collect();
+            (strings.get(self.service()), strings.get(route), strings.get(&r.method), listed)
+        });
         let (status, outcome) = match r.status {
             Status::Code(c) => (Some(c), if c >= 500 { "error" } else { "ok" }),
             Status::Aborted => (None, "aborted"),
@@ -61,9 +64,9 @@ impl<'m> Aggregator<'m> {
             Status::Unknown => (None, "unknown"),
         };
         v.request(Kept {
-            service: v.intern(self.service()),
-            route: v.intern(route),
-            method: v.intern(&r.method),
+            service,
+            route,
+            method,
             status,
             outcome,
             worker: slot as u32,

@@ -7,7 +7,7 @@ pub mod api;
 pub mod requests;
 pub mod routes;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use api::{Active, WorkerNow, API_VERSION};
 use requests::{Interner, Kept, RequestLog};
@@ -50,14 +50,10 @@ impl Views {
         }
     }
 
-    /// A shared copy of a string the records repeat (service, route, method).
-    pub fn intern(&self, s: &str) -> Arc<str> {
-        self.strings.lock().expect("views lock").get(s)
-    }
-
-    /// The id of a string calls repeat (peer, operation).
-    pub fn intern_id(&self, s: &str) -> requests::StrId {
-        self.strings.lock().expect("views lock").id(s)
+    /// `f` with the shared strings (service, route, method as shared copies; peers and
+    /// operations as ids): one lock for all the strings of a request.
+    pub fn with_strings<T>(&self, f: impl FnOnce(&mut Interner) -> T) -> T {
+        f(&mut self.strings.lock().expect("views lock"))
     }
 
     /// A request ended.

@@ -35,11 +35,44 @@ pub struct Window {
     services: HashMap<Arc<str>, Service>,
 }
 
+/// One service's last minute, kept per route (so the table needs no grouping, and each
+/// route's quantiles come from its own samples).
 #[derive(Default)]
 struct Service {
-    samples: VecDeque<Sample>,
+    routes: HashMap<Arc<str>, VecDeque<Sample>>,
+    len: usize,
     /// End of the newest sample dropped for room, not age: the window covers only after it.
     dropped_until_ns: u64,
+}
+
+impl Service {
+    fn expire(&mut self, now_ns: u64) {
+        let from = now_ns.saturating_sub(WINDOW_NS);
+        let mut dropped = 0;
+        self.routes.retain(|_, q| {
+            while q.front().is_some_and(|s| s.end_ns < from) {
+                q.pop_front();
+                dropped += 1;
+            }
+            !q.is_empty()
+        });
+        self.len -= dropped;
+    }
+
+    /// Drops the oldest sample of all routes (the window is full).
+    fn drop_oldest(&mut self) {
+        let oldest = self.routes.iter().filter_map(|(r, q)| Some((q.front()?.end_ns, r.clone()))).min_by_key(|(e, _)| *e);
+        if let Some((end_ns, route)) = oldest {
+            if let Some(q) = self.routes.get_mut(&route) {
+                q.pop_front();
+                if q.is_empty() {
+                    self.routes.remove(&route);
+                }
+            }
+            self.len -= 1;
+            self.dropped_until_ns = self.dropped_until_ns.max(end_ns);
+        }
+    }
 }
 
 impl Window {
@@ -49,25 +82,26 @@ impl Window {
 
     pub fn push(&mut self, service: &Arc<str>, s: Sample) {
         let svc = self.services.entry(service.clone()).or_default();
-        Self::expire(svc, s.end_ns);
-        if svc.samples.len() >= WINDOW_MAX {
-            if let Some(old) = svc.samples.pop_front() {
-                svc.dropped_until_ns = svc.dropped_until_ns.max(old.end_ns);
+        if svc.len >= WINDOW_MAX {
+            svc.expire(s.end_ns);
+            if svc.len >= WINDOW_MAX {
+                svc.drop_oldest();
             }
         }
-        svc.samples.push_back(s);
-    }
-
-    fn expire(svc: &mut Service, now_ns: u64) {
-        let from = now_ns.saturating_sub(WINDOW_NS);
-        while svc.samples.front().is_some_and(|s| s.end_ns < from) {
-            svc.samples.pop_front();
+        svc.len += 1;
+        let q = svc.routes.entry(s.route.clone()).or_default();
+        // Expire this route's old samples as it goes (the others at the next table).
+        let from = s.end_ns.saturating_sub(WINDOW_NS);
+        while q.front().is_some_and(|o| o.end_ns < from) {
+            q.pop_front();
+            svc.len -= 1;
         }
+        q.push_back(s);
     }
 
     /// Requests held in all.
     pub fn len(&self) -> usize {
-        self.services.values().map(|s| s.samples.len()).sum()
+        self.services.values().map(|s| s.len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -78,17 +112,15 @@ impl Window {
     pub fn routes(&mut self, now_ns: u64) -> Routes {
         let mut from = now_ns.saturating_sub(WINDOW_NS).max(self.started_ns);
         let mut out = Vec::new();
+        let mut durations = Vec::new();
         for (service, svc) in &mut self.services {
-            Self::expire(svc, now_ns);
+            svc.expire(now_ns);
             from = from.max(svc.dropped_until_ns);
-            let mut by_route: HashMap<&Arc<str>, Vec<&Sample>> = HashMap::new();
-            for s in &svc.samples {
-                by_route.entry(&s.route).or_default().push(s);
-            }
-            for (route, samples) in by_route {
-                out.push((service.clone(), route.clone(), summarise(&samples)));
+            for (route, samples) in &svc.routes {
+                out.push((service.clone(), route.clone(), summarise(samples, &mut durations)));
             }
         }
+        self.services.retain(|_, s| s.len > 0);
         // Over the span the samples cover (at least 1 s, so a first request is no spike).
         let window = (now_ns.saturating_sub(from) as f64 / 1e9).max(1.0);
         let mut routes: Vec<RouteNow> = out
@@ -137,15 +169,16 @@ struct Figures {
     bytes: f64,
 }
 
-fn summarise(samples: &[&Sample]) -> Figures {
-    let mut durations: Vec<f32> = samples.iter().map(|s| s.duration).collect();
-    durations.sort_unstable_by(f32::total_cmp);
-    let sum = |f: fn(&Sample) -> f64| samples.iter().map(|s| f(s)).sum::<f64>();
+fn summarise(samples: &VecDeque<Sample>, durations: &mut Vec<f32>) -> Figures {
+    durations.clear();
+    durations.extend(samples.iter().map(|s| s.duration));
+    let sum = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>();
     Figures {
         requests: samples.len() as u64,
         errors: samples.iter().filter(|s| s.error).count() as u64,
-        p50: quantile(&durations, 0.5),
-        p99: quantile(&durations, 0.99),
+        // p99 first: selecting it leaves the values below it unordered but in front, where p50 is.
+        p99: quantile(durations, 0.99),
+        p50: quantile(durations, 0.5),
         total: sum(|s| s.duration as f64),
         cpu: sum(|s| s.cpu as f64),
         downstream: sum(|s| s.downstream as f64),
@@ -156,14 +189,14 @@ fn summarise(samples: &[&Sample]) -> Figures {
     }
 }
 
-/// The nearest-rank quantile of sorted values: the smallest value with at least `q` of them
-/// at or below it.
-fn quantile(sorted: &[f32], q: f64) -> f64 {
-    if sorted.is_empty() {
+/// The nearest-rank quantile: the smallest value with at least `q` of them at or below it.
+/// Selects in place (linear time, no sort); `values` is left reordered.
+fn quantile(values: &mut [f32], q: f64) -> f64 {
+    if values.is_empty() {
         return 0.0;
     }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    *values.select_nth_unstable_by(rank - 1, f32::total_cmp).1 as f64
 }
 
 #[cfg(test)]
@@ -187,10 +220,10 @@ mod tests {
 
     #[test]
     fn quantiles_are_nearest_rank() {
-        let v: Vec<f32> = (1..=100).map(|i| i as f32).collect();
-        assert_eq!((quantile(&v, 0.5), quantile(&v, 0.99), quantile(&v, 1.0)), (50.0, 99.0, 100.0));
-        assert_eq!(quantile(&[7.0], 0.99), 7.0);
-        assert_eq!(quantile(&[], 0.5), 0.0);
+        let mut v: Vec<f32> = (1..=100).rev().map(|i| i as f32).collect();
+        assert_eq!((quantile(&mut v, 0.99), quantile(&mut v, 0.5), quantile(&mut v, 1.0)), (99.0, 50.0, 100.0));
+        assert_eq!(quantile(&mut [7.0], 0.99), 7.0);
+        assert_eq!(quantile(&mut [], 0.5), 0.0);
     }
 
     #[test]
