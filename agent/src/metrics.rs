@@ -30,6 +30,8 @@ const DOWNSTREAM_BUCKETS: &[f64] =
 const CALLS_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0];
 const CPU_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// 0 first: requests that did not grow their worker are the `le="0"` bucket.
+const GROWTH_BUCKETS: &[f64] = &[0.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 268435456.0, 1073741824.0];
 const ACCEPT_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -140,6 +142,8 @@ metrics! { buckets =>
         "wsgi_gc_pause_seconds", "CPython garbage-collection pauses of a worker slot, by generation";
     request_gc: Histograms = Family::new_with_constructor(Buckets::new(GC_BUCKETS)),
         "wsgi_request_gc_seconds", "Garbage-collection time of the worker that fell inside each request";
+    memory_growth: Histograms = Family::new_with_constructor(Buckets::new(GROWTH_BUCKETS)),
+        "wsgi_request_memory_growth_bytes", "Growth of the worker's resident memory (RSS) across each request; a shrink counts as 0, so _sum / _count is the mean growth per request";
     route_overflow: Family<Labels, Counter> = Family::default(),
         "wsgiscope_route_overflow", "Requests counted as route=\"other\" because their route has no place under the cap (--max-routes; client errors earn no place)";
     route_evictions: Family<Labels, Counter> = Family::default(),

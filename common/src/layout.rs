@@ -53,6 +53,15 @@ pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
 pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
 /// …and whether `sched_stat_runtime` is attached (CPU clocks follow the scheduler's charges).
 pub const GLOBAL_KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
+/// Where a task's resident-page counters are (0: not measured): `task_struct.mm`…
+pub const GLOBAL_RSS_MM_OFFSET: &str = "RSS_MM_OFFSET";
+/// …`mm_struct.rss_stat`…
+pub const GLOBAL_RSS_STAT_OFFSET: &str = "RSS_STAT_OFFSET";
+/// …and, in the `RSS_READ` bytes read from there as u64 words, the words holding the counts of
+/// file, anon and shmem pages.
+pub const GLOBAL_RSS_WORDS: &str = "RSS_WORDS";
+/// Bytes read at `rss_stat` (the counters lie within them).
+pub const RSS_READ: usize = 256;
 
 // ---- Loss counters --------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ pub const AGG_ACCEPT_WAIT: u16 = 1;
 pub const AGG_INTERIM: u16 = 2;
 /// `RequestAgg::flags`: `cpu_start_ns`/`cpu_end_ns` were measured.
 pub const AGG_CPU: u16 = 4;
+/// `RequestAgg::flags`: `rss_start_pages`/`rss_end_pages` were read.
+pub const AGG_RSS: u16 = 8;
 
 /// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
 /// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
@@ -94,6 +96,10 @@ pub struct RequestAgg {
     /// start, and at its last response write (or its end, without one): valid with `AGG_CPU`.
     pub cpu_start_ns: u64,
     pub cpu_end_ns: u64,
+    /// The process's resident pages (file + anon + shmem, the kernel's per-mm counters) at the
+    /// request's start and at its end: valid with `AGG_RSS`.
+    pub rss_start_pages: u64,
+    pub rss_end_pages: u64,
 }
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.

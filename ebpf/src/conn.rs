@@ -103,6 +103,7 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
         return;
     }
     threads::request_ending(c, key);
+    crate::memory::request_ending(c);
     c.flags &= !CONN_IN_REQUEST;
     let Some(mut entry) = events::reserve::<RequestEvent>() else { return };
     let e = entry.as_mut_ptr();

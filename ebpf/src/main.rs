@@ -7,7 +7,8 @@
 //! completed, for the accept-queue wait), `signal` (workers killed from outside), `python`
 //! (CPython garbage collections, by uprobe).
 //! `downstream` (calls to databases, caches and HTTP services on sockets the worker connected),
-//! `threads` (what each serving thread serves, and its CPU time, kept on context switches).
+//! `threads` (what each serving thread serves, and its CPU time, kept on context switches),
+//! `memory` (the process's resident pages at a request's start and end).
 //! `conn` holds the connection-state helpers they share, `maps` the maps, `events` every write
 //! to the ring buffer; `tp` reads tracepoint records, `user` the traced process's memory,
 //! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes.
@@ -21,6 +22,7 @@ mod conn;
 mod downstream;
 mod events;
 mod maps;
+mod memory;
 mod pending;
 mod process;
 mod python;

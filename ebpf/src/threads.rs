@@ -90,6 +90,7 @@ fn cpu_now(t: &ThreadReq, ts: u64) -> u64 {
 #[inline(always)]
 pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     c.agg.tid = tid;
+    crate::memory::request_started(c);
     let fd = key as u32;
     let start_ns = c.agg.start_ns;
     if let Some(t) = THREADS.get_ptr_mut(&tid) {

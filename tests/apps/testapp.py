@@ -153,6 +153,26 @@ def _unconfigured(start_response, what):
     return [b"set %s" % what.encode()]
 
 
+# Memory growth per request (the agent reads the worker's resident pages at each request's
+# start and end): /grow keeps 1 MiB more per request, written so its pages are resident;
+# /churn writes 1 MiB and frees it.
+_grown = []
+
+
+def grow(environ, start_response):
+    _grown.append(b"g" * (1 << 20))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d MiB held" % len(_grown)]
+
+
+def churn(environ, start_response):
+    block = b"c" * (1 << 20)
+    n = len(block)
+    del block
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d bytes freed" % n]
+
+
 def redis_route(environ, start_response):
     if _redis is None:
         return _unconfigured(start_response, "TESTAPP_REDIS")
@@ -190,6 +210,8 @@ ROUTES = {
     "/upload": upload,
     "/segv": segv,
     "/exit3": exit3,
+    "/grow": grow,
+    "/churn": churn,
 }
 
 

@@ -77,6 +77,7 @@ impl<'m> Aggregator<'m> {
             write_time: r.write_seconds,
             gc_time: r.gc_seconds,
             cpu_time: r.cpu_seconds,
+            memory_growth: r.memory_growth,
             downstream_time: calls.by_protocol.values().fold(0.0, |sum, (_, s)| sum + s),
             calls: listed,
             calls_not_listed: calls.not_listed,

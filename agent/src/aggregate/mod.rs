@@ -312,6 +312,7 @@ impl<'m> Aggregator<'m> {
         for l in &route_only {
             m.small_blocks.remove(l);
             m.slow_clients.remove(l);
+            m.memory_growth.remove(l);
         }
         for l in &with_protocol {
             m.request_downstream_seconds.remove(l);
@@ -386,6 +387,9 @@ impl<'m> Aggregator<'m> {
                     r.bytes as f64 / r.blocks as f64
                 );
             }
+        }
+        if let Some(growth) = r.memory_growth {
+            m.memory_growth.get_or_create(&route_only).observe(growth.max(0) as f64);
         }
         if r.write_seconds > r.duration / 2.0 && r.write_seconds >= SLOW_CLIENT_MIN_WRITE {
             m.slow_clients.get_or_create(&route_only).inc();

@@ -5,6 +5,7 @@
 //! Dropping it unloads everything; `detach` first closes the links, in parallel.
 mod gc;
 mod preflight;
+pub mod rss;
 mod usdt;
 
 use std::collections::HashSet;
@@ -18,7 +19,7 @@ use aya::{
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS,
     MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, STAT_COUNT,
 };
 
@@ -102,7 +103,15 @@ impl Kernel {
             .find(|l| l.name == "sched_stat_runtime")
             .is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok());
 
+        // Resident-page counters for memory growth per request, where the kernel's BTF shows them.
+        let rss = rss::kernel_layout().unwrap_or_else(|e| {
+            log::warn!("memory growth per request is not measured: {e:#}");
+            rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] }
+        });
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_RSS_MM_OFFSET, &rss.mm, true)
+            .override_global(GLOBAL_RSS_STAT_OFFSET, &rss.rss_stat, true)
+            .override_global(GLOBAL_RSS_WORDS, &rss.words, true)
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &child_off, true)
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
             .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
@@ -279,8 +288,8 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_KERNEL_RUNTIME, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_PENDING, MAP_STATS,
-        MAP_TRACED,
+        GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS,
+        MAP_THREADS, MAP_TRACED,
     };
 
     const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf"));
@@ -292,8 +301,16 @@ mod tests {
     fn the_ebpf_object_matches_the_contract() {
         let obj = object::File::parse(OBJECT).unwrap();
         let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
-        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM];
-        let globals = [GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_WATCH_EXECS, GLOBAL_KERNEL_RUNTIME];
+        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM, MAP_THREADS, MAP_GC_STARTED];
+        let globals = [
+            GLOBAL_FORK_CHILD_PID_OFFSET,
+            GLOBAL_EXIT_GROUP_DEAD_OFFSET,
+            GLOBAL_WATCH_EXECS,
+            GLOBAL_KERNEL_RUNTIME,
+            GLOBAL_RSS_MM_OFFSET,
+            GLOBAL_RSS_STAT_OFFSET,
+            GLOBAL_RSS_WORDS,
+        ];
         for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
             assert!(symbols.contains(name), "{name} missing from the eBPF object");
         }

@@ -8,7 +8,7 @@ pub mod uwsgi;
 
 use std::fmt;
 
-use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, AGG_RSS, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::server::ServerKind;
 
@@ -203,6 +203,16 @@ pub struct Request {
     /// CPU time (user + system) of the serving thread from the first request byte read to the
     /// last response byte written; `None` when not measured.
     pub cpu_seconds: Option<f64>,
+    /// The change of its process's resident memory from its start to its end (bytes; the
+    /// kernel's batched per-mm counters), where measured.
+    pub memory_growth: Option<i64>,
+}
+
+/// Bytes per page (the kernel counts resident memory in pages).
+fn page_size() -> i64 {
+    static SIZE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *SIZE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as i64)
 }
 
 /// The request in a kernel record, or `None` when its bytes are not a request.
@@ -253,6 +263,8 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent, facts: Facts<'_>) -> Opt
         bytes: a.write_bytes.saturating_sub(handshake as u64),
         gc_seconds: gc_ns as f64 / 1e9,
         cpu_seconds: (a.flags & AGG_CPU != 0).then(|| a.cpu_end_ns.saturating_sub(a.cpu_start_ns) as f64 / 1e9),
+        memory_growth: (a.flags & AGG_RSS != 0)
+            .then(|| (a.rss_end_pages as i64 - a.rss_start_pages as i64) * page_size()),
     })
 }
 

@@ -63,6 +63,9 @@ pub struct RequestRecord {
     pub gc_time: f64,
     /// The serving thread's CPU time; `null` where it is not measured.
     pub cpu_time: Option<f64>,
+    /// Change of its process's resident memory (RSS, bytes) from its start to its end, as the
+    /// kernel's batched counters give it (negative: it shrank); `null` where not measured.
+    pub memory_growth: Option<i64>,
     /// Sum of `calls[].duration` over all its calls (those beyond the list's cap included).
     pub downstream_time: f64,
     pub calls: Vec<CallRecord>,

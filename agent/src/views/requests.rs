@@ -52,6 +52,7 @@ pub struct Kept {
     pub write_time: f64,
     pub gc_time: f64,
     pub cpu_time: Option<f64>,
+    pub memory_growth: Option<i64>,
     pub downstream_time: f64,
     pub calls: Box<[KeptCall]>,
     pub calls_not_listed: u64,
@@ -81,6 +82,7 @@ impl Kept {
             write_time: self.write_time,
             gc_time: self.gc_time,
             cpu_time: self.cpu_time,
+            memory_growth: self.memory_growth,
             downstream_time: self.downstream_time,
             calls: self
                 .calls
@@ -239,6 +241,7 @@ mod tests {
             write_time: 0.0,
             gc_time: 0.0,
             cpu_time: Some(0.1),
+            memory_growth: None,
             downstream_time: 0.0,
             calls: Box::new([]),
             calls_not_listed: 0,

@@ -1,0 +1,76 @@
+//! The traced process's resident memory at a request's start and end, from the kernel's own
+//! per-mm counters (`mm->rss_stat[]`, what /proc/PID/status adds up as VmRSS): no /proc read
+//! per request. The counters are per-CPU batched; their shared `count`, read here, lags the
+//! exact sum by less than the batch (at least 32 pages) per CPU.
+use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel};
+use wsgiscope_common::{ConnState, AGG_RSS, RSS_READ};
+
+// Set by the agent from the kernel's BTF (0: not measured); see `GLOBAL_RSS_*`.
+#[unsafe(no_mangle)]
+static RSS_MM_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static RSS_STAT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static RSS_WORDS: [u32; 3] = [0; 3];
+
+const WORDS: usize = RSS_READ / 8;
+
+/// Resident pages of the current task's process now, if the agent found the counters.
+#[inline(always)]
+fn rss_pages() -> Option<u64> {
+    // SAFETY: volatile reads of globals the loader may have rewritten.
+    let (mm_off, stat_off, words) = unsafe {
+        (
+            core::ptr::read_volatile(&RSS_MM_OFFSET),
+            core::ptr::read_volatile(&RSS_STAT_OFFSET),
+            core::ptr::read_volatile(&RSS_WORDS),
+        )
+    };
+    if mm_off == 0 {
+        return None;
+    }
+    let mut mm = 0u64;
+    let mut counters = [0i64; WORDS];
+    // SAFETY: reads of kernel memory through the helper, which reports faults.
+    unsafe {
+        let task = bpf_get_current_task();
+        let rc = bpf_probe_read_kernel((&mut mm as *mut u64).cast(), 8, (task + mm_off as u64) as *const _);
+        if rc != 0 || mm == 0 {
+            return None; // a kernel thread, or an exiting process
+        }
+        let rc = bpf_probe_read_kernel(counters.as_mut_ptr().cast(), RSS_READ as u32, (mm + stat_off as u64) as *const _);
+        if rc != 0 {
+            return None;
+        }
+    }
+    let mut pages = 0i64;
+    for w in words {
+        pages += counters[w as usize % WORDS];
+    }
+    // A batched count can dip below zero for a moment.
+    Some(if pages > 0 { pages as u64 } else { 0 })
+}
+
+/// At a request's start (on a thread of its process).
+#[inline(always)]
+pub fn request_started(c: &mut ConnState) {
+    match rss_pages() {
+        Some(p) => {
+            c.agg.rss_start_pages = p;
+            c.agg.flags |= AGG_RSS;
+        }
+        None => c.agg.flags &= !AGG_RSS,
+    }
+}
+
+/// At its end (the syscall that ends it is its process's).
+#[inline(always)]
+pub fn request_ending(c: &mut ConnState) {
+    if c.agg.flags & AGG_RSS == 0 {
+        return;
+    }
+    match rss_pages() {
+        Some(p) => c.agg.rss_end_pages = p,
+        None => c.agg.flags &= !AGG_RSS,
+    }
+}
