@@ -1,5 +1,5 @@
 //! Command line.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -115,6 +115,28 @@ pub struct ExportArgs {
     /// Requests kept per service for the live views (the newest; older ones are dropped).
     #[arg(long, default_value_t = DEFAULT_KEPT as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub ui_requests: u64,
+    /// Seconds between reads of each worker's and master's /proc/PID/smaps_rollup
+    /// (wsgi_worker_memory_bytes); `0` or `off` reads none. A read walks the process's page
+    /// tables, off the request path.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_period)]
+    pub memory_every: Period,
+}
+
+/// A period that can be turned off (`None`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Period(pub Option<Duration>);
+
+/// `10`, `2.5s`, `0` or `off`; at least 0.1 s when on.
+fn parse_period(s: &str) -> Result<Period> {
+    if s == "off" {
+        return Ok(Period(None));
+    }
+    let secs = parse_seconds(s.strip_suffix('s').unwrap_or(s))?;
+    match secs {
+        0.0 => Ok(Period(None)),
+        v if v >= 0.1 => Ok(Period(Some(Duration::from_secs_f64(v)))),
+        _ => bail!("read at most every 0.1 s (or `off`)"),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +255,22 @@ mod tests {
         assert_eq!(b.bytes, [1000.0, 1e6]);
         let err = Cli::try_parse_from(["wsgiscope", "attach", "--pid", "1", "--latency-buckets", "1,0.5"]).unwrap_err();
         assert!(err.to_string().contains("must increase"), "{err}");
+    }
+
+    #[test]
+    fn the_memory_period_parses_and_turns_off() {
+        let every = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["wsgiscope", "attach", "--pid", "1"], args].concat()).unwrap();
+            let Command::Attach(a) = cli.command else { panic!("not attach") };
+            a.export.memory_every.0
+        };
+        assert_eq!(every(&[]), Some(Duration::from_secs(10)));
+        assert_eq!(every(&["--memory-every", "2.5s"]), Some(Duration::from_millis(2500)));
+        assert_eq!(every(&["--memory-every", "0"]), None);
+        assert_eq!(every(&["--memory-every", "off"]), None);
+        assert!(parse_period("0.01").is_err());
+        assert!(parse_period("-1").is_err());
+        assert!(parse_period("soon").is_err());
     }
 
     #[test]

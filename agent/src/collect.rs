@@ -25,6 +25,7 @@ use crate::{
     kernel::Kernel,
     kernel_stats::KernelStats,
     labels::label,
+    memory::Sampler,
     metrics::Metrics,
     python::{self, GcProbes},
     record::{self, Event, InProgress},
@@ -56,6 +57,8 @@ pub struct Collector<'m> {
     held: HashMap<u32, Vec<Event>>,
     /// Masters that exited since the loop last looked.
     ended: Vec<u32>,
+    /// Reads the memory of masters and workers (`None`: `--memory-every off`).
+    memory: Option<Sampler>,
 }
 
 /// A call of no request whose socket has been quiet this long (ns) is counted from the kernel's
@@ -66,7 +69,14 @@ const QUIET_CALL_NS: u64 = 1_000_000_000;
 const HELD_MAX: usize = 100_000;
 
 impl<'m> Collector<'m> {
-    pub fn new(metrics: &'m Metrics, views: Option<&'m Views>, kernel: Kernel, options: Options) -> Self {
+    /// `memory_every`: the period of the memory reads (`None`: none).
+    pub fn new(
+        metrics: &'m Metrics,
+        views: Option<&'m Views>,
+        kernel: Kernel,
+        options: Options,
+        memory_every: Option<StdDuration>,
+    ) -> Self {
         Collector {
             metrics,
             views,
@@ -77,6 +87,7 @@ impl<'m> Collector<'m> {
             candidates: HashMap::new(),
             held: HashMap::new(),
             ended: Vec::new(),
+            memory: memory_every.map(|every| Sampler::start(every, metrics)),
         }
     }
 
@@ -281,6 +292,7 @@ impl<'m> Collector<'m> {
         self.kernel_stats.update(self.kernel.stats());
         self.kernel_stats.map_sizes(&self.kernel.map_sizes(connections, downstream));
         self.check_candidates();
+        self.memory();
         // A master that died before the kernel traced it sends no exit record.
         let gone: Vec<u32> = self.sessions.keys().copied().filter(|&m| !discover::is_alive(m)).collect();
         for master in gone {
@@ -288,10 +300,27 @@ impl<'m> Collector<'m> {
         }
     }
 
-    /// The server's master exited: stop watching it (its series stay).
+    /// Applies the memory readings that came back; hands the reading thread the processes to
+    /// read when a period has passed.
+    fn memory(&mut self) {
+        let Some(m) = &mut self.memory else { return };
+        for r in m.take() {
+            if let Some(s) = self.sessions.get_mut(&r.job.master) {
+                s.memory(r);
+            }
+        }
+        let now = Instant::now();
+        if m.due(now) && !self.sessions.is_empty() {
+            m.send(now, self.sessions.values().flat_map(Session::memory_jobs).collect());
+        }
+    }
+
+    /// The server's master exited: stop watching it (its series stay, but for the memory of
+    /// its processes, which are gone).
     fn end_session(&mut self, master: u32) {
         if let Some(s) = self.sessions.remove(&master) {
             info!("{}: master {master} exited", s.agg.service());
+            s.agg.forget_all_memory();
         }
         self.ended.push(master);
     }

@@ -29,7 +29,7 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let (kernel, events) = Kernel::load(false)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let views = args.export.views();
-    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options, args.export.memory_every.0);
     c.watch(target)?;
     collect(c, events, listener, metrics.clone(), views.clone(), Until::MasterExits).await
 }
@@ -41,7 +41,7 @@ pub async fn daemon(args: DaemonArgs) -> Result<()> {
     let (kernel, events) = Kernel::load(true)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let views = args.export.views();
-    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options, args.export.memory_every.0);
     c.rescan();
     info!("daemon: watching {} servers; new ones are found at exec and by a /proc rescan every {RESCAN_EVERY:?}", c.watched());
     collect(c, events, listener, metrics.clone(), views.clone(), Until::Signal).await
@@ -89,7 +89,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let views = args.export.views();
-    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options);
+    let mut c = Collector::new(&metrics, views.as_deref(), kernel, options, args.export.memory_every.0);
     c.watch(Target::new(pid, kind, &args.command, args.service.as_deref()))?;
     // Traced: open the gate.
     // SAFETY: writes one byte to our pipe, then closes it.

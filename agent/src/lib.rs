@@ -27,6 +27,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod kernel_stats;
 pub mod labels;
+pub mod memory;
 pub mod metrics;
 pub mod python;
 pub mod reconstruct;

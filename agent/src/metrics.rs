@@ -162,6 +162,14 @@ metrics! { buckets =>
         "wsgiscope_unattributed_calls", "Downstream calls not attributed to a request: outside_request (start-up, background threads), ambiguous (an event-loop worker with several requests in progress), late (the request's record was lost or never came)";
     operation_overflow: Family<Labels, Counter> = Family::default(),
         "wsgiscope_operation_overflow", "Downstream calls counted as operation=\"other\" or peer=\"other\" because the cap (--max-operations) was full";
+    worker_memory: Family<Labels, Gauge> = Family::default(),
+        "wsgi_worker_memory_bytes", "Memory of a worker slot's process (worker=\"master\": the master's) from /proc/PID/smaps_rollup, by kind: rss, pss, uss (private), shared, swap; read every --memory-every";
+    worker_memory_shared: Family<Labels, Gauge<f64, AtomicU64>> = Family::default(),
+        "wsgi_worker_memory_shared_ratio", "Share of a worker's resident memory that another process maps too (shared / rss): what copy-on-write still shares with the master and the other workers";
+    memory_read_seconds: Counter<f64, AtomicU64> = Counter::default(),
+        "wsgiscope_memory_read_seconds", "Time the agent spent reading /proc/PID/smaps_rollup (the kernel walks the page tables)";
+    memory_reads: Counter = Counter::default(),
+        "wsgiscope_memory_reads", "Reads of /proc/PID/smaps_rollup, of workers and masters";
     relayed: Family<Labels, Counter> = Family::default(),
         "wsgiscope_relayed_requests", "Requests seen on a front-end process (e.g. the uWSGI HTTP router); its workers count them";
 }

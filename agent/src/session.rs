@@ -2,7 +2,7 @@
 //! go to. The collector routes each kernel record to the session of the master it descends from.
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use wsgiscope_common::{CallEvent, Downstream, RequestEvent, REQ_HEAD_LEN};
 
 use crate::{
@@ -11,6 +11,7 @@ use crate::{
     downstream::Calls,
     exits::ExitReason,
     kernel::Kernel,
+    memory::{Job, Reading, Unread},
     record::InProgress,
     views::{
         active::{self, Doing},
@@ -39,6 +40,8 @@ pub struct Session<'m> {
     gcs: HashMap<u32, VecDeque<(u64, u64)>>,
     /// Downstream calls: peers, protocol state, and calls waiting for their request's record.
     calls: Calls,
+    /// A process's memory could not be read once already (said once per server, then at debug).
+    memory_warned: bool,
 }
 
 /// Calls wait this long (ns) for the record of their request before they count as `late`.
@@ -60,6 +63,7 @@ impl<'m> Session<'m> {
             exited_workers: HashSet::new(),
             gcs: HashMap::new(),
             calls: Calls::default(),
+            memory_warned: false,
         }
     }
 
@@ -183,6 +187,36 @@ impl<'m> Session<'m> {
             w.requests.sort_by(|a, b| a.start.total_cmp(&b.start));
         }
         out
+    }
+
+    /// The processes whose memory is read: the master and each worker holding a slot.
+    pub fn memory_jobs(&self) -> impl Iterator<Item = Job> + '_ {
+        let master = self.master;
+        let workers = self.agg.workers_now().into_iter().map(|(_, pid)| pid);
+        std::iter::once(master).chain(workers).map(move |pid| Job { master, pid })
+    }
+
+    /// A memory reading of one of this server's processes. A process that exited since it was
+    /// listed is skipped quietly (its exit removes its series); one that cannot be read has its
+    /// series removed, and the first such failure is logged.
+    pub fn memory(&mut self, r: Reading) {
+        let is_master = r.job.pid == self.master;
+        match r.usage {
+            Ok(u) => self.agg.memory(r.job.pid, is_master, &u),
+            Err(Unread::Gone) => debug!("{}: process {} exited before its memory was read", self.agg.service(), r.job.pid),
+            Err(Unread::Failed(e)) => {
+                self.agg.forget_memory_of(r.job.pid, is_master);
+                if std::mem::replace(&mut self.memory_warned, true) {
+                    debug!("{}: cannot read the memory of process {}: {e}", self.agg.service(), r.job.pid);
+                } else {
+                    warn!(
+                        "{}: cannot read /proc/{}/smaps_rollup: {e}; processes of this server whose memory cannot be read have no wsgi_worker_memory_bytes series (said once)",
+                        self.agg.service(),
+                        r.job.pid
+                    );
+                }
+            }
+        }
     }
 
     /// A downstream call ended (its request's record comes after it).

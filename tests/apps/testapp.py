@@ -215,6 +215,27 @@ ROUTES = {
 }
 
 
+# ---- Worker memory: copy-on-write ----
+# With TESTAPP_PRELOAD_MB=N, N MiB of small objects are built at import. Imported by the master
+# (gunicorn --preload, uWSGI without --lazy-apps), they are shared with every worker until a
+# worker touches them: /touch walks them, and each reference taken writes the object's refcount,
+# which gives that worker a private copy of the page (copy-on-write).
+_PRELOAD_OBJECT = 1000
+_preload = [bytes(_PRELOAD_OBJECT)
+            for _ in range(int(os.environ.get("TESTAPP_PRELOAD_MB", "0")) * 1024 * 1024 // _PRELOAD_OBJECT)]
+
+
+def touch(environ, start_response):
+    n = 0
+    for _ in _preload:
+        n += 1
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d %d" % (os.getpid(), n)]
+
+
+ROUTES["/touch"] = touch
+
+
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "")
     handler = ROUTES.get(path) or (page if path.startswith("/page/") else None)

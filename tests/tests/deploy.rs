@@ -309,6 +309,9 @@ fn the_dashboard_is_well_formed() {
         "wsgi_downstream_duration_seconds_count",
         "wsgi_downstream_duration_seconds_bucket",
         "wsgi_repeated_call_requests_total",
+        "wsgi_worker_memory_bytes",
+        "wsgi_worker_memory_shared_ratio",
+        "wsgi_request_memory_growth_bytes_sum",
     ] {
         assert!(used.contains(name), "no panel uses {name}");
     }
@@ -345,7 +348,8 @@ fn drive_every_family(server: &Server, agent: &Agent) {
 
     // /gc: garbage collections (pauses, and GC time inside requests).
     // /redis?n=25 repeats one Redis command 25 times (N+1); /api calls Redis and the backend.
-    for path in ["/hello", "/hello", "/sleep?ms=50", "/blocks", "/bytes1", "/gc", "/redis?n=25", "/api"] {
+    // /grow keeps 1 MiB per request (memory growth by route).
+    for path in ["/hello", "/hello", "/sleep?ms=50", "/blocks", "/bytes1", "/gc", "/redis?n=25", "/api", "/grow"] {
         assert_eq!(get(server.port, path).unwrap().status, 200);
     }
     // A reader that waits 2 s before reading 32 MiB, more than the socket buffers hold: the
@@ -372,6 +376,8 @@ fn drive_every_family(server: &Server, agent: &Agent) {
     for (name, labels, at_least) in families {
         agent.metrics_when(&format!("{name}{labels:?} >= {at_least}"), |m| m.sum(name, labels) >= at_least);
     }
+    // The worker that replaced the killed one has its memory read (every second here).
+    agent.metrics_when("the memory of the new worker", |m| m.series("wsgi_worker_memory_shared_ratio", &[]).next().is_some());
 }
 
 #[test]
@@ -383,7 +389,7 @@ fn every_dashboard_query_finds_series_of_the_real_agent() {
     let env = [("TESTAPP_REDIS", redis.tcp_url()), ("TESTAPP_BACKEND", format!("http://127.0.0.1:{}", backend.port))];
     let server = Server::gunicorn_app(TempDir::new("server"), ".venv", "testapp", &["-w", "1"], &env).unwrap();
     server.wait_workers(1).unwrap();
-    let agent = Agent::attach(server.master(), &[]).unwrap();
+    let agent = Agent::attach(server.master(), &["--memory-every", "1"]).unwrap();
     let prom = Prometheus::start("wsgiscope", &agent.metrics_url).unwrap();
     // Ready is not scraping: Prometheus applies its targets on a 5 s tick.
     prom.wait_for_scrape_after(unix_now());

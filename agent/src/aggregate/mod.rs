@@ -2,6 +2,7 @@
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
 mod downstream;
 mod live;
+mod memory;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -237,6 +238,7 @@ impl<'m> Aggregator<'m> {
     pub fn worker_exited(&mut self, pid: u32) -> bool {
         self.frontends.remove(&pid);
         let Some(slot) = self.slots.release(pid) else { return false };
+        self.forget_memory(Some(slot));
         if let Some((pid, wire)) = self.info.remove(&slot) {
             self.metrics.worker_info.remove(&self.info_labels(slot, pid, wire));
         }

@@ -8,10 +8,13 @@
 //! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
 //! 4. Live views (`views.rs`): the agent's CPU serving the page's API under load, and its RSS
 //!    with the ring full (`--only views` runs this part alone and updates its section).
+//! 5. Worker memory (`memory.rs`): the agent's CPU for its smaps_rollup reads of 16 workers of
+//!    500 MB, and one read of a 1 GB process (`--only memory`).
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
 mod capacity;
 mod load;
+mod memory;
 pub mod micro;
 mod overhead;
 mod procs;
@@ -42,8 +45,9 @@ pub struct BenchArgs {
     /// Where to write the report [default: BENCHMARKS.md; with --quick target/xtask-bench/BENCHMARKS.quick.md].
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Run one part only and replace its section in the report (`views`: the live views).
-    #[arg(long, value_parser = ["views"])]
+    /// Run one part only and replace its section in the report (`views`: the live views;
+    /// `memory`: worker memory reads).
+    #[arg(long, value_parser = ["views", "memory"])]
     only: Option<String>,
 }
 
@@ -99,6 +103,9 @@ pub struct Plan {
     /// The live views' fixed-rate run (s), and the requests that fill the ring.
     pub views_secs: u64,
     pub views_fill: u64,
+    /// Worker memory: seconds per agent run (reads on, reads off), reads of the 1 GB process.
+    pub memory_secs: u64,
+    pub memory_big_reads: usize,
 }
 
 impl Plan {
@@ -119,6 +126,8 @@ impl Plan {
                 burst_connections: 8,
                 views_secs: 3,
                 views_fill: 500,
+                memory_secs: 3,
+                memory_big_reads: 5,
             }
         } else {
             Plan {
@@ -136,6 +145,8 @@ impl Plan {
                 burst_connections: 8,
                 views_secs: 20,
                 views_fill: 12_000,
+                memory_secs: 30,
+                memory_big_reads: 50,
             }
         }
     }
@@ -181,6 +192,7 @@ pub struct Results {
     pub micro: Vec<micro::Sample>,
     pub capacity: capacity::Capacity,
     pub views: views::Views,
+    pub memory: memory::Memory,
 }
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
@@ -208,13 +220,16 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
 
     // The Redis every bench gunicorn's /redis route calls; held until the end (dropped last).
     let (_redis, redis) = group::redis(&work)?;
-    if args.only.is_some() {
-        return only_views(root, &work, &plan, &redis, &env, args);
+    match args.only.as_deref() {
+        Some("memory") => return only_memory(root, &work, &plan, &env, args),
+        Some(_) => return only_views(root, &work, &plan, &redis, &env, args),
+        None => {}
     }
     let overhead = overhead::run(root, &work, &plan, &redis)?;
     let micro = micro::run(root, &work, &plan, &redis)?;
     let capacity = capacity::run(root, &work, &plan, &redis)?;
     let views = views::run(root, &work, &plan, &redis)?;
+    let memory = memory::run(root, &work, &plan)?;
 
     env.load_after = procs::loadavg();
     env.elapsed = started.elapsed();
@@ -226,6 +241,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         micro,
         capacity,
         views,
+        memory,
     };
     let output = args.output.clone().unwrap_or_else(|| {
         if args.quick {
@@ -258,6 +274,27 @@ fn only_views(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environm
     std::fs::write(&output, views::splice(&report, &section))
         .with_context(|| format!("cannot write {}", output.display()))?;
     println!("bench: wrote the live views' section of {}", output.display());
+    Ok(())
+}
+
+/// `--only memory`: the worker-memory part alone, its section replaced in the existing report.
+fn only_memory(root: &Path, work: &Path, plan: &Plan, env: &Environment, args: &BenchArgs) -> Result<()> {
+    let mut m = memory::run(root, work, plan)?;
+    m.date = env.date.clone();
+    m.commit = env.commit.clone();
+    let output = args.output.clone().unwrap_or_else(|| {
+        if plan.quick {
+            work.join("BENCHMARKS.quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    let report = std::fs::read_to_string(&output).unwrap_or_default();
+    let mut section = String::new();
+    memory::section(&mut section, &m);
+    std::fs::write(&output, memory::splice(&report, &section))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote the worker-memory section of {}", output.display());
     Ok(())
 }
 

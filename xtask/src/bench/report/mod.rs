@@ -21,6 +21,7 @@ pub fn render(r: &Results) -> String {
     sections::probes(&mut md, r);
     sections::capacity(&mut md, &r.capacity);
     super::views::section(&mut md, &r.views);
+    super::memory::section(&mut md, &r.memory);
     commands(&mut md, r);
     versions(&mut md, r);
     md
