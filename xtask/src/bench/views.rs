@@ -61,6 +61,8 @@ pub struct Views {
     pub on: Config,
     pub date: String,
     pub commit: String,
+    /// Load averages before and after (the machine may be shared).
+    pub load: (String, String),
 }
 
 /// Polls the API as the page does (every second: new records by cursor, the workers, the
@@ -152,12 +154,10 @@ fn measure(root: &Path, work: &Path, plan: &Plan, redis: &str, ui: bool) -> Resu
 }
 
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Views> {
-    Ok(Views {
-        run_secs: plan.views_secs,
-        off: measure(root, work, plan, redis, false)?,
-        on: measure(root, work, plan, redis, true)?,
-        ..Views::default()
-    })
+    let before = procs::loadavg();
+    let off = measure(root, work, plan, redis, false)?;
+    let on = measure(root, work, plan, redis, true)?;
+    Ok(Views { run_secs: plan.views_secs, off, on, load: (before, procs::loadavg()), ..Views::default() })
 }
 
 /// The report's section.
@@ -173,6 +173,11 @@ pub fn section(md: &mut String, v: &Views) {
         v.run_secs,
         v.on.fill_requests,
         if v.date.is_empty() { String::new() } else { format!(" Measured by `cargo xtask bench --only views` on {}, commit {}.", v.date, v.commit) }
+    );
+    let _ = writeln!(
+        md,
+        "Load average before / after: {} / {} (CPU times are the agent's own, so other load on the machine slows the runs but adds nothing to them).\n",
+        v.load.0, v.load.1
     );
     let _ = writeln!(md, "| | `--ui off` | views on, read every second |");
     let _ = writeln!(md, "|---|---|---|");
