@@ -32,6 +32,8 @@ pub const GC_PROGRAMS: [&str; 3] = [PROG_GC_START, PROG_GC_DONE, PROG_GC_RETURN]
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Traced tasks → their root master.
 pub const MAP_TRACED: &str = "TRACED";
+/// Task id → 1 if it has a `TRACED` entry (the programs' first, inlined check).
+pub const MAP_TRACED_TASKS: &str = "TRACED_TASKS";
 /// `conn_key(tgid, fd)` → `ConnState`.
 pub const MAP_CONNS: &str = "CONNS";
 /// pid_tgid → `Pending`.

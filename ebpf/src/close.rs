@@ -5,14 +5,14 @@ use wsgiscope_common::{conn_key, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
 use crate::{
     conn::{finish_request, now},
     downstream,
-    maps::{root_of, CONNS},
+    maps::{traced, CONNS},
     tp::{arg, pid_tgid},
 };
 
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let (_, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
+    if !traced(tgid) {
         return 0;
     }
     let key = conn_key(tgid, arg(&ctx, 0) as u32);
@@ -31,7 +31,7 @@ pub fn sys_enter_shutdown(ctx: TracePointContext) -> u32 {
     const SHUT_WR: u64 = 1;
     const SHUT_RDWR: u64 = 2;
     let (_, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
+    if !traced(tgid) {
         return 0;
     }
     let how = arg(&ctx, 1);

@@ -43,10 +43,7 @@ pub fn serving(tid: u32) -> bool {
 /// Marks thread `tid` as serving requests, or not.
 #[inline(always)]
 pub fn set_serving(tid: u32, on: bool) {
-    if let Some(v) = SERVING.get_ptr_mut(tid) {
-        // SAFETY: array slot of this map, valid for the program run; a byte store.
-        unsafe { *v = u8::from(on) };
-    }
+    set_byte(&SERVING, tid, u8::from(on));
 }
 
 /// Syscalls in flight: pid_tgid → what the exit tracepoint needs.
@@ -94,8 +91,46 @@ pub fn bump(stat: u32) {
     }
 }
 
+/// Which task ids have a `TRACED` entry: 1 byte per possible id (4 MiB). Every syscall
+/// program asks this first: an array lookup is inlined by the JIT, so a process wsgiscope does
+/// not trace pays no hash lookup (a helper call, with this VM's retpoline/return-thunk tax).
+#[map]
+pub static TRACED_TASKS: Array<u8> = Array::with_max_entries(PID_MAX_LIMIT, 0);
+
+/// Is task `task` traced?
+#[inline(always)]
+pub fn traced(task: u32) -> bool {
+    TRACED_TASKS.get(task).is_some_and(|v| *v != 0)
+}
+
+/// Traces `task` on behalf of master `root` (the hash first: a task marked traced has a root).
+#[inline(always)]
+pub fn trace_task(task: u32, root: u32) {
+    if TRACED.insert(&task, &root, 0).is_ok() {
+        set_byte(&TRACED_TASKS, task, 1);
+    }
+}
+
+/// Stops tracing `task` (the mark first).
+#[inline(always)]
+pub fn untrace_task(task: u32) {
+    set_byte(&TRACED_TASKS, task, 0);
+    let _ = TRACED.remove(&task);
+}
+
+#[inline(always)]
+fn set_byte(map: &Array<u8>, index: u32, value: u8) {
+    if let Some(v) = map.get_ptr_mut(index) {
+        // SAFETY: array slot of this map, valid for the program run; a byte store.
+        unsafe { *v = value };
+    }
+}
+
 #[inline(always)]
 pub fn root_of(task: u32) -> Option<u32> {
+    if !traced(task) {
+        return None;
+    }
     // SAFETY: u32 values are copied out at once.
     unsafe { TRACED.get(&task).copied() }
 }

@@ -5,14 +5,14 @@ use wsgiscope_common::{conn_key, Pending, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_
 
 use crate::{
     conn::now,
-    maps::{bump, root_of, PENDING},
+    maps::{bump, traced, PENDING},
     tp::{arg, pid_tgid},
     user::{read_user, IoVec},
 };
 
 /// On a syscall's enter: if a traced process makes it, remember it for the exit tracepoint,
 /// which checks whether the fd is a connection. This is the whole cost for untraced processes:
-/// one hash lookup. (Looking the connection up here too would cost every write a second lookup.)
+/// one array lookup, inlined. (Looking the connection up here too would cost every write a second lookup.)
 #[inline(always)]
 pub fn stash(ctx: &TracePointContext, op: u32) {
     stash_fd(op, arg(ctx, 0), || (arg(ctx, 1), requested(ctx, op)));
@@ -22,7 +22,7 @@ pub fn stash(ctx: &TracePointContext, op: u32) {
 #[inline(always)]
 pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
     let (id, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
+    if !traced(tgid) {
         return;
     }
     let (buf, len) = what();
@@ -45,7 +45,11 @@ fn remember(id: u64, p: Pending) {
 /// On a syscall's exit: the stashed enter, if any (the slot is then marked empty, `op` 0).
 #[inline(always)]
 pub fn take() -> Option<Pending> {
-    let (id, _) = pid_tgid();
+    let (id, tgid) = pid_tgid();
+    // Only traced processes stash: the others' exits end here, without a hash lookup.
+    if !traced(tgid) {
+        return None;
+    }
     let slot = PENDING.get_ptr_mut(&id)?;
     // SAFETY: map value pointer valid for this program run; only this thread uses it.
     unsafe {

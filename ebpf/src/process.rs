@@ -6,7 +6,7 @@ use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SE
 use crate::{
     conn::now,
     events::emit,
-    maps::{root_of, serving, set_serving, PENDING, THREADS, TRACED},
+    maps::{root_of, serving, set_serving, trace_task, untrace_task, PENDING, THREADS},
     tp::{pid_tgid, programs, ret},
     user::{entry_args, read_user},
 };
@@ -32,7 +32,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     // SAFETY: the helper behind read_at reports a bad offset instead of faulting.
     let Ok(child) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
     // The child may be a thread; its tid in TRACED is harmless and removed when it exits.
-    let _ = TRACED.insert(&child, &root, 0);
+    trace_task(child, root);
     emit(&ForkEvent { kind: EventKind::Fork as u32, parent, child, root, ts_ns: now() });
     0
 }
@@ -48,7 +48,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         let _ = THREADS.remove(&tid);
     }
     if tid != tgid {
-        let _ = TRACED.remove(&tid);
+        untrace_task(tid);
     }
     // SAFETY: volatile read of a global the loader may have rewritten.
     let off = unsafe { core::ptr::read_volatile(&EXIT_GROUP_DEAD_OFFSET) } as usize;
@@ -60,7 +60,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     };
     if group_dead {
         // The agent ends requests still open on this process's sockets.
-        let _ = TRACED.remove(&tgid);
+        untrace_task(tgid);
         emit(&ExitEvent { kind: EventKind::Exit as u32, tgid, root, _pad: 0, ts_ns: now() });
     }
     0
@@ -105,7 +105,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     if root_of(tgid).is_some() {
         return 0; // already followed, as a descendant of a watched server
     }
-    let _ = TRACED.insert(&tgid, &tgid, 0);
+    trace_task(tgid, tgid);
     emit(&ExecEvent { kind: EventKind::Exec as u32, tgid, ts_ns: now() });
     0
 }

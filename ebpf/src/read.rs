@@ -9,7 +9,7 @@ use wsgiscope_common::{
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_request},
     downstream, threads,
-    maps::{root_of, CONNS},
+    maps::{traced, CONNS},
     sniff::looks_like_request,
     tp::{pid_tgid, programs, ret},
     user::{entry_args, first_piece},
@@ -22,7 +22,7 @@ fn read_done(ctx: &TracePointContext, op: u32) {
         return; // EOF, EAGAIN, errors: no data, no request
     }
     let (id, tgid) = pid_tgid();
-    if root_of(tgid).is_none() {
+    if !traced(tgid) {
         return;
     }
     let Some((fd, buf)) = entry_args() else { return };

@@ -13,14 +13,14 @@ use std::os::fd::OwnedFd;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
     GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS,
-    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, STAT_COUNT,
+    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -40,6 +40,8 @@ pub struct Kernel {
     /// Interpreter binaries whose GC probes are attached, by (device, inode).
     gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
+    /// The kernel's inlined "is it traced?" marks, one byte per task id, kept with `traced`.
+    traced_tasks: Array<MapData, u8>,
     conns: HashMap<MapData, u64, ConnState>,
     pending: HashMap<MapData, u64, Pending>,
     downstream: HashMap<MapData, u64, Downstream>,
@@ -137,6 +139,7 @@ impl Kernel {
         };
         let events = RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?)?;
         let traced = HashMap::try_from(take(&mut ebpf, MAP_TRACED)?)?;
+        let traced_tasks = Array::try_from(take(&mut ebpf, MAP_TRACED_TASKS)?)?;
         let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, MAP_PENDING)?)?;
         let downstream = HashMap::try_from(take(&mut ebpf, MAP_DOWNSTREAM)?)?;
@@ -157,6 +160,7 @@ impl Kernel {
             usdt_links: Vec::new(),
             gc_binaries: HashSet::new(),
             traced,
+            traced_tasks,
             conns,
             pending,
             downstream,
@@ -181,8 +185,10 @@ impl Kernel {
 
     /// Adds a process to the traced set; its future forks are followed in the kernel.
     pub fn trace(&mut self, pid: u32, root: u32) -> Result<()> {
+        // The hash first: a task the kernel sees marked has its root.
         self.traced
             .insert(pid, root, 0)
+            .and_then(|()| self.traced_tasks.set(pid, 1, 0))
             .with_context(|| format!("cannot add process {pid} to the traced set"))
     }
 
@@ -252,6 +258,7 @@ impl Kernel {
         let tasks: Vec<u32> =
             self.traced.iter().filter_map(Result::ok).filter(|(_, r)| *r == root).map(|(t, _)| t).collect();
         for t in tasks {
+            let _ = self.traced_tasks.set(t, 0, 0);
             let _ = self.traced.remove(&t);
         }
     }
@@ -289,7 +296,7 @@ mod tests {
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
         GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS,
-        MAP_THREADS, MAP_TRACED,
+        MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS,
     };
 
     const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf"));
@@ -301,7 +308,7 @@ mod tests {
     fn the_ebpf_object_matches_the_contract() {
         let obj = object::File::parse(OBJECT).unwrap();
         let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
-        let names = [MAP_EVENTS, MAP_TRACED, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM, MAP_THREADS, MAP_GC_STARTED];
+        let names = [MAP_EVENTS, MAP_TRACED, MAP_TRACED_TASKS, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM, MAP_THREADS, MAP_GC_STARTED];
         let globals = [
             GLOBAL_FORK_CHILD_PID_OFFSET,
             GLOBAL_EXIT_GROUP_DEAD_OFFSET,
