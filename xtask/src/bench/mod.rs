@@ -8,9 +8,12 @@
 //! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
 //! 4. Live views (`views.rs`): the agent's CPU serving the page's API under load, and its RSS
 //!    with the ring full (`--only views` runs this part alone and updates its section).
+//! 6. Kernel programs (`kernel.rs`): each BPF program's run time from the kernel's counters, per
+//!    request and per hook, next to do-nothing programs on the same hooks (`--only kernel`).
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
 mod capacity;
+mod kernel;
 mod load;
 pub mod micro;
 mod overhead;
@@ -42,8 +45,9 @@ pub struct BenchArgs {
     /// Where to write the report [default: BENCHMARKS.md; with --quick target/xtask-bench/BENCHMARKS.quick.md].
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Run one part only and replace its section in the report (`views`: the live views).
-    #[arg(long, value_parser = ["views"])]
+    /// Run one part only and replace its section in the report (`views`: the live views;
+    /// `kernel`: the kernel programs' run time).
+    #[arg(long, value_parser = ["views", "kernel"])]
     only: Option<String>,
 }
 
@@ -99,6 +103,9 @@ pub struct Plan {
     /// The live views' fixed-rate run (s), and the requests that fill the ring.
     pub views_secs: u64,
     pub views_fill: u64,
+    /// Kernel programs: rounds, and seconds per wrk run (the write loops take micro_iters).
+    pub kernel_rounds: usize,
+    pub kernel_secs: u64,
 }
 
 impl Plan {
@@ -119,6 +126,8 @@ impl Plan {
                 burst_connections: 8,
                 views_secs: 3,
                 views_fill: 500,
+                kernel_rounds: 1,
+                kernel_secs: 2,
             }
         } else {
             Plan {
@@ -136,6 +145,8 @@ impl Plan {
                 burst_connections: 8,
                 views_secs: 20,
                 views_fill: 12_000,
+                kernel_rounds: 3,
+                kernel_secs: 8,
             }
         }
     }
@@ -181,6 +192,7 @@ pub struct Results {
     pub micro: Vec<micro::Sample>,
     pub capacity: capacity::Capacity,
     pub views: views::Views,
+    pub kernel: kernel::Kernel,
 }
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
@@ -191,8 +203,9 @@ const PROMETHEUS_CLIENT_VERSION_PY: &str =
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     group::catch_stop();
     setup::run(root)?;
-    // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint program.
-    setup::apt(&["wrk", "bpftrace"])?;
+    // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint
+    // program; bpftool reads each program's run-time counters.
+    setup::apt(&["wrk", "bpftrace", "bpftool"])?;
     prometheus_client(root)?;
     run_checked(cargo(root).args(["build", "--release", "-p", "wsgiscope"]))?;
     check_stop()?;
@@ -208,13 +221,16 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
 
     // The Redis every bench gunicorn's /redis route calls; held until the end (dropped last).
     let (_redis, redis) = group::redis(&work)?;
-    if args.only.is_some() {
-        return only_views(root, &work, &plan, &redis, &env, args);
+    match args.only.as_deref() {
+        Some("views") => return only_views(root, &work, &plan, &redis, &env, args),
+        Some("kernel") => return only_kernel(root, &work, &plan, &redis, &env, args),
+        _ => {}
     }
     let overhead = overhead::run(root, &work, &plan, &redis)?;
     let micro = micro::run(root, &work, &plan, &redis)?;
     let capacity = capacity::run(root, &work, &plan, &redis)?;
     let views = views::run(root, &work, &plan, &redis)?;
+    let kernel = kernel::run(root, &work, &plan, &redis)?;
 
     env.load_after = procs::loadavg();
     env.elapsed = started.elapsed();
@@ -226,6 +242,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         micro,
         capacity,
         views,
+        kernel,
     };
     let output = args.output.clone().unwrap_or_else(|| {
         if args.quick {
@@ -258,6 +275,33 @@ fn only_views(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environm
     std::fs::write(&output, views::splice(&report, &section))
         .with_context(|| format!("cannot write {}", output.display()))?;
     println!("bench: wrote the live views' section of {}", output.display());
+    Ok(())
+}
+
+/// `--only kernel`: the kernel programs' part alone, its section replaced in (or added to) the
+/// existing report, whose section 1 gives the middleware comparison.
+fn only_kernel(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environment, args: &BenchArgs) -> Result<()> {
+    let mut k = kernel::run(root, work, plan, redis)?;
+    k.date = env.date.clone();
+    k.commit = env.commit.clone();
+    let output = args.output.clone().unwrap_or_else(|| {
+        if plan.quick {
+            work.join("BENCHMARKS.quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    let existing = std::fs::read_to_string(&output).unwrap_or_default();
+    // A quick report may have no section 1: take it from BENCHMARKS.md then.
+    let cpu = report::kernel::middleware_from_report(&existing).or_else(|| {
+        let full = std::fs::read_to_string(root.join("BENCHMARKS.md")).ok()?;
+        report::kernel::middleware_from_report(&full)
+    });
+    let mut section = String::new();
+    report::kernel::section(&mut section, &k, cpu);
+    std::fs::write(&output, report::kernel::splice(&existing, &section))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote the kernel programs' section of {}", output.display());
     Ok(())
 }
 

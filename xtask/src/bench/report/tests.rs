@@ -210,6 +210,7 @@ fn renders_every_section_with_empty_results() {
         micro: Vec::new(),
         capacity: Capacity::default(),
         views: Default::default(),
+        kernel: Default::default(),
     };
     let md = render(&r);
     for heading in [
@@ -220,6 +221,7 @@ fn renders_every_section_with_empty_results() {
         "### /redis?n=20 (20 Redis GETs in a loop, then one block)",
         "## 3. Capacity",
         "## 4. Live views (page and API)",
+        "## 6. Kernel programs: run time per program",
         "## Exact commands",
         "## Versions",
     ] {
