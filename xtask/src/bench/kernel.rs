@@ -312,16 +312,17 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
             if route == "/blocks" { &mut k.blocks } else { &mut k.hello }.add(&w);
         }
         let iters = plan.micro_iters;
-        let w = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
-        k.traced_loop.add(&w);
-        let w = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
-        k.untraced_loop.add(&w);
+        let traced = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        let untraced = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
+        let write = |w: &Window| Window::per_run(&w.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN);
         println!(
             "bench: round {} kernel write loops: traced {:.0} ns, untraced {:.0} ns per write (enter + exit)",
             round + 1,
-            Window::per_run(&k.traced_loop.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN),
-            Window::per_run(&k.untraced_loop.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN),
+            write(&traced),
+            write(&untraced),
         );
+        k.traced_loop.add(&traced);
+        k.untraced_loop.add(&untraced);
     }
     drop(stats);
     k.load_after = procs::loadavg();
