@@ -34,7 +34,7 @@ struct Hook {
     max: Option<f64>,
 }
 
-const HOOKS: [Hook; 6] = [
+const HOOKS: [Hook; 7] = [
     Hook {
         what: "traced write: gunicorn's sendto on a client connection, enter + exit",
         names: &["sys_enter_sendto", "sys_exit_sendto"],
@@ -52,6 +52,12 @@ const HOOKS: [Hook; 6] = [
         names: &["sys_enter_write", "sys_exit_write"],
         window: "untraced loop",
         max: Some(UNTRACED_WRITE_MAX),
+    },
+    Hook {
+        what: "untraced write(2) under load: wrk's requests (and any other process's writes), enter + exit",
+        names: &["sys_enter_write", "sys_exit_write"],
+        window: "/hello",
+        max: None,
     },
     Hook {
         what: "accept (sys_exit_accept4)",
