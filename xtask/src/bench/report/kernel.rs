@@ -115,7 +115,7 @@ pub fn section(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
          and one outside the server on a socketpair (untraced), the harness of section 2; sums over rounds. \
          Requests are those the agent counted (`wsgi_requests_total`). The programs run for every process on \
          the machine, so the runs include other processes' syscalls (the load generator's, and any other \
-         work on the machine). Load average (1, 5, 15 min) before: {}, after: {}.{}\n",
+         work on the machine). Load average (1, 5, 15 min) before: {}, after: {}{}.{}\n",
         if k.stats_previous.is_empty() { "?" } else { &k.stats_previous },
         floor_program(),
         k.rounds,
@@ -123,6 +123,7 @@ pub fn section(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         k.loop_iters,
         k.load_before,
         k.load_after,
+        loaded(k),
         if k.date.is_empty() {
             String::new()
         } else {
@@ -134,6 +135,19 @@ pub fn section(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
     }
     hooks(md, k);
     targets(md, k, cpu);
+}
+
+/// Says so when the 1-minute load average exceeded the CPUs: other work shared the cores (a
+/// program's run time then includes interrupts and cache misses that others caused).
+fn loaded(k: &Kernel) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let one_min = |l: &str| l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok());
+    let peak = [&k.load_before, &k.load_after].into_iter().filter_map(|l| one_min(l)).fold(0.0, f64::max);
+    if peak > cpus {
+        format!(": **a loaded machine** ({cpus:.0} CPUs), other work shared the cores")
+    } else {
+        String::new()
+    }
 }
 
 fn route_table(md: &mut String, route: &str, w: &Window) {
@@ -236,7 +250,7 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         md,
         "\nEvery figure counts the floor: what the kernel measures around a program that does nothing \
          (the counting's clock reads and the call itself), the same for any program on any hook; what a \
-         change to the programs can remove is the part above it.\n"
+         change to the programs can remove is the part above it."
     );
 }
 
