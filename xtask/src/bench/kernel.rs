@@ -208,33 +208,53 @@ impl Drop for BpfStats {
     }
 }
 
+/// The four measured stretches: /hello and /blocks under wrk, and write(2) loops on an accepted
+/// TCP connection as a child of a worker (traced) and outside the server on a socketpair
+/// (untraced).
+#[derive(Clone, Debug, Default)]
+pub struct Windows {
+    pub hello: Window,
+    pub blocks: Window,
+    pub traced_loop: Window,
+    pub untraced_loop: Window,
+}
+
+/// The names the report uses for them.
+pub const TRACED_LOOP: &str = "traced loop";
+pub const UNTRACED_LOOP: &str = "untraced loop";
+
+impl Windows {
+    pub fn get(&self, name: &str) -> &Window {
+        match name {
+            "/blocks" => &self.blocks,
+            TRACED_LOOP => &self.traced_loop,
+            UNTRACED_LOOP => &self.untraced_loop,
+            _ => &self.hello,
+        }
+    }
+
+    fn add(&mut self, o: &Windows) {
+        self.hello.add(&o.hello);
+        self.blocks.add(&o.blocks);
+        self.traced_loop.add(&o.traced_loop);
+        self.untraced_loop.add(&o.untraced_loop);
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Kernel {
     pub rounds: usize,
     pub run_secs: u64,
     pub loop_iters: u64,
-    pub hello: Window,
-    pub blocks: Window,
-    /// write(2) loops on an accepted TCP connection: a child of a worker (traced), and a process
-    /// outside the server on a socketpair (untraced).
-    pub traced_loop: Window,
-    pub untraced_loop: Window,
+    /// Sums over rounds (the figures), and each round's (their spread).
+    pub total: Windows,
+    pub per_round: Vec<Windows>,
     pub stats_previous: String,
     pub load_before: String,
     pub load_after: String,
     /// Set by `--only kernel` (the full bench's header has them).
     pub date: String,
     pub commit: String,
-}
-
-impl Kernel {
-    pub fn route(&self, route: &str) -> &Window {
-        if route == "/blocks" {
-            &self.blocks
-        } else {
-            &self.hello
-        }
-    }
 }
 
 /// The processes whose programs are measured: the agent's and bpftrace's.
@@ -301,6 +321,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     let stats = BpfStats::enable()?;
     k.stats_previous = stats.previous().to_string();
     for round in 0..plan.kernel_rounds {
+        let mut r = Windows::default();
         for route in ROUTES {
             let w = owners.measure(|| load_run(server.addr, agent.metrics, route, plan))?;
             println!(
@@ -309,20 +330,24 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
                 w.requests,
                 w.total_per_request().map_or(f64::NAN, |t| t.0 / 1e3)
             );
-            if route == "/blocks" { &mut k.blocks } else { &mut k.hello }.add(&w);
+            if route == "/blocks" {
+                r.blocks = w;
+            } else {
+                r.hello = w;
+            }
         }
         let iters = plan.micro_iters;
-        let traced = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
-        let untraced = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
+        r.traced_loop = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        r.untraced_loop = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
         let write = |w: &Window| Window::per_run(&w.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN);
         println!(
             "bench: round {} kernel write loops: traced {:.0} ns, untraced {:.0} ns per write (enter + exit)",
             round + 1,
-            write(&traced),
-            write(&untraced),
+            write(&r.traced_loop),
+            write(&r.untraced_loop),
         );
-        k.traced_loop.add(&traced);
-        k.untraced_loop.add(&untraced);
+        k.total.add(&r);
+        k.per_round.push(r);
     }
     drop(stats);
     k.load_after = procs::loadavg();
