@@ -10,9 +10,12 @@
 //!    with the ring full (`--only views` runs this part alone and updates its section).
 //! 5. Worker memory (`memory.rs`): the agent's CPU for its smaps_rollup reads of 16 workers of
 //!    500 MB, and one read of a 1 GB process (`--only memory`).
+//! 6. Kernel programs (`kernel.rs`): each BPF program's run time from the kernel's counters, per
+//!    request and per hook, next to do-nothing programs on the same hooks (`--only kernel`).
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
 mod capacity;
+mod kernel;
 mod load;
 mod memory;
 pub mod micro;
@@ -46,8 +49,8 @@ pub struct BenchArgs {
     #[arg(long)]
     output: Option<PathBuf>,
     /// Run one part only and replace its section in the report (`views`: the live views;
-    /// `memory`: worker memory reads).
-    #[arg(long, value_parser = ["views", "memory"])]
+    /// `memory`: worker memory reads; `kernel`: the kernel programs' run time).
+    #[arg(long, value_parser = ["views", "memory", "kernel"])]
     only: Option<String>,
 }
 
@@ -106,6 +109,9 @@ pub struct Plan {
     /// Worker memory: seconds per agent run (reads on, reads off), reads of the 1 GB process.
     pub memory_secs: u64,
     pub memory_big_reads: usize,
+    /// Kernel programs: rounds, and seconds per wrk run (the write loops take micro_iters).
+    pub kernel_rounds: usize,
+    pub kernel_secs: u64,
 }
 
 impl Plan {
@@ -128,6 +134,8 @@ impl Plan {
                 views_fill: 500,
                 memory_secs: 3,
                 memory_big_reads: 5,
+                kernel_rounds: 1,
+                kernel_secs: 2,
             }
         } else {
             Plan {
@@ -147,6 +155,8 @@ impl Plan {
                 views_fill: 12_000,
                 memory_secs: 30,
                 memory_big_reads: 50,
+                kernel_rounds: 3,
+                kernel_secs: 8,
             }
         }
     }
@@ -193,6 +203,7 @@ pub struct Results {
     pub capacity: capacity::Capacity,
     pub views: views::Views,
     pub memory: memory::Memory,
+    pub kernel: kernel::Kernel,
 }
 
 pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
@@ -203,8 +214,9 @@ const PROMETHEUS_CLIENT_VERSION_PY: &str =
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     group::catch_stop();
     setup::run(root)?;
-    // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint program.
-    setup::apt(&["wrk", "bpftrace"])?;
+    // wrk loads the server to saturation; bpftrace measures the floor cost of any tracepoint
+    // program; bpftool reads each program's run-time counters.
+    setup::apt(&["wrk", "bpftrace", "bpftool"])?;
     prometheus_client(root)?;
     run_checked(cargo(root).args(["build", "--release", "-p", "wsgiscope"]))?;
     check_stop()?;
@@ -222,6 +234,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let (_redis, redis) = group::redis(&work)?;
     match args.only.as_deref() {
         Some("memory") => return only_memory(root, &work, &plan, &env, args),
+        Some("kernel") => return only_kernel(root, &work, &plan, &redis, &env, args),
         Some(_) => return only_views(root, &work, &plan, &redis, &env, args),
         None => {}
     }
@@ -230,6 +243,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let capacity = capacity::run(root, &work, &plan, &redis)?;
     let views = views::run(root, &work, &plan, &redis)?;
     let memory = memory::run(root, &work, &plan)?;
+    let kernel = kernel::run(root, &work, &plan, &redis)?;
 
     env.load_after = procs::loadavg();
     env.elapsed = started.elapsed();
@@ -242,6 +256,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         capacity,
         views,
         memory,
+        kernel,
     };
     let output = args.output.clone().unwrap_or_else(|| {
         if args.quick {
@@ -295,6 +310,33 @@ fn only_memory(root: &Path, work: &Path, plan: &Plan, env: &Environment, args: &
     std::fs::write(&output, memory::splice(&report, &section))
         .with_context(|| format!("cannot write {}", output.display()))?;
     println!("bench: wrote the worker-memory section of {}", output.display());
+    Ok(())
+}
+
+/// `--only kernel`: the kernel programs' part alone, its section replaced in (or added to) the
+/// existing report, whose section 1 gives the middleware comparison.
+fn only_kernel(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environment, args: &BenchArgs) -> Result<()> {
+    let mut k = kernel::run(root, work, plan, redis)?;
+    k.date = env.date.clone();
+    k.commit = env.commit.clone();
+    let output = args.output.clone().unwrap_or_else(|| {
+        if plan.quick {
+            work.join("BENCHMARKS.quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    let existing = std::fs::read_to_string(&output).unwrap_or_default();
+    // A quick report may have no section 1: take it from BENCHMARKS.md then.
+    let cpu = report::kernel::middleware_from_report(&existing).or_else(|| {
+        let full = std::fs::read_to_string(root.join("BENCHMARKS.md")).ok()?;
+        report::kernel::middleware_from_report(&full)
+    });
+    let mut section = String::new();
+    report::kernel::section(&mut section, &k, cpu);
+    std::fs::write(&output, report::kernel::splice(&existing, &section))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote the kernel programs' section of {}", output.display());
     Ok(())
 }
 

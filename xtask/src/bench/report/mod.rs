@@ -2,6 +2,7 @@
 //! then each part's table (`sections.rs`, from the figures of `figures.rs`), the exact commands
 //! and the versions.
 mod figures;
+pub(super) mod kernel;
 mod sections;
 mod targets;
 #[cfg(test)]
@@ -22,6 +23,11 @@ pub fn render(r: &Results) -> String {
     sections::capacity(&mut md, &r.capacity);
     super::views::section(&mut md, &r.views);
     super::memory::section(&mut md, &r.memory);
+    let blocks_cpu = |config| figures::added_cpu_us(&r.overhead, "/blocks", super::overhead::Load::Saturation, config);
+    let cpu = blocks_cpu(super::overhead::Config::Wsgiscope)
+        .zip(blocks_cpu(super::overhead::Config::Timing))
+        .map(|(wsgiscope_us, timing_us)| kernel::MiddlewareCpu { wsgiscope_us, timing_us });
+    kernel::section(&mut md, &r.kernel, cpu);
     commands(&mut md, r);
     versions(&mut md, r);
     md
@@ -183,6 +189,16 @@ fn commands(md: &mut String, r: &Results) {
         md,
         "# capacity: {} × GET /bytes1, then /hello closed loop, {} connections, {} s (bench/load.rs `burst`)",
         p.bytes1_requests, p.burst_connections, p.burst_secs
+    );
+    let _ = writeln!(
+        md,
+        "# kernel programs: {} round(s) of wrk -d{}s on /hello and /blocks and the write loops above, with\n\
+         sysctl kernel.bpf_stats_enabled=1   # during the rounds only; then the previous value\n\
+         bpftrace -e '{}'\n\
+         bpftool prog show -j   # before and after each run",
+        p.kernel_rounds,
+        p.kernel_secs,
+        super::kernel::floor_program()
     );
     let _ = writeln!(md, "```");
     let _ = writeln!(

@@ -211,6 +211,7 @@ fn renders_every_section_with_empty_results() {
         capacity: Capacity::default(),
         views: Default::default(),
         memory: Default::default(),
+        kernel: Default::default(),
     };
     let md = render(&r);
     for heading in [
@@ -222,6 +223,7 @@ fn renders_every_section_with_empty_results() {
         "## 3. Capacity",
         "## 4. Live views (page and API)",
         "## 5. Worker memory (smaps_rollup reads)",
+        "## 6. Kernel programs: run time per program",
         "## Exact commands",
         "## Versions",
     ] {

@@ -1,0 +1,426 @@
+//! Kernel programs' run time, per program (issue 17): the kernel's own counters
+//! (`kernel.bpf_stats_enabled`, read with `bpftool prog show -j`) differenced over load runs and
+//! write loops, for the agent's programs and, in the same runs, for do-nothing bpftrace programs
+//! on the same hooks (the floor any program there costs). The report is `report/kernel.rs`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::{
+    capacity::{wait_counted, Snapshot},
+    load,
+    micro::{self, Mode},
+    procs::{self, Middleware},
+    Plan,
+};
+use crate::group::check_stop;
+
+/// The routes measured: one block, and 1000 blocks of 128 bytes.
+pub const ROUTES: [&str; 2] = ["/hello", "/blocks"];
+
+/// The hooks that get a do-nothing program: those of the figures the report compares.
+pub const FLOOR_HOOKS: [&str; 7] = [
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_exit_accept4",
+    "sys_enter_shutdown",
+    "sys_enter_close",
+];
+
+/// bpftrace's program: empty actions on FLOOR_HOOKS.
+pub fn floor_program() -> String {
+    FLOOR_HOOKS
+        .iter()
+        .map(|h| format!("tracepoint:syscalls:{h} {{}}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The kernel keeps names of 15 characters: bpftrace's programs are named after their probe
+/// (cut there), while bpftool restores the agent's full names from BTF.
+pub fn floor_hook(name: &str) -> Option<&'static str> {
+    FLOOR_HOOKS
+        .into_iter()
+        .find(|h| *h == name || (name.len() == 15 && h.starts_with(name)))
+}
+
+/// One program's counters, as `bpftool prog show -j` prints them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prog {
+    pub id: u32,
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    /// Processes holding it (bpftool's `pids`, printed only by builds with skeleton support;
+    /// Debian's has none, so `owned` falls back to /proc).
+    pub pids: Vec<u32>,
+}
+
+/// Parses `bpftool prog show -j` (programs without stats, loaded while they were off, count 0).
+pub fn parse_progs(json: &str) -> Result<Vec<Prog>> {
+    let v: serde_json::Value = serde_json::from_str(json).context("bpftool's JSON")?;
+    let list = v.as_array().context("bpftool: not a list")?;
+    list.iter()
+        .map(|p| {
+            Ok(Prog {
+                id: p["id"].as_u64().context("program without id")? as u32,
+                name: p["name"].as_str().unwrap_or("").to_string(),
+                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                pids: p["pids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x["pid"].as_u64()).map(|x| x as u32).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+pub fn bpftool_progs() -> Result<Vec<Prog>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .context("cannot run bpftool")?;
+    ensure!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    parse_progs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The ids of the BPF programs a process holds a descriptor of (program or link), from
+/// /proc/PID/fdinfo: what bpftool's `pids` shows, for builds that cannot show it.
+pub fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return BTreeSet::new() };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("prog_id:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect()
+}
+
+/// Run time and runs of one program (or of several with one name) over a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub runs: u64,
+    pub ns: u64,
+}
+
+impl Cost {
+    pub fn ns_per_run(self) -> Option<f64> {
+        (self.runs > 0).then(|| self.ns as f64 / self.runs as f64)
+    }
+}
+
+/// What `owner`'s programs ran between two listings, by name (a program loaded meanwhile counts
+/// from zero; one unloaded meanwhile is left out).
+pub fn delta(before: &[Prog], after: &[Prog], owner: &BTreeSet<u32>) -> BTreeMap<String, Cost> {
+    let mut out: BTreeMap<String, Cost> = BTreeMap::new();
+    for p in after.iter().filter(|p| owner.contains(&p.id)) {
+        let (ns0, runs0) = before
+            .iter()
+            .find(|b| b.id == p.id)
+            .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
+        let c = out.entry(p.name.clone()).or_default();
+        c.ns += p.run_time_ns.saturating_sub(ns0);
+        c.runs += p.run_cnt.saturating_sub(runs0);
+    }
+    out
+}
+
+/// One measured stretch: the agent's programs and the floor programs (by hook), and what was
+/// done: requests the agent counted, or write calls of a loop.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    pub requests: f64,
+    pub calls: u64,
+    pub seconds: f64,
+    pub agent: BTreeMap<String, Cost>,
+    pub floor: BTreeMap<String, Cost>,
+}
+
+impl Window {
+    /// Adds another round's window (sums: the figures are totals over totals).
+    pub fn add(&mut self, o: &Window) {
+        self.requests += o.requests;
+        self.calls += o.calls;
+        self.seconds += o.seconds;
+        for (into, from) in [(&mut self.agent, &o.agent), (&mut self.floor, &o.floor)] {
+            for (name, c) in from {
+                let e = into.entry(name.clone()).or_default();
+                e.runs += c.runs;
+                e.ns += c.ns;
+            }
+        }
+    }
+
+    /// Sum of ns per run of `names` (e.g. a syscall's enter and exit); None if one did not run.
+    pub fn per_run(costs: &BTreeMap<String, Cost>, names: &[&str]) -> Option<f64> {
+        names.iter().map(|n| costs.get(*n).and_then(|c| c.ns_per_run())).sum()
+    }
+
+    /// All the agent's programs: ns and runs per request.
+    pub fn total_per_request(&self) -> Option<(f64, f64)> {
+        (self.requests > 0.0).then(|| {
+            let ns: u64 = self.agent.values().map(|c| c.ns).sum();
+            let runs: u64 = self.agent.values().map(|c| c.runs).sum();
+            (ns as f64 / self.requests, runs as f64 / self.requests)
+        })
+    }
+}
+
+/// Turns the kernel's BPF run-time counters on for its lifetime and puts back the value found,
+/// also on error and on Ctrl-C (which ends the bench by an error, dropping this).
+pub struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Result<BpfStats> {
+        let previous = std::fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("cannot read {BPF_STATS}"))?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("cannot write {BPF_STATS}"))?;
+        println!("bench: kernel.bpf_stats_enabled = 1 (was {previous})");
+        Ok(BpfStats { previous })
+    }
+
+    pub fn previous(&self) -> &str {
+        &self.previous
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        match std::fs::write(BPF_STATS, &self.previous) {
+            Ok(()) => println!("bench: kernel.bpf_stats_enabled restored to {}", self.previous),
+            Err(e) => eprintln!("bench: cannot restore kernel.bpf_stats_enabled to {}: {e}", self.previous),
+        }
+    }
+}
+
+/// The four measured stretches: /hello and /blocks under wrk, and write(2) loops on an accepted
+/// TCP connection as a child of a worker (traced) and outside the server on a socketpair
+/// (untraced).
+#[derive(Clone, Debug, Default)]
+pub struct Windows {
+    pub hello: Window,
+    pub blocks: Window,
+    pub traced_loop: Window,
+    pub untraced_loop: Window,
+}
+
+/// The names the report uses for them.
+pub const TRACED_LOOP: &str = "traced loop";
+pub const UNTRACED_LOOP: &str = "untraced loop";
+
+impl Windows {
+    pub fn get(&self, name: &str) -> &Window {
+        match name {
+            "/blocks" => &self.blocks,
+            TRACED_LOOP => &self.traced_loop,
+            UNTRACED_LOOP => &self.untraced_loop,
+            _ => &self.hello,
+        }
+    }
+
+    fn add(&mut self, o: &Windows) {
+        self.hello.add(&o.hello);
+        self.blocks.add(&o.blocks);
+        self.traced_loop.add(&o.traced_loop);
+        self.untraced_loop.add(&o.untraced_loop);
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Kernel {
+    pub rounds: usize,
+    pub run_secs: u64,
+    pub loop_iters: u64,
+    /// Sums over rounds (the figures), and each round's (their spread).
+    pub total: Windows,
+    pub per_round: Vec<Windows>,
+    pub stats_previous: String,
+    pub load_before: String,
+    pub load_after: String,
+    /// Set by `--only kernel` (the full bench's header has them).
+    pub date: String,
+    pub commit: String,
+}
+
+/// The processes whose programs are measured: the agent's and bpftrace's.
+struct Owners {
+    agent: u32,
+    floor: u32,
+}
+
+impl Owners {
+    /// Splits a before/after pair of listings into the agent's and the floor's deltas.
+    fn window(&self, before: &[Prog], after: &[Prog]) -> Result<Window> {
+        let ids = |pid: u32, progs: &[Prog]| -> BTreeSet<u32> {
+            let mut ids = prog_ids_of(pid);
+            ids.extend(progs.iter().filter(|p| p.pids.contains(&pid)).map(|p| p.id));
+            ids
+        };
+        let agent = delta(before, after, &ids(self.agent, after));
+        let mut floor = BTreeMap::new();
+        for (name, c) in delta(before, after, &ids(self.floor, after)) {
+            let hook = floor_hook(&name).with_context(|| format!("bpftrace program {name:?}"))?;
+            floor.insert(hook.to_string(), c);
+        }
+        if agent.is_empty() {
+            bail!("no program of the agent (pid {}) found in bpftool's listing", self.agent);
+        }
+        Ok(Window { agent, floor, ..Window::default() })
+    }
+
+    /// Lists the programs around `f`, which returns (requests, calls).
+    fn measure(&self, f: impl FnOnce() -> Result<(f64, u64)>) -> Result<Window> {
+        check_stop()?;
+        let before = bpftool_progs()?;
+        let t = std::time::Instant::now();
+        let (requests, calls) = f()?;
+        let seconds = t.elapsed().as_secs_f64();
+        let after = bpftool_progs()?;
+        Ok(Window { requests, calls, seconds, ..self.window(&before, &after)? })
+    }
+}
+
+/// wrk on `route`; the requests are those the agent counted over the run.
+fn load_run(addr: SocketAddr, metrics: SocketAddr, route: &str, plan: &Plan) -> Result<(f64, u64)> {
+    let before = Snapshot::read(metrics)?;
+    let run = load::wrk(addr, route, plan.wrk_connections, plan.kernel_secs)?;
+    let after = wait_counted(metrics, before.requests + run.requests as f64)?;
+    Ok((after.requests - before.requests, 0))
+}
+
+/// gunicorn (sync, 2 workers) with the agent and the floor's bpftrace attached; bpf stats on for
+/// the rounds only. Each round: /hello and /blocks under wrk, then the traced and untraced loops.
+pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel> {
+    let server = procs::gunicorn(root, work, Middleware::None, redis)?;
+    let agent = procs::agent(root, work, server.group.pid())?;
+    let floor = procs::bpftrace(work, &floor_program())?;
+    let owners = Owners { agent: agent.group.pid(), floor: floor.pid() };
+    let mut k = Kernel {
+        rounds: plan.kernel_rounds,
+        run_secs: plan.kernel_secs,
+        loop_iters: plan.micro_iters,
+        load_before: procs::loadavg(),
+        ..Kernel::default()
+    };
+    println!("bench: kernel programs: load average before: {}", k.load_before);
+    let stats = BpfStats::enable()?;
+    k.stats_previous = stats.previous().to_string();
+    for round in 0..plan.kernel_rounds {
+        let mut r = Windows::default();
+        for route in ROUTES {
+            let w = owners.measure(|| load_run(server.addr, agent.metrics, route, plan))?;
+            println!(
+                "bench: round {} kernel {route}: {:.0} requests, {:.2} µs of BPF per request",
+                round + 1,
+                w.requests,
+                w.total_per_request().map_or(f64::NAN, |t| t.0 / 1e3)
+            );
+            if route == "/blocks" {
+                r.blocks = w;
+            } else {
+                r.hello = w;
+            }
+        }
+        let iters = plan.micro_iters;
+        r.traced_loop = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        r.untraced_loop = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
+        let write = |w: &Window| Window::per_run(&w.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN);
+        println!(
+            "bench: round {} kernel write loops: traced {:.0} ns, untraced {:.0} ns per write (enter + exit)",
+            round + 1,
+            write(&r.traced_loop),
+            write(&r.untraced_loop),
+        );
+        k.total.add(&r);
+        k.per_round.push(r);
+    }
+    drop(stats);
+    k.load_after = procs::loadavg();
+    println!("bench: kernel programs: load average after: {}", k.load_after);
+    drop(floor);
+    drop(agent);
+    drop(server);
+    Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real `bpftool prog show -j` output (v7.1.0, Debian), cut to a few programs: the agent's
+    /// and bpftrace's.
+    const FIXTURE: &str = include_str!("kernel_fixture.json");
+
+    #[test]
+    fn parses_bpftool_json() {
+        let progs = parse_progs(FIXTURE).unwrap();
+        assert!(progs.len() >= 4);
+        assert!(progs.iter().any(|p| p.name == "sys_exit_accept4" && p.run_cnt > 0 && p.run_time_ns > 0));
+        // bpftrace's names are cut to 15 characters.
+        assert!(progs.iter().any(|p| p.name == "sys_exit_accept"));
+        assert_eq!(floor_hook("sys_enter_sendt"), Some("sys_enter_sendto"));
+        // A uprobe the run never reached: no counters in the listing.
+        assert!(progs.iter().any(|p| p.name == "gc_start" && p.run_cnt == 0 && p.run_time_ns == 0));
+        assert!(parse_progs("{}").is_err());
+        let with_pids = r#"[{"id":7,"name":"x","run_time_ns":10,"run_cnt":2,"pids":[{"pid":42,"comm":"wsgiscope"}]}]"#;
+        assert_eq!(parse_progs(with_pids).unwrap()[0].pids, vec![42]);
+        // Loaded while stats were off: no counters.
+        assert_eq!(parse_progs(r#"[{"id":8,"name":"y"}]"#).unwrap()[0].run_cnt, 0);
+    }
+
+    #[test]
+    fn floor_programs_map_to_their_hooks() {
+        assert_eq!(floor_hook("sys_exit_accept"), Some("sys_exit_accept4"));
+        assert_eq!(floor_hook("sys_enter_shutd"), Some("sys_enter_shutdown"));
+        assert_eq!(floor_hook("sys_enter_write"), Some("sys_enter_write"));
+        assert_eq!(floor_hook("sys_exit_wri"), None);
+        assert_eq!(floor_program().matches("{}").count(), FLOOR_HOOKS.len());
+    }
+
+    fn prog(id: u32, name: &str, ns: u64, runs: u64) -> Prog {
+        Prog { id, name: name.into(), run_time_ns: ns, run_cnt: runs, pids: vec![] }
+    }
+
+    #[test]
+    fn deltas_per_owner_and_name() {
+        let before = [prog(1, "a", 100, 1), prog(2, "b", 50, 5), prog(3, "theirs", 0, 0)];
+        let after = [prog(1, "a", 400, 4), prog(2, "b", 50, 5), prog(3, "theirs", 9, 9), prog(4, "a", 30, 1)];
+        let d = delta(&before, &after, &BTreeSet::from([1, 2, 4]));
+        assert_eq!(d["a"], Cost { runs: 4, ns: 330 });
+        assert_eq!(d["b"], Cost { runs: 0, ns: 0 });
+        assert!(!d.contains_key("theirs"));
+        assert_eq!(d["b"].ns_per_run(), None);
+    }
+
+    #[test]
+    fn per_request_and_per_run_figures() {
+        let mut w = Window { requests: 10.0, ..Window::default() };
+        w.agent.insert("sys_enter_sendto".into(), Cost { runs: 30, ns: 6000 });
+        w.agent.insert("sys_exit_sendto".into(), Cost { runs: 30, ns: 3000 });
+        let mut other = w.clone();
+        other.requests = 30.0;
+        w.add(&other);
+        assert_eq!(w.requests, 40.0);
+        assert_eq!(w.agent["sys_enter_sendto"], Cost { runs: 60, ns: 12000 });
+        // 18,000 ns over 40 requests, 120 runs over 40 requests.
+        assert_eq!(w.total_per_request(), Some((450.0, 3.0)));
+        assert_eq!(Window::per_run(&w.agent, &["sys_enter_sendto", "sys_exit_sendto"]), Some(300.0));
+        assert_eq!(Window::per_run(&w.agent, &["sys_enter_sendto", "sys_exit_write"]), None);
+        assert_eq!(Window::default().total_per_request(), None);
+    }
+}

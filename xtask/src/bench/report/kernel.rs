@@ -1,0 +1,353 @@
+//! Section 6: the kernel programs' run time per request and per hook, next to the floor of
+//! do-nothing programs, and issue 17's targets.
+use std::fmt::Write;
+
+use super::super::kernel::{floor_program, Kernel, Window, ROUTES, TRACED_LOOP, UNTRACED_LOOP};
+
+/// Rows of a route's table; the rest are summed into one.
+const TOP: usize = 10;
+/// Issue 17's bounds (ns): a traced write's enter + exit, an untraced one's, an accept, a
+/// request's end, all programs per /hello request.
+const TRACED_WRITE_MAX: f64 = 150.0;
+const UNTRACED_WRITE_MAX: f64 = 80.0;
+const ACCEPT_MAX: f64 = 300.0;
+const REQUEST_END_MAX: f64 = 400.0;
+const HELLO_TOTAL_MAX: f64 = 3000.0;
+/// wsgiscope's added worker CPU per /blocks request, at most this share of the middleware's.
+const MIDDLEWARE_SHARE_MAX: f64 = 0.5;
+
+/// Worker CPU per /blocks request that wsgiscope and the timing middleware add to the app alone
+/// (µs, saturation medians of section 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MiddlewareCpu {
+    pub wsgiscope_us: f64,
+    pub timing_us: f64,
+}
+
+pub const HEAD: &str = "\n## 6. Kernel programs";
+
+/// One figure per hook: the agent's programs and the floor's, ns per run summed over `names`.
+struct Hook {
+    what: &'static str,
+    names: &'static [&'static str],
+    window: &'static str,
+    max: Option<f64>,
+}
+
+const HOOKS: [Hook; 7] = [
+    Hook {
+        what: "traced write: gunicorn's sendto on a client connection, enter + exit",
+        names: &["sys_enter_sendto", "sys_exit_sendto"],
+        window: "/blocks",
+        max: Some(TRACED_WRITE_MAX),
+    },
+    Hook {
+        what: "traced write(2) on a client connection (loop, child of a worker), enter + exit",
+        names: &["sys_enter_write", "sys_exit_write"],
+        window: TRACED_LOOP,
+        max: None,
+    },
+    Hook {
+        what: "untraced write(2) (loop outside the server, socketpair), enter + exit",
+        names: &["sys_enter_write", "sys_exit_write"],
+        window: UNTRACED_LOOP,
+        max: Some(UNTRACED_WRITE_MAX),
+    },
+    Hook {
+        what: "untraced write(2) under load: wrk's requests (and any other process's writes), enter + exit",
+        names: &["sys_enter_write", "sys_exit_write"],
+        window: "/hello",
+        max: None,
+    },
+    Hook {
+        what: "accept (sys_exit_accept4)",
+        names: &["sys_exit_accept4"],
+        window: "/hello",
+        max: Some(ACCEPT_MAX),
+    },
+    Hook {
+        what: "request end: shutdown, which ends the request and emits its record (sys_enter_shutdown)",
+        names: &["sys_enter_shutdown"],
+        window: "/hello",
+        max: Some(REQUEST_END_MAX),
+    },
+    Hook {
+        what: "close (sys_enter_close; any fd of any process)",
+        names: &["sys_enter_close"],
+        window: "/hello",
+        max: None,
+    },
+];
+
+/// A figure's range over the rounds ("480–530"), or "-".
+fn range(k: &Kernel, f: impl Fn(&super::super::kernel::Windows) -> Option<f64>, scale: f64, decimals: usize) -> String {
+    let v: Vec<f64> = k.per_round.iter().filter_map(f).filter(|x| x.is_finite()).collect();
+    let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    if v.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.decimals$}–{:.decimals$}", lo / scale, hi / scale)
+    }
+}
+
+fn ns(x: Option<f64>) -> String {
+    x.filter(|v| v.is_finite()).map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+fn met(pass: bool) -> &'static str {
+    if pass {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+pub fn section(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
+    let _ = writeln!(md, "{HEAD}: run time per program\n");
+    let _ = writeln!(
+        md,
+        "What the agent's BPF programs themselves cost, from the kernel's own counters: \
+         `kernel.bpf_stats_enabled=1` during the measured runs only (it was {}, and was put back after), \
+         `bpftool prog show -j` before and after each run, `run_time_ns` and `run_cnt` differenced per program. \
+         gunicorn sync (2 workers, the bench app) with the agent attached and, in the same runs, bpftrace with \
+         programs that do nothing on the hooks compared below (`{}`): their run time is the floor any program \
+         on those hooks costs here, the counting included. Programs are told apart by the process holding \
+         them (the agent's pid, bpftrace's; from /proc/PID/fdinfo, as Debian's bpftool prints no `pids`). \
+         {} round(s), each: `wrk -t1 -c4 -d{}s` on /hello, then on /blocks (1000 blocks of 128 bytes), then a \
+         loop of {} write(2) calls of 16 bytes as a child of a worker on an accepted TCP connection (traced) \
+         and one outside the server on a socketpair (untraced), the harness of section 2; sums over rounds. \
+         Requests are those the agent counted (`wsgi_requests_total`). The programs run for every process on \
+         the machine, so the runs include other processes' syscalls (the load generator's, and any other \
+         work on the machine). Load average (1, 5, 15 min) before: {}, after: {}{}.{}\n",
+        if k.stats_previous.is_empty() { "?" } else { &k.stats_previous },
+        floor_program(),
+        k.rounds,
+        k.run_secs,
+        k.loop_iters,
+        k.load_before,
+        k.load_after,
+        loaded(k),
+        if k.date.is_empty() {
+            String::new()
+        } else {
+            format!(" Measured by `cargo xtask bench --only kernel` on {}, commit {}.", k.date, k.commit)
+        }
+    );
+    for route in ROUTES {
+        route_table(md, route, k);
+    }
+    hooks(md, k);
+    targets(md, k, cpu);
+}
+
+/// Says so when the 1-minute load average exceeded the CPUs: other work shared the cores (a
+/// program's run time then includes interrupts and cache misses that others caused).
+fn loaded(k: &Kernel) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let one_min = |l: &str| l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok());
+    let peak = [&k.load_before, &k.load_after].into_iter().filter_map(|l| one_min(l)).fold(0.0, f64::max);
+    if peak > cpus {
+        format!(": **a loaded machine** ({cpus:.0} CPUs), other work shared the cores")
+    } else {
+        String::new()
+    }
+}
+
+fn route_table(md: &mut String, route: &str, k: &Kernel) {
+    let w = k.total.get(route);
+    let (total_ns, total_runs) = w.total_per_request().unwrap_or((f64::NAN, f64::NAN));
+    let _ = writeln!(
+        md,
+        "### {route}: {:.1} µs of BPF run time per request, over {total_runs:.0} program runs\n",
+        total_ns / 1e3
+    );
+    let _ = writeln!(
+        md,
+        "{:.0} requests counted; per round {} µs.\n",
+        w.requests,
+        range(k, |r| r.get(route).total_per_request().map(|t| t.0), 1e3, 1)
+    );
+    let _ = writeln!(md, "| program | ns per run | runs per request | ns per request | share |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let mut rows: Vec<(&String, f64, f64, f64)> = w
+        .agent
+        .iter()
+        .filter(|(_, c)| c.runs > 0)
+        .map(|(name, c)| {
+            let per_req = c.ns as f64 / w.requests.max(1e-9);
+            (name, c.ns_per_run().unwrap_or(0.0), c.runs as f64 / w.requests.max(1e-9), per_req)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let share = |x: f64| format!("{:.0} %", 100.0 * x / total_ns);
+    for (name, per_run, runs, per_req) in rows.iter().take(TOP) {
+        let _ = writeln!(md, "| {name} | {per_run:.0} | {runs:.2} | {per_req:.0} | {} |", share(*per_req));
+    }
+    if rows.len() > TOP {
+        let rest = &rows[TOP..];
+        let per_req: f64 = rest.iter().map(|r| r.3).sum();
+        let runs: f64 = rest.iter().map(|r| r.2).sum();
+        let _ = writeln!(md, "| {} others | - | {runs:.2} | {per_req:.0} | {} |", rest.len(), share(per_req));
+    }
+    let _ = writeln!(md, "| **all** | - | {total_runs:.2} | {total_ns:.0} | 100 % |\n");
+}
+
+fn hooks(md: &mut String, k: &Kernel) {
+    let _ = writeln!(md, "### Per hook, next to the floor\n");
+    let _ = writeln!(md, "ns per run (for a syscall: its enter and exit programs, summed), in the same run.\n");
+    let _ = writeln!(md, "| hook | run | wsgiscope ns | per round | do-nothing programs ns (floor) | above the floor ns |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for h in &HOOKS {
+        let w = k.total.get(h.window);
+        let ours = Window::per_run(&w.agent, h.names);
+        let floor = Window::per_run(&w.floor, h.names);
+        let above = ours.zip(floor).map(|(a, b)| a - b);
+        let spread = range(k, |r| Window::per_run(&r.get(h.window).agent, h.names), 1.0, 0);
+        let _ = writeln!(md, "| {} | {} | {} | {spread} | {} | {} |", h.what, h.window, ns(ours), ns(floor), ns(above));
+    }
+    let _ = writeln!(md);
+}
+
+fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
+    let _ = writeln!(md, "### Targets (issue 17)\n");
+    let _ = writeln!(md, "| target | bound | now | result |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for h in HOOKS.iter().filter(|h| h.max.is_some()) {
+        let max = h.max.unwrap_or(f64::NAN);
+        let w = k.total.get(h.window);
+        let ours = Window::per_run(&w.agent, h.names);
+        let floor = Window::per_run(&w.floor, h.names);
+        // The floor is in every figure: a bound under it cannot be met as measured.
+        let below = if floor.is_some_and(|f| f >= max) { " (the bound is below the floor)" } else { "" };
+        let _ = writeln!(
+            md,
+            "| {} | ≤ {max:.0} ns | {} ns (floor {} ns) | {}{below} |",
+            h.what,
+            ns(ours),
+            ns(floor),
+            met(ours.is_some_and(|v| v <= max))
+        );
+    }
+    let hello = k.total.hello.total_per_request().map(|t| t.0);
+    let _ = writeln!(
+        md,
+        "| all programs per /hello request | ≤ {:.0} µs | {} µs | {} |",
+        HELLO_TOTAL_MAX / 1e3,
+        hello.map_or("-".into(), |v| format!("{:.1}", v / 1e3)),
+        met(hello.is_some_and(|v| v <= HELLO_TOTAL_MAX))
+    );
+    let blocks_bpf = k.total.blocks.total_per_request().map(|t| t.0 / 1e3);
+    match cpu {
+        Some(c) => {
+            let share = c.wsgiscope_us / c.timing_us;
+            let _ = writeln!(
+                md,
+                "| workers' CPU per /blocks request that wsgiscope adds, vs the in-process timing middleware (section 1, saturation) | ≤ ½ of the middleware's | {:.0} µs vs {:.0} µs ({share:.2}×); of which BPF run time here: {} µs | {} |",
+                c.wsgiscope_us,
+                c.timing_us,
+                blocks_bpf.map_or("-".into(), |v| format!("{v:.0}")),
+                met(c.timing_us > 0.0 && share <= MIDDLEWARE_SHARE_MAX)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "| workers' CPU per /blocks request that wsgiscope adds, vs the in-process timing middleware | ≤ ½ of the middleware's | section 1 not found | - |"
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery figure counts the floor: what the kernel measures around a program that does nothing \
+         (the counting's clock reads and the call itself), the same for any program on any hook; what a \
+         change to the programs can remove is the part above it."
+    );
+}
+
+/// Section 1's /blocks table of an existing report: the worker CPU per request wsgiscope and
+/// the timing middleware add to the app alone (`--only kernel` has no overhead run of its own).
+pub fn middleware_from_report(report: &str) -> Option<MiddlewareCpu> {
+    let start = report.find("\n### /blocks")?;
+    let table = report[start..].lines().skip(1).skip_while(|l| !l.starts_with('|'));
+    let rows: Vec<Vec<String>> = table
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    let col = rows.first()?.iter().position(|c| c.starts_with("workers' CPU"))?;
+    let of = |prefix: &str| -> Option<f64> {
+        rows.iter().find(|r| r[0].starts_with(prefix))?.get(col)?.parse().ok()
+    };
+    let alone = of("app alone")?;
+    Some(MiddlewareCpu { wsgiscope_us: of("app + wsgiscope")? - alone, timing_us: of("app + timing")? - alone })
+}
+
+/// Replaces this section of an existing report; if it has none, inserts it before the exact
+/// commands (or appends it).
+pub fn splice(report: &str, section_md: &str) -> String {
+    if let Some(start) = report.find(HEAD) {
+        let rest = &report[start + HEAD.len()..];
+        let end = rest.find("\n## ").map_or(report.len(), |i| start + HEAD.len() + i);
+        return format!("{}{}{}", &report[..start], section_md, &report[end..]);
+    }
+    match report.find("\n## Exact commands") {
+        Some(at) => format!("{}{}{}", &report[..at], section_md, &report[at..]),
+        None => format!("{report}{section_md}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Section 1's /blocks table as the bench writes it.
+    const SECTION1: &str = "## 1. Overhead\n\n### /hello (one block)\n\n| configuration | saturation req/s | workers' CPU µs/request |\n|---|---|---|\n| app alone | 8184 | 134 |\n\n### /blocks (1000 blocks of 128 bytes)\n\n\
+| configuration | saturation req/s | cost | p50 ms | p99 ms | workers' CPU µs/request | CPU cost |\n\
+|---|---|---|---|---|---|---|\n\
+| app alone | 562 | - | 6.59 | 26.41 | 2559 | - |\n\
+| app + wsgiscope attached | 411 | +27.0 % | 9.10 | 33.60 | 3655 | +42.8 % |\n\
+| app + timing middleware (in-process) | 414 | +26.3 % | 8.22 | 35.42 | 3294 | +28.7 % |\n\nNoise\n";
+
+    #[test]
+    fn reads_the_middleware_comparison_from_section_1() {
+        let c = middleware_from_report(SECTION1).unwrap();
+        assert_eq!(c, MiddlewareCpu { wsgiscope_us: 1096.0, timing_us: 735.0 });
+        assert_eq!(middleware_from_report("# B\n"), None);
+    }
+
+    #[test]
+    fn splice_replaces_or_inserts_before_the_commands() {
+        let report = "# B\n\n## 3. C\nc\n\n## 6. Kernel programs: x\nold\n\n## Exact commands\ncmd\n";
+        let out = splice(report, "\n## 6. Kernel programs: y\nnew\n");
+        assert_eq!(out, "# B\n\n## 3. C\nc\n\n## 6. Kernel programs: y\nnew\n\n## Exact commands\ncmd\n");
+        let without = "# B\n\n## 3. C\nc\n\n## Exact commands\ncmd\n";
+        assert_eq!(splice(without, "\n## 6. Kernel programs\nk\n"), "# B\n\n## 3. C\nc\n\n## 6. Kernel programs\nk\n\n## Exact commands\ncmd\n");
+        assert_eq!(splice("# B\n", "\n## 6. Kernel programs\nk\n"), "# B\n\n## 6. Kernel programs\nk\n");
+    }
+
+    #[test]
+    fn section_marks_targets_met_and_missed() {
+        use super::super::super::kernel::Cost;
+        let mut k = Kernel { rounds: 1, ..Kernel::default() };
+        k.total.hello.requests = 100.0;
+        k.total.hello.agent.insert("sys_exit_accept4".into(), Cost { runs: 100, ns: 100 * 250 });
+        k.total.hello.agent.insert("sys_enter_shutdown".into(), Cost { runs: 100, ns: 100 * 500 });
+        k.total.hello.floor.insert("sys_exit_accept4".into(), Cost { runs: 400, ns: 400 * 60 });
+        for (name, ns) in [("sys_enter_write", 100), ("sys_exit_write", 100)] {
+            k.total.untraced_loop.agent.insert(name.into(), Cost { runs: 10, ns: 10 * ns });
+            k.total.untraced_loop.floor.insert(name.into(), Cost { runs: 10, ns: 10 * 60 });
+        }
+        k.per_round = vec![k.total.clone(), k.total.clone()];
+        let mut md = String::new();
+        section(&mut md, &k, Some(MiddlewareCpu { wsgiscope_us: 300.0, timing_us: 700.0 }));
+        assert!(md.starts_with("\n## 6. Kernel programs: run time per program\n"));
+        assert!(md.contains("| accept (sys_exit_accept4) | ≤ 300 ns | 250 ns (floor 60 ns) | met |"), "{md}");
+        assert!(md.contains("≤ 400 ns | 500 ns (floor - ns) | **missed** |"), "{md}");
+        // 75,000 ns over 100 requests.
+        assert!(md.contains("| all programs per /hello request | ≤ 3 µs | 0.8 µs | met |"), "{md}");
+        assert!(md.contains("300 µs vs 700 µs (0.43×)"), "{md}");
+        assert!(md.contains("100 requests counted; per round 0.8–0.8 µs."), "{md}");
+        assert!(md.contains("| untraced loop | 200 | 200–200 | 120 | 80 |"), "{md}");
+        assert!(md.contains("≤ 80 ns | 200 ns (floor 120 ns) | **missed** (the bound is below the floor) |"), "{md}");
+        assert!(md.contains("| sys_enter_shutdown | 500 | 1.00 | 500 | 67 % |"), "{md}");
+    }
+}
