@@ -46,6 +46,13 @@ fn remember(id: u64, p: Pending) {
 #[inline(always)]
 pub fn take() -> Option<Pending> {
     let (id, tgid) = pid_tgid();
+    take_for(id, tgid)
+}
+
+/// `take` for the current task's known `pid_tgid` (one helper call less for a caller that
+/// needs it anyway).
+#[inline(always)]
+pub fn take_for(id: u64, tgid: u32) -> Option<Pending> {
     // Only traced processes stash: the others' exits end here, without a hash lookup.
     if !traced(tgid) {
         return None;

@@ -128,16 +128,16 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     }
 }
 
-/// The serving thread's CPU time now, if the current thread is it: a request's CPU time ends
+/// The serving thread's CPU time at `ts`, if the current thread (`tid`) is it: a request's CPU time ends
 /// at its last response write (or where it ends without one).
 #[inline(always)]
-pub fn mark_cpu_end(c: &mut ConnState) {
-    if c.agg.flags & AGG_CPU == 0 || c.agg.tid != pid_tgid().0 as u32 {
+pub fn mark_cpu_end(c: &mut ConnState, tid: u32, ts: u64) {
+    if c.agg.flags & AGG_CPU == 0 || c.agg.tid != tid {
         return;
     }
     // SAFETY: u64 fields copied out at once.
     if let Some(t) = unsafe { THREADS.get(&c.agg.tid) } {
-        c.agg.cpu_end_ns = cpu_now(t, now());
+        c.agg.cpu_end_ns = cpu_now(t, ts);
     }
 }
 
@@ -147,7 +147,7 @@ pub fn mark_cpu_end(c: &mut ConnState) {
 pub fn request_ending(c: &mut ConnState, key: u64) {
     end_open_call(c, key);
     if c.agg.write_calls == 0 {
-        mark_cpu_end(c);
+        mark_cpu_end(c, pid_tgid().0 as u32, now());
     }
     if let Some(t) = THREADS.get_ptr_mut(&c.agg.tid) {
         // SAFETY: map value pointer valid for this program run.

@@ -9,7 +9,7 @@ use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
     downstream, threads,
     maps::CONNS,
-    pending::{stash, stash_fd, take},
+    pending::{stash, stash_fd, take, take_for},
     sniff::{is_interim, is_response_head},
     tp::{arg, pid_tgid, programs, ret},
     user::{first_piece, prefix8, read_user},
@@ -17,10 +17,10 @@ use crate::{
 
 #[inline(always)]
 fn write_done(ctx: &TracePointContext) {
-    let Some(p) = take() else { return };
+    let (id, tgid) = pid_tgid();
+    let Some(p) = take_for(id, tgid) else { return };
     let Some(c) = CONNS.get_ptr_mut(&p.key) else {
         // Not a connection: perhaps a downstream call's request.
-        let (id, _) = pid_tgid();
         downstream::wrote(&p, ret(ctx), now(), id as u32);
         return;
     };
@@ -55,7 +55,7 @@ fn write_done(ctx: &TracePointContext) {
     c.agg.write_bytes += n;
     c.agg.last_write_ns = ts;
     c.agg.last_write_len = n as u32;
-    threads::mark_cpu_end(c);
+    threads::mark_cpu_end(c, id as u32, ts);
     // User memory is read only where it matters: the response head (first 256 bytes) and
     // short writes (framing such as a chunk terminator); the blocks in between cost nothing.
     let short = n <= 8;
