@@ -13,18 +13,30 @@ use crate::{
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// The peer of an accepted TCP socket, from the sockaddr accept filled in.
+/// The sockaddr accept filled in, up to an IPv6 address: family (2 bytes), port (2, big
+/// endian), then the IPv4 address, or the IPv6 flow info (4) and address (16).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockAddr {
+    family: u16,
+    port: [u8; 2],
+    v4_or_flow: [u8; 4],
+    v6: [u8; 16],
+}
+
+/// The family and the TCP peer of an accepted socket, from one read of its sockaddr (a UNIX
+/// one is read as far as that too: its path follows the family).
 #[inline(always)]
-fn peer(family: u16, addr: u64) -> Option<PeerKey> {
-    let mut key = PeerKey { addr: [0; 16], port: 0, _pad: 0 };
-    let port = read_user::<[u8; 2]>(addr + 2)?;
-    key.port = u16::from_be_bytes(port) as u32;
-    match family {
-        AF_INET => key.addr[..4].copy_from_slice(&read_user::<[u8; 4]>(addr + 4)?),
-        AF_INET6 => key.addr = read_user::<[u8; 16]>(addr + 8)?,
-        _ => return None,
+fn peer(addr: u64) -> (u16, Option<PeerKey>) {
+    // A buffer just big enough for an IPv4 address at the end of a page: the family alone.
+    let Some(a) = read_user::<SockAddr>(addr) else { return (read_user::<u16>(addr).unwrap_or(0), None) };
+    let mut key = PeerKey { addr: [0; 16], port: u16::from_be_bytes(a.port) as u32, _pad: 0 };
+    match a.family {
+        AF_INET => key.addr[..4].copy_from_slice(&a.v4_or_flow),
+        AF_INET6 => key.addr = a.v6,
+        _ => return (a.family, None),
     }
-    Some(key)
+    (a.family, Some(key))
 }
 
 #[inline(always)]
@@ -38,10 +50,10 @@ fn accepted(ctx: &TracePointContext) {
     // Where accept wrote the peer address (its first field is the family): the second argument.
     let addr = entry_args().map_or(0, |(_, addr)| addr);
     let ts = now();
-    let family = if addr != 0 { read_user::<u16>(addr).unwrap_or(0) } else { 0 };
+    let (family, peer) = if addr != 0 { peer(addr) } else { (0, None) };
     // How long the connection waited in the listen queue for a worker.
     let mut wait = None;
-    if let Some(k) = peer(family, addr) {
+    if let Some(k) = peer {
         // SAFETY: u64 value copied out at once.
         if let Some(est) = unsafe { ESTABLISHED.get(&k) }.copied() {
             wait = Some(ts.saturating_sub(est));
@@ -59,6 +71,7 @@ fn accepted(ctx: &TracePointContext) {
         (*fresh).root = root;
         (*fresh).flags = 0;
         (*fresh).partial_left = 0;
+        (*fresh).mm = 0;
         (*fresh).agg.req_head_len = 0;
         (*fresh).agg.resp_head_len = 0;
         (*fresh).agg.family = family;

@@ -15,33 +15,28 @@ static RSS_WORDS: [u32; 3] = [0; 3];
 
 const WORDS: usize = RSS_READ / 8;
 
-/// Resident pages of the current task's process now, if the agent found the counters.
+/// The current task's `mm_struct`, if the agent found where it is (0 for a kernel thread).
 #[inline(always)]
-fn rss_pages() -> Option<u64> {
-    // SAFETY: volatile reads of globals the loader may have rewritten.
-    let (mm_off, stat_off, words) = unsafe {
-        (
-            core::ptr::read_volatile(&RSS_MM_OFFSET),
-            core::ptr::read_volatile(&RSS_STAT_OFFSET),
-            core::ptr::read_volatile(&RSS_WORDS),
-        )
-    };
-    if mm_off == 0 {
-        return None;
-    }
+fn current_mm(mm_off: u32) -> u64 {
     let mut mm = 0u64;
-    let mut counters = [0i64; WORDS];
-    // SAFETY: reads of kernel memory through the helper, which reports faults.
+    // SAFETY: a read of kernel memory through the helper, which reports faults.
     unsafe {
         let task = bpf_get_current_task();
-        let rc = bpf_probe_read_kernel((&mut mm as *mut u64).cast(), 8, (task + mm_off as u64) as *const _);
-        if rc != 0 || mm == 0 {
-            return None; // a kernel thread, or an exiting process
+        if bpf_probe_read_kernel((&mut mm as *mut u64).cast(), 8, (task + mm_off as u64) as *const _) != 0 {
+            return 0;
         }
-        let rc = bpf_probe_read_kernel(counters.as_mut_ptr().cast(), RSS_READ as u32, (mm + stat_off as u64) as *const _);
-        if rc != 0 {
-            return None;
-        }
+    }
+    mm
+}
+
+/// Resident pages of the process whose `mm_struct` is at `mm`, now.
+#[inline(always)]
+fn rss_pages(mm: u64, stat_off: u32, words: [u32; 3]) -> Option<u64> {
+    let mut counters = [0i64; WORDS];
+    // SAFETY: a read of kernel memory through the helper, which reports faults.
+    let rc = unsafe { bpf_probe_read_kernel(counters.as_mut_ptr().cast(), RSS_READ as u32, (mm + stat_off as u64) as *const _) };
+    if rc != 0 {
+        return None;
     }
     let mut pages = 0i64;
     for w in words {
@@ -51,10 +46,31 @@ fn rss_pages() -> Option<u64> {
     Some(if pages > 0 { pages as u64 } else { 0 })
 }
 
-/// At a request's start (on a thread of its process).
+/// The globals the agent set: (task_struct.mm, mm_struct.rss_stat, the counters' words).
+#[inline(always)]
+fn layout() -> (u32, u32, [u32; 3]) {
+    // SAFETY: volatile reads of globals the loader may have rewritten.
+    unsafe {
+        (
+            core::ptr::read_volatile(&RSS_MM_OFFSET),
+            core::ptr::read_volatile(&RSS_STAT_OFFSET),
+            core::ptr::read_volatile(&RSS_WORDS),
+        )
+    }
+}
+
+/// At a request's start (on a thread of its process). The process's `mm_struct` is read once
+/// per connection: the connection belongs to the process, whose mm lives as long as it does.
 #[inline(always)]
 pub fn request_started(c: &mut ConnState) {
-    match rss_pages() {
+    let (mm_off, stat_off, words) = layout();
+    if mm_off == 0 {
+        return;
+    }
+    if c.mm == 0 {
+        c.mm = current_mm(mm_off);
+    }
+    match (c.mm != 0).then(|| rss_pages(c.mm, stat_off, words)).flatten() {
         Some(p) => {
             c.agg.rss_start_pages = p;
             c.agg.flags |= AGG_RSS;
@@ -69,7 +85,8 @@ pub fn request_ending(c: &mut ConnState) {
     if c.agg.flags & AGG_RSS == 0 {
         return;
     }
-    match rss_pages() {
+    let (_, stat_off, words) = layout();
+    match rss_pages(c.mm, stat_off, words) {
         Some(p) => c.agg.rss_end_pages = p,
         None => c.agg.flags &= !AGG_RSS,
     }
