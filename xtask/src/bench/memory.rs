@@ -215,18 +215,9 @@ pub fn section(md: &mut String, m: &Memory) {
 }
 
 /// Replaces the worker-memory section of an existing report, or puts it before the exact
-/// commands (or at the end): `--only memory`.
+/// commands: `--only memory`.
 pub fn splice(report: &str, section_md: &str) -> String {
-    const HEAD: &str = "\n## 5. Worker memory";
-    let Some(start) = report.find(HEAD) else {
-        return match report.find("\n## Exact commands") {
-            Some(i) => format!("{}{}{}", &report[..i], section_md, &report[i..]),
-            None => format!("{report}{section_md}"),
-        };
-    };
-    let rest = &report[start + HEAD.len()..];
-    let end = rest.find("\n## ").map_or(report.len(), |i| start + HEAD.len() + i);
-    format!("{}{}{}", &report[..start], section_md, &report[end..])
+    super::report::splice(report, "\n## 5. Worker memory", section_md)
 }
 
 #[cfg(test)]

@@ -258,16 +258,29 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         memory,
         kernel,
     };
-    let output = args.output.clone().unwrap_or_else(|| {
-        if args.quick {
+    let output = report_path(root, &work, &results.plan, args);
+    std::fs::write(&output, report::render(&results))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote {}", output.display());
+    Ok(())
+}
+
+/// Where the report goes (`--only PART`: the report it amends).
+fn report_path(root: &Path, work: &Path, plan: &Plan, args: &BenchArgs) -> PathBuf {
+    args.output.clone().unwrap_or_else(|| {
+        if plan.quick {
             work.join("BENCHMARKS.quick.md")
         } else {
             root.join("BENCHMARKS.md")
         }
-    });
-    std::fs::write(&output, report::render(&results))
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    println!("bench: wrote {}", output.display());
+    })
+}
+
+/// Rewrites the report at `output` with `amend` (which replaces one part's section).
+fn amend_report(output: &Path, what: &str, amend: impl FnOnce(&str) -> String) -> Result<()> {
+    let report = std::fs::read_to_string(output).unwrap_or_default();
+    std::fs::write(output, amend(&report)).with_context(|| format!("cannot write {}", output.display()))?;
+    println!("bench: wrote the {what} section of {}", output.display());
     Ok(())
 }
 
@@ -276,20 +289,11 @@ fn only_views(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environm
     let mut v = views::run(root, work, plan, redis)?;
     v.date = env.date.clone();
     v.commit = env.commit.clone();
-    let output = args.output.clone().unwrap_or_else(|| {
-        if plan.quick {
-            work.join("BENCHMARKS.quick.md")
-        } else {
-            root.join("BENCHMARKS.md")
-        }
-    });
-    let report = std::fs::read_to_string(&output).unwrap_or_default();
-    let mut section = String::new();
-    views::section(&mut section, &v);
-    std::fs::write(&output, views::splice(&report, &section))
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    println!("bench: wrote the live views' section of {}", output.display());
-    Ok(())
+    amend_report(&report_path(root, work, plan, args), "live views'", |report| {
+        let mut section = String::new();
+        views::section(&mut section, &v);
+        views::splice(report, &section)
+    })
 }
 
 /// `--only memory`: the worker-memory part alone, its section replaced in the existing report.
@@ -297,20 +301,11 @@ fn only_memory(root: &Path, work: &Path, plan: &Plan, env: &Environment, args: &
     let mut m = memory::run(root, work, plan)?;
     m.date = env.date.clone();
     m.commit = env.commit.clone();
-    let output = args.output.clone().unwrap_or_else(|| {
-        if plan.quick {
-            work.join("BENCHMARKS.quick.md")
-        } else {
-            root.join("BENCHMARKS.md")
-        }
-    });
-    let report = std::fs::read_to_string(&output).unwrap_or_default();
-    let mut section = String::new();
-    memory::section(&mut section, &m);
-    std::fs::write(&output, memory::splice(&report, &section))
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    println!("bench: wrote the worker-memory section of {}", output.display());
-    Ok(())
+    amend_report(&report_path(root, work, plan, args), "worker-memory", |report| {
+        let mut section = String::new();
+        memory::section(&mut section, &m);
+        memory::splice(report, &section)
+    })
 }
 
 /// `--only kernel`: the kernel programs' part alone, its section replaced in (or added to) the
@@ -319,25 +314,16 @@ fn only_kernel(root: &Path, work: &Path, plan: &Plan, redis: &str, env: &Environ
     let mut k = kernel::run(root, work, plan, redis)?;
     k.date = env.date.clone();
     k.commit = env.commit.clone();
-    let output = args.output.clone().unwrap_or_else(|| {
-        if plan.quick {
-            work.join("BENCHMARKS.quick.md")
-        } else {
-            root.join("BENCHMARKS.md")
-        }
-    });
-    let existing = std::fs::read_to_string(&output).unwrap_or_default();
-    // A quick report may have no section 1: take it from BENCHMARKS.md then.
-    let cpu = report::kernel::middleware_from_report(&existing).or_else(|| {
-        let full = std::fs::read_to_string(root.join("BENCHMARKS.md")).ok()?;
-        report::kernel::middleware_from_report(&full)
-    });
-    let mut section = String::new();
-    report::kernel::section(&mut section, &k, cpu);
-    std::fs::write(&output, report::kernel::splice(&existing, &section))
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    println!("bench: wrote the kernel programs' section of {}", output.display());
-    Ok(())
+    amend_report(&report_path(root, work, plan, args), "kernel programs'", |report| {
+        // A quick report may have no section 1: take it from BENCHMARKS.md then.
+        let cpu = report::kernel::middleware_from_report(report).or_else(|| {
+            let full = std::fs::read_to_string(root.join("BENCHMARKS.md")).ok()?;
+            report::kernel::middleware_from_report(&full)
+        });
+        let mut section = String::new();
+        report::kernel::section(&mut section, &k, cpu);
+        report::kernel::splice(report, &section)
+    })
 }
 
 /// prometheus_client in the gunicorn venv (the configuration wsgiscope is compared with).

@@ -202,13 +202,10 @@ pub fn section(md: &mut String, v: &Views) {
     );
 }
 
-/// Replaces the live-views section of an existing report (or appends it): `--only views`.
+/// Replaces the live-views section of an existing report, or puts it before the exact
+/// commands: `--only views`.
 pub fn splice(report: &str, section_md: &str) -> String {
-    const HEAD: &str = "\n## 4. Live views";
-    let Some(start) = report.find(HEAD) else { return format!("{report}{section_md}") };
-    let rest = &report[start + HEAD.len()..];
-    let end = rest.find("\n## ").map_or(report.len(), |i| start + HEAD.len() + i);
-    format!("{}{}{}", &report[..start], section_md, &report[end..])
+    super::report::splice(report, "\n## 4. Live views", section_md)
 }
 
 #[cfg(test)]
@@ -221,5 +218,7 @@ mod tests {
         let out = splice(report, "\n## 4. Live views (page and API)\nnew\n");
         assert_eq!(out, "# B\n\n## 3. C\nc\n\n## 4. Live views (page and API)\nnew\n\n## Exact commands\ncmd\n");
         assert_eq!(splice("# B\n", "\n## 4. Live views\nx\n"), "# B\n\n## 4. Live views\nx\n");
+        let before_commands = splice("# B\n\n## 5. M\nm\n\n## Exact commands\ncmd\n", "\n## 4. Live views\nx\n");
+        assert_eq!(before_commands, "# B\n\n## 5. M\nm\n\n## 4. Live views\nx\n\n## Exact commands\ncmd\n");
     }
 }

@@ -281,18 +281,10 @@ pub fn middleware_from_report(report: &str) -> Option<MiddlewareCpu> {
     Some(MiddlewareCpu { wsgiscope_us: of("app + wsgiscope")? - alone, timing_us: of("app + timing")? - alone })
 }
 
-/// Replaces this section of an existing report; if it has none, inserts it before the exact
-/// commands (or appends it).
+/// Replaces the kernel programs' section of an existing report, or puts it before the exact
+/// commands: `--only kernel`.
 pub fn splice(report: &str, section_md: &str) -> String {
-    if let Some(start) = report.find(HEAD) {
-        let rest = &report[start + HEAD.len()..];
-        let end = rest.find("\n## ").map_or(report.len(), |i| start + HEAD.len() + i);
-        return format!("{}{}{}", &report[..start], section_md, &report[end..]);
-    }
-    match report.find("\n## Exact commands") {
-        Some(at) => format!("{}{}{}", &report[..at], section_md, &report[at..]),
-        None => format!("{report}{section_md}"),
-    }
+    super::splice(report, HEAD, section_md)
 }
 
 #[cfg(test)]

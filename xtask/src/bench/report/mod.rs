@@ -33,6 +33,20 @@ pub fn render(r: &Results) -> String {
     md
 }
 
+/// Replaces the section that starts with `head` (e.g. "\n## 4. Live views") in an existing
+/// report, or puts it before the exact commands (or at the end): what `--only PART` writes.
+pub(super) fn splice(report: &str, head: &str, section_md: &str) -> String {
+    if let Some(start) = report.find(head) {
+        let rest = &report[start + head.len()..];
+        let end = rest.find("\n## ").map_or(report.len(), |i| start + head.len() + i);
+        return format!("{}{}{}", &report[..start], section_md, &report[end..]);
+    }
+    match report.find("\n## Exact commands") {
+        Some(at) => format!("{}{}{}", &report[..at], section_md, &report[at..]),
+        None => format!("{report}{section_md}"),
+    }
+}
+
 fn header(md: &mut String, r: &Results) {
     let e = &r.env;
     let _ = writeln!(md, "# Benchmarks\n");
