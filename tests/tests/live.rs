@@ -97,8 +97,10 @@ fn every_request_once(server: &Server, agent: &Agent, error_status: Option<u16>)
             assert_eq!(r["blocks"].as_u64(), Some(t.blocks), "{r}");
             assert_eq!(r["worker"].as_u64(), Some(slots[pid]), "{r}: the slot /metrics gives process {pid}");
             let (d, e) = (r["duration"].as_f64().unwrap(), t.elapsed);
-            // The agent's span holds the app's (from the first byte read to the last written).
-            assert!(d >= e - 100e-6, "{r}: duration {d} vs the app's {e}");
+            // The agent's span runs from the first byte read to the last written; the middleware
+            // reads its clock when the server closes the iterable, just after the last write:
+            // the two agree within the metrics tests' bound, max(100 µs, 2 %), at the end.
+            assert!(d >= e - (0.02 * e).max(100e-6), "{r}: duration {d} vs the app's {e}");
             assert!(r["end"].as_f64().unwrap() - r["start"].as_f64().unwrap() - d < 1e-6);
             assert!(r["cpu_time"].as_f64().is_some_and(|c| c > 0.0), "{r}: CPU time");
             assert!(r["calls"].as_array().unwrap().is_empty());
