@@ -16,7 +16,7 @@ use crate::{
     views::{
         active::{self, Doing},
         api::{InFlight, Wait, WorkerNow},
-        unix_of,
+        unix_clock,
     },
     sockets::Peer,
     reconstruct::{self, Facts, Protocol},
@@ -150,6 +150,7 @@ impl<'m> Session<'m> {
             })
             .collect();
         let secs = |ns: u64| ns as f64 / 1e9;
+        let unix_of = unix_clock();
         for r in running {
             let Some(w) = self.agg.slot_of(r.tgid).and_then(|s| slots.get_mut(&s)) else { continue };
             let c = &r.conn;

@@ -59,7 +59,7 @@ fn enumerator(btf: &Btf, name: &str) -> Option<u32> {
             .members
             .iter()
             .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == name))
-            .map(|m| m.val() as u32),
+            .map(|m| m.val()),
         _ => None,
     })
 }
@@ -87,7 +87,7 @@ pub fn layout(btf: &Btf) -> Result<RssLayout> {
     for (w, (name, default)) in words.iter_mut().zip(RESIDENT) {
         let index = enumerator(btf, name).unwrap_or(default);
         let at = index * size + count;
-        if index as usize >= array.len() || at % 8 != 0 || at as usize + 8 > RSS_READ {
+        if index as usize >= array.len() || !at.is_multiple_of(8) || at as usize + 8 > RSS_READ {
             bail!("{name} is not where wsgiscope reads (word at byte {at})");
         }
         *w = at / 8;

@@ -27,8 +27,13 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// Unix time (s) of a CLOCK_MONOTONIC instant, by the clocks' offset now.
 pub fn unix_of(mono_ns: u64) -> f64 {
+    unix_clock()(mono_ns)
+}
+
+/// `unix_of` with the clocks' offset read once, for converting many instants.
+pub fn unix_clock() -> impl Fn(u64) -> f64 {
     let offset = clock_ns(libc::CLOCK_REALTIME) as f64 - monotonic_ns() as f64;
-    (mono_ns as f64 + offset) / 1e9
+    move |mono_ns| (mono_ns as f64 + offset) / 1e9
 }
 
 /// What the live views hold; shared by the collector (writes) and the HTTP server (reads).
@@ -84,7 +89,7 @@ impl Views {
     /// `/api/requests`, as JSON.
     pub fn requests_json(&self, since: u64, limit: usize) -> String {
         let strings = self.strings.lock().expect("views lock");
-        self.log.lock().expect("views lock").page_json(since, limit, unix_of, &strings)
+        self.log.lock().expect("views lock").page_json(since, limit, unix_clock(), &strings)
     }
 
     pub fn active(&self) -> Active {
