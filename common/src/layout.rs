@@ -55,6 +55,9 @@ pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
 pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
 /// …and whether `sched_stat_runtime` is attached (CPU clocks follow the scheduler's charges).
 pub const GLOBAL_KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
+/// …where a task's own CPU clock is (`task_struct.se.sum_exec_runtime`; 0: not read, charges
+/// are added up instead)…
+pub const GLOBAL_SUM_EXEC_OFFSET: &str = "SUM_EXEC_OFFSET";
 /// Where a task's resident-page counters are (0: not measured): `task_struct.mm`…
 pub const GLOBAL_RSS_MM_OFFSET: &str = "RSS_MM_OFFSET";
 /// …`mm_struct.rss_stat`…

@@ -223,3 +223,6 @@ pub const THREAD_CONCURRENT: u32 = 1;
 /// `ThreadReq::flags`: the entry is new and the scheduler has not charged the thread since: its
 /// first charge can hold time from before the entry existed, so it is capped at the time since.
 pub const THREAD_FRESH: u32 = 2;
+/// `ThreadReq::flags`: `cpu_total_ns` is the task's own clock (`se.sum_exec_runtime`), set
+/// afresh at each charge and switch instead of added up.
+pub const THREAD_ABSOLUTE: u32 = 4;

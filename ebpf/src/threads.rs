@@ -8,17 +8,66 @@
 //! (`sched:sched_switch` tells when it goes off and on CPU). The charges alone come at ticks:
 //! too coarse for 1 ms requests. Kernels without that tracepoint: the time between its context
 //! switches. A thread's entry is made when it reads its first request and dropped when it exits.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+//!
+//! The kernel skips a tracing program that would nest inside another on its CPU (a tick's
+//! charge landing while one of our syscall programs runs): a charge added up would be lost.
+//! Where the agent found the task's own clock in the kernel's BTF, each charge and switch reads
+//! it instead (`se.sum_exec_runtime`), so the next one holds what a skipped one charged.
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
 use wsgiscope_common::{
     conn_key,
     sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID},
-    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT, THREAD_FRESH,
+    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_ABSOLUTE, THREAD_CONCURRENT,
+    THREAD_FRESH,
 };
 
 /// Set by the agent when `sched_stat_runtime` is attached.
 #[unsafe(no_mangle)]
 static KERNEL_RUNTIME: u32 = 0;
+
+/// Set by the agent from the kernel's BTF: where `task_struct.se.sum_exec_runtime` is (0: unknown).
+#[unsafe(no_mangle)]
+static SUM_EXEC_OFFSET: u32 = 0;
+
+/// The current task's CPU clock as the scheduler last charged it, where the agent found it.
+#[inline(always)]
+fn charged_clock() -> Option<u64> {
+    // SAFETY: volatile read of a global the loader may have rewritten.
+    let off = unsafe { core::ptr::read_volatile(&SUM_EXEC_OFFSET) };
+    if off == 0 {
+        return None;
+    }
+    let mut clock = 0u64;
+    // SAFETY: a read of kernel memory through the helper, which reports faults.
+    let rc = unsafe {
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((&mut clock as *mut u64).cast(), 8, (task + off as u64) as *const _)
+    };
+    (rc == 0).then_some(clock)
+}
+
+/// The scheduler charged thread `t` up to `ts`: its clock is the task's own (`clock`, read
+/// when `t` is the current task) where known, else the charge `runtime` added. A fresh entry's
+/// first charge can hold time from before it existed: capped at the time since.
+#[inline(always)]
+fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
+    let mut total = match clock {
+        Some(c) if t.flags & THREAD_ABSOLUTE != 0 => c,
+        _ => t.cpu_total_ns + runtime,
+    };
+    if t.flags & THREAD_FRESH != 0 {
+        t.flags &= !THREAD_FRESH;
+        if t.cpu_since_ns != 0 {
+            total = total.min(t.cpu_total_ns + ts.saturating_sub(t.cpu_since_ns));
+        }
+    }
+    t.cpu_total_ns = total;
+}
 
 use crate::{
     conn::{now, response_begun},
@@ -37,9 +86,14 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         // SAFETY: volatile read of a global the loader may have rewritten.
-        let charged = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
-        // With sched_stat_runtime the scheduler charged its last stretch just before.
-        if t.cpu_since_ns != 0 && !charged {
+        let kernel_runtime = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
+        // With sched_stat_runtime the scheduler charged its last stretch just before (read
+        // the task's clock here too: that charge may have been skipped).
+        if kernel_runtime {
+            if t.flags & THREAD_ABSOLUTE != 0 {
+                charged(t, charged_clock(), 0, ts);
+            }
+        } else if t.cpu_since_ns != 0 {
             t.cpu_total_ns += ts.saturating_sub(t.cpu_since_ns);
         }
         t.cpu_since_ns = 0;
@@ -60,15 +114,11 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     if let Some(t) = serving(pid).then(|| THREADS.get_ptr_mut(&pid)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
-        let mut runtime = field::<u64>(&ctx, RUNTIME as usize);
+        let runtime = field::<u64>(&ctx, RUNTIME as usize);
         let ts = now();
-        if t.flags & THREAD_FRESH != 0 {
-            t.flags &= !THREAD_FRESH;
-            if t.cpu_since_ns != 0 {
-                runtime = runtime.min(ts.saturating_sub(t.cpu_since_ns));
-            }
-        }
-        t.cpu_total_ns += runtime;
+        // The charged task is the running one, but for a charge taken from another CPU.
+        let own = t.flags & THREAD_ABSOLUTE != 0 && pid_tgid().0 as u32 == pid;
+        charged(t, own.then(charged_clock).flatten(), runtime, ts);
         // Charged while it runs (a tick, a wakeup check): its clock runs on from here.
         if t.cpu_since_ns != 0 {
             t.cpu_since_ns = ts;
@@ -116,12 +166,15 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         c.agg.flags |= AGG_CPU;
         return;
     }
-    // Running now: its clock starts at zero.
-    let t = ThreadReq { start_ns, fd, in_flight: 1, flags: THREAD_FRESH, _pad: 0, cpu_total_ns: 0, cpu_since_ns: now() };
+    // Running now: its clock starts at the task's own where known, else at zero.
+    let clock = charged_clock();
+    let flags = THREAD_FRESH | if clock.is_some() { THREAD_ABSOLUTE } else { 0 };
+    let total = clock.unwrap_or(0);
+    let t = ThreadReq { start_ns, fd, in_flight: 1, flags, _pad: 0, cpu_total_ns: total, cpu_since_ns: now() };
     if THREADS.insert(&tid, &t, 0).is_ok() {
         set_serving(tid, true);
-        c.agg.cpu_start_ns = 0;
-        c.agg.cpu_end_ns = 0;
+        c.agg.cpu_start_ns = total;
+        c.agg.cpu_end_ns = total;
         c.agg.flags |= AGG_CPU;
     } else {
         bump(STAT_THREAD_TABLE_FULL);

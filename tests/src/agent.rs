@@ -85,6 +85,24 @@ impl Agent {
         last
     }
 
+    /// Every record the live API holds (/api/requests read page by page from cursor 0).
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut since = 0;
+        loop {
+            let path = format!("/api/requests?since={since}&limit=1000");
+            let (status, body) = crate::http_get(&self.metrics_url, &path).expect("GET /api/requests");
+            assert_eq!(status, 200, "{path}: {body}");
+            let page: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+            assert_eq!(page["missed"], 0, "no record dropped from the live ring");
+            out.extend(page["requests"].as_array().unwrap().iter().cloned());
+            since = page["cursor"].as_u64().unwrap();
+            if !page["more"].as_bool().unwrap() {
+                return out;
+            }
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

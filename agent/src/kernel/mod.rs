@@ -3,6 +3,7 @@
 //! category from `wsgiscope_common::tracepoint_category`), the GC uprobes per interpreter
 //! (`gc`, `usdt`). `Kernel` also reads and seeds the maps the agent shares with the programs.
 //! Dropping it unloads everything; `detach` first closes the links, in parallel.
+mod cpu_clock;
 mod gc;
 mod preflight;
 pub mod rss;
@@ -19,7 +20,7 @@ use aya::{
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
     MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
 
@@ -106,9 +107,16 @@ impl Kernel {
             .is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok());
 
         // Resident-page counters for memory growth per request, where the kernel's BTF shows them.
-        let rss = rss::kernel_layout().unwrap_or_else(|e| {
+        let btf = rss::kernel_btf();
+        let no_rss = rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] };
+        let rss = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(rss::layout).unwrap_or_else(|e| {
             log::warn!("memory growth per request is not measured: {e:#}");
-            rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] }
+            no_rss
+        });
+        // The task's own CPU clock, read at each charge: a charge the kernel skips is not lost.
+        let sum_exec = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
+            log::warn!("CPU time per request adds up the scheduler's charges (a skipped one is lost): {e:#}");
+            0
         });
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_RSS_MM_OFFSET, &rss.mm, true)
@@ -118,6 +126,7 @@ impl Kernel {
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
             .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
             .override_global(GLOBAL_KERNEL_RUNTIME, &u32::from(kernel_runtime), true)
+            .override_global(GLOBAL_SUM_EXEC_OFFSET, &sum_exec, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
             .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
 
@@ -295,7 +304,7 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS,
+        GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS,
         MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS,
     };
 
@@ -317,6 +326,7 @@ mod tests {
             GLOBAL_RSS_MM_OFFSET,
             GLOBAL_RSS_STAT_OFFSET,
             GLOBAL_RSS_WORDS,
+            GLOBAL_SUM_EXEC_OFFSET,
         ];
         for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
             assert!(symbols.contains(name), "{name} missing from the eBPF object");

@@ -23,7 +23,7 @@ pub struct RssLayout {
 }
 
 /// A member of `s` by name, looking into anonymous structs and unions; (byte offset, type).
-fn member(btf: &Btf, s: &Struct, name: &str) -> Option<(u32, Type)> {
+pub(super) fn member(btf: &Btf, s: &Struct, name: &str) -> Option<(u32, Type)> {
     for m in &s.members {
         let t = btf.resolve_chained_type(m).ok()?;
         let n = btf.resolve_name(m).unwrap_or_default();
@@ -41,7 +41,7 @@ fn member(btf: &Btf, s: &Struct, name: &str) -> Option<(u32, Type)> {
     None
 }
 
-fn structure(btf: &Btf, name: &str) -> Result<Struct> {
+pub(super) fn structure(btf: &Btf, name: &str) -> Result<Struct> {
     btf.resolve_types_by_name(name)?
         .into_iter()
         .find_map(|t| match t {
@@ -98,10 +98,9 @@ pub fn layout(btf: &Btf) -> Result<RssLayout> {
     Ok(RssLayout { mm, rss_stat, words })
 }
 
-/// The running kernel's layout.
-pub fn kernel_layout() -> Result<RssLayout> {
-    let btf = Btf::from_file("/sys/kernel/btf/vmlinux").context("cannot read /sys/kernel/btf/vmlinux")?;
-    layout(&btf)
+/// The running kernel's BTF.
+pub fn kernel_btf() -> Result<Btf> {
+    Btf::from_file("/sys/kernel/btf/vmlinux").context("cannot read /sys/kernel/btf/vmlinux")
 }
 
 #[cfg(test)]
@@ -111,7 +110,7 @@ mod tests {
     #[test]
     fn this_kernel_s_counters_are_found() {
         // The test machines run a kernel with BTF (the agent needs it anyway).
-        let l = kernel_layout().unwrap();
+        let l = layout(&kernel_btf().unwrap()).unwrap();
         assert!(l.mm > 0 && l.rss_stat > 0, "{l:?}");
         // Three distinct words, file before anon before shmem.
         assert!(l.words[0] < l.words[1] && l.words[1] < l.words[2], "{l:?}");
