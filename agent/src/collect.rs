@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{info, warn};
-use wsgiscope_common::{CallEvent, CALL_WRITING};
+use wsgiscope_common::{CallEvent, CALL_WRITING, CONN_CLOSED};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -255,7 +255,8 @@ impl<'m> Collector<'m> {
         let mut running: HashMap<u32, Vec<InProgress>> = HashMap::new();
         let mut connections = 0;
         for (key, c) in self.kernel.connections() {
-            connections += 1;
+            // A closed one is kept only for its fd number's next accept.
+            connections += usize::from(c.flags & CONN_CLOSED == 0);
             if let Some(r) = record::in_progress(key, &c) {
                 running.entry(r.root).or_default().push(r);
             }

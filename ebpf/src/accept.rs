@@ -1,11 +1,11 @@
 //! Accepted sockets of traced processes become connections, with their address family
 //! (the transport: TCP or a UNIX socket).
 use aya_ebpf::programs::TracePointContext;
-use wsgiscope_common::{conn_key, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE_FULL};
+use wsgiscope_common::{conn_key, ConnState, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE_FULL};
 
 use crate::{
     conn::{finish_request, now},
-    maps::{bump, root_of, PeerKey, CONNS, ESTABLISHED, SCRATCH},
+    maps::{bump, root_of, take_established, PeerKey, CONNS, SCRATCH},
     tp::{pid_tgid, programs, ret},
     user::{entry_args, read_user},
 };
@@ -53,34 +53,43 @@ fn accepted(ctx: &TracePointContext) {
     let (family, peer) = if addr != 0 { peer(addr) } else { (0, None) };
     // How long the connection waited in the listen queue for a worker.
     let mut wait = None;
-    if let Some(k) = peer {
-        // SAFETY: u64 value copied out at once.
-        if let Some(est) = unsafe { ESTABLISHED.get(&k) }.copied() {
-            wait = Some(ts.saturating_sub(est));
-            let _ = ESTABLISHED.remove(&k);
-        }
+    if let Some(est) = peer.as_ref().and_then(take_established) {
+        wait = Some(ts.saturating_sub(est));
     }
     let key = conn_key(tgid, fd as u32);
+    let accept_flags = if wait.is_some() { AGG_ACCEPT_WAIT } else { 0 };
     if let Some(old) = CONNS.get_ptr_mut(&key) {
         // SAFETY: map value pointer valid for this program run.
-        finish_request(unsafe { &mut *old }, key, END_FD_REUSED, ts);
+        let old = unsafe { &mut *old };
+        // A request still open there lost its close (fd reused); a closed entry is reused.
+        finish_request(old, key, END_FD_REUSED, ts);
+        reset(old, root, family, accept_flags, wait.unwrap_or(0));
+        return;
     }
     let Some(fresh) = SCRATCH.get_ptr_mut(0) else { return };
-    // SAFETY: per-CPU scratch; only root, flags and family matter until a request starts.
+    // SAFETY: per-CPU scratch; only the fields `reset` sets matter until a request starts.
     unsafe {
-        (*fresh).root = root;
-        (*fresh).flags = 0;
-        (*fresh).partial_left = 0;
-        (*fresh).mm = 0;
-        (*fresh).agg.req_head_len = 0;
-        (*fresh).agg.resp_head_len = 0;
-        (*fresh).agg.family = family;
-        (*fresh).agg.flags = if wait.is_some() { AGG_ACCEPT_WAIT } else { 0 };
-        (*fresh).agg.accept_wait_ns = wait.unwrap_or(0);
+        reset(&mut *fresh, root, family, accept_flags, wait.unwrap_or(0));
         if CONNS.insert(&key, &*fresh, 0).is_err() {
             bump(STAT_CONN_TABLE_FULL);
         }
     }
+}
+
+/// A new connection's state: root, transport and accept wait; no request yet.
+#[inline(always)]
+fn reset(c: &mut ConnState, root: u32, family: u16, flags: u16, wait: u64) {
+    c.root = root;
+    c.flags = 0;
+    c.partial_left = 0;
+    c.call_fd = 0;
+    // Re-read at the first request (the process may have exec'd since the entry was made).
+    c.mm = 0;
+    c.agg.req_head_len = 0;
+    c.agg.resp_head_len = 0;
+    c.agg.family = family;
+    c.agg.flags = flags;
+    c.agg.accept_wait_ns = wait;
 }
 
 programs!(sys_exit_accept, sys_exit_accept4 => |ctx| accepted(&ctx));

@@ -1,11 +1,11 @@
 //! close and shutdown end the request in progress on a connection.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{conn_key, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
+use wsgiscope_common::{conn_key, CONN_CLOSED, CONN_KEEP_FDS, CONN_SHUT, END_CLOSE, END_SHUTDOWN};
 
 use crate::{
     conn::{finish_request, now},
     downstream,
-    maps::{traced, CONNS},
+    maps::{conn, traced, CONNS},
     tp::{arg, pid_tgid},
 };
 
@@ -15,11 +15,16 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    let key = conn_key(tgid, arg(&ctx, 0) as u32);
-    if let Some(c) = CONNS.get_ptr_mut(&key) {
-        // SAFETY: map value pointer valid for this program run.
-        finish_request(unsafe { &mut *c }, key, END_CLOSE, now());
-        let _ = CONNS.remove(&key);
+    let fd = arg(&ctx, 0) as u32;
+    let key = conn_key(tgid, fd);
+    if let Some(c) = conn(key) {
+        finish_request(c, key, END_CLOSE, now());
+        // Kept for the next accept on this fd number, which resets it in place.
+        if fd < CONN_KEEP_FDS {
+            c.flags = CONN_CLOSED;
+        } else {
+            let _ = CONNS.remove(&key);
+        }
     } else {
         downstream::closed(key);
     }
@@ -39,9 +44,7 @@ pub fn sys_enter_shutdown(ctx: TracePointContext) -> u32 {
         return 0; // SHUT_RD does not end the response
     }
     let key = conn_key(tgid, arg(&ctx, 0) as u32);
-    if let Some(c) = CONNS.get_ptr_mut(&key) {
-        // SAFETY: map value pointer valid for this program run.
-        let c = unsafe { &mut *c };
+    if let Some(c) = conn(key) {
         finish_request(c, key, END_SHUTDOWN, now());
         c.flags |= CONN_SHUT;
     }

@@ -96,6 +96,16 @@ pub fn response_begun(c: &ConnState) -> bool {
     c.agg.write_calls > u32::from(c.agg.flags & AGG_INTERIM != 0)
 }
 
+/// A head's kept length as a copy size the verifier can bound: at most `KEEP`.
+#[inline(always)]
+fn kept<const KEEP: usize>(len: u32) -> u32 {
+    if len as usize >= KEEP {
+        KEEP as u32
+    } else {
+        len & (KEEP as u32 - 1)
+    }
+}
+
 /// Emits the request in progress on `c` (if any) as one ring-buffer record and clears it.
 #[inline(always)]
 pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
@@ -118,14 +128,16 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
         (*e)._pad = 0;
         (*e).end_ns = ts;
         (*e).agg = c.agg;
+        // The kept bytes only (the agent reads no further): a short head is a cache line or
+        // two, not the 768 bytes of the buffers.
         bpf_probe_read_kernel(
             (*e).req_head.as_mut_ptr().cast(),
-            REQ_HEAD_LEN as u32,
+            kept::<REQ_HEAD_LEN>(c.agg.req_head_len),
             c.req_head.as_ptr().cast(),
         );
         bpf_probe_read_kernel(
             (*e).resp_head.as_mut_ptr().cast(),
-            RESP_HEAD_LEN as u32,
+            kept::<RESP_HEAD_LEN>(c.agg.resp_head_len),
             c.resp_head.as_ptr().cast(),
         );
     }

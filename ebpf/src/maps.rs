@@ -2,9 +2,9 @@
 //! `wsgiscope_common::layout`: `MAP_*`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, STAT_COUNT};
+use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, CONN_CLOSED, STAT_COUNT};
 
 /// Traced processes and threads: task id → tgid of the attached master (the "root").
 /// Seeded by the agent at attach, grown on fork in the kernel so no new worker is missed.
@@ -12,8 +12,18 @@ use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, STAT_COUNT};
 pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
 /// Accepted sockets of traced processes: `conn_key(tgid, fd)` → state of the request in progress.
+/// Read it through `conn`: an entry marked `CONN_CLOSED` is no connection.
 #[map]
 pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(8192, 0);
+
+/// The connection `key`, unless there is none (or only a closed one kept for reuse).
+#[inline(always)]
+pub fn conn(key: u64) -> Option<&'static mut ConnState> {
+    let c = CONNS.get_ptr_mut(&key)?;
+    // SAFETY: map value pointer valid for this program run (the program's whole life here).
+    let c = unsafe { &mut *c };
+    (c.flags & CONN_CLOSED == 0).then_some(c)
+}
 
 /// Sockets traced processes connected (downstream: databases, caches, HTTP services):
 /// `conn_key(tgid, fd)` → the call in progress. Seeded by the agent for sockets connected
@@ -70,10 +80,63 @@ pub struct PeerKey {
     pub _pad: u32,
 }
 
-/// TCP connections established on this node, not yet accepted: peer → time (ns). LRU, because
-/// most are accepted by processes wsgiscope does not trace and never taken out.
+/// A TCP handshake completed on this node: the peer, and when (0: the slot is free).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Established {
+    pub peer: PeerKey,
+    pub ts: u64,
+}
+
+/// Slots of `ESTABLISHED` (a power of two).
+const ESTABLISHED_SLOTS: u32 = 1 << 16;
+
+/// TCP connections established on this node, not yet accepted: a direct-mapped table, the slot
+/// chosen by the peer's port and address. Most handshakes are accepted by processes wsgiscope
+/// does not trace and never taken out; an LRU hash forgot them, at ~650 ns per insert here,
+/// while writing and reading a slot are array accesses the JIT inlines. Live connections from
+/// one address have distinct ports, so distinct slots; a slot another address's handshake takes
+/// over before the accept costs that connection its wait (not measured, never wrong: the peer
+/// is compared).
 #[map]
-pub static ESTABLISHED: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static ESTABLISHED: Array<Established> = Array::with_max_entries(ESTABLISHED_SLOTS, 0);
+
+#[inline(always)]
+fn established_slot(peer: &PeerKey) -> u32 {
+    let mut a = 0u32;
+    let mut i = 0;
+    while i < 16 {
+        a ^= u32::from_ne_bytes([peer.addr[i], peer.addr[i + 1], peer.addr[i + 2], peer.addr[i + 3]]);
+        i += 4;
+    }
+    // The address folded to 16 bits, the port on top: one address's connections differ in it.
+    (peer.port ^ a ^ (a >> 16)) & (ESTABLISHED_SLOTS - 1)
+}
+
+/// The handshake with `peer` completed at `ts`.
+#[inline(always)]
+pub fn established(peer: PeerKey, ts: u64) {
+    if let Some(e) = ESTABLISHED.get_ptr_mut(established_slot(&peer)) {
+        // SAFETY: array slot, valid for the program run.
+        unsafe { *e = Established { peer, ts } };
+    }
+}
+
+/// When the handshake with `peer` completed, if its slot still holds it (the slot is freed).
+#[inline(always)]
+pub fn take_established(peer: &PeerKey) -> Option<u64> {
+    let e = ESTABLISHED.get_ptr_mut(established_slot(peer))?;
+    // SAFETY: array slot, valid for the program run.
+    unsafe {
+        let ts = (*e).ts;
+        let p = &(*e).peer;
+        if ts == 0 || p.port != peer.port || p.addr != peer.addr {
+            return None;
+        }
+        (*e).ts = 0;
+        Some(ts)
+    }
+}
 
 /// Room to build a `ConnState` (too large for the 512-byte BPF stack).
 #[map]

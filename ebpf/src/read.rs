@@ -9,7 +9,7 @@ use wsgiscope_common::{
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_request},
     downstream, threads,
-    maps::{traced, CONNS},
+    maps::{conn, traced},
     sniff::looks_like_request,
     tp::{pid_tgid, programs, ret},
     user::{entry_args, first_piece},
@@ -28,13 +28,11 @@ fn read_done(ctx: &TracePointContext, op: u32) {
     let Some((fd, buf)) = entry_args() else { return };
     let key = conn_key(tgid, fd as u32);
     let n = n as u64;
-    let Some(c) = CONNS.get_ptr_mut(&key) else {
+    let Some(c) = conn(key) else {
         // Not a connection: perhaps a downstream call's response.
         downstream::read(key, op, buf, n, now(), id as u32);
         return;
     };
-    // SAFETY: map value pointer valid for this program run.
-    let c = unsafe { &mut *c };
     let (src, avail) = first_piece(op, buf, n);
     let ts = now();
     if c.flags & CONN_IN_REQUEST == 0 {

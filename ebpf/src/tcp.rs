@@ -6,7 +6,7 @@ use wsgiscope_common::sock_state::{DADDR, DADDR_V6, DPORT, FAMILY, NEWSTATE, OLD
 
 use crate::{
     conn::now,
-    maps::{PeerKey, ESTABLISHED},
+    maps::{established, PeerKey},
     tp,
 };
 
@@ -35,6 +35,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         key.addr[..8].copy_from_slice(&field::<u64>(&ctx, DADDR_V6).to_ne_bytes());
         key.addr[8..].copy_from_slice(&field::<u64>(&ctx, DADDR_V6 + 8).to_ne_bytes());
     }
-    let _ = ESTABLISHED.insert(&key, &now(), 0);
+    established(key, now());
     0
 }

@@ -8,7 +8,7 @@ use wsgiscope_common::{
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
     downstream, threads,
-    maps::CONNS,
+    maps::conn,
     pending::{stash, stash_fd, take, take_for},
     sniff::{is_interim, is_response_head},
     tp::{arg, pid_tgid, programs, ret},
@@ -19,13 +19,11 @@ use crate::{
 fn write_done(ctx: &TracePointContext) {
     let (id, tgid) = pid_tgid();
     let Some(p) = take_for(id, tgid) else { return };
-    let Some(c) = CONNS.get_ptr_mut(&p.key) else {
+    let Some(c) = conn(p.key) else {
         // Not a connection: perhaps a downstream call's request.
         downstream::wrote(&p, ret(ctx), now(), id as u32);
         return;
     };
-    // SAFETY: map value pointer valid for this program run.
-    let c = unsafe { &mut *c };
     if c.flags & CONN_IN_REQUEST == 0 {
         return;
     }
@@ -119,9 +117,7 @@ fn poll_enter(ctx: &TracePointContext) {
 #[inline(always)]
 fn poll_done() {
     let Some(p) = take() else { return };
-    let Some(c) = CONNS.get_ptr_mut(&p.key) else { return };
-    // SAFETY: map value pointer valid for this program run.
-    let c = unsafe { &mut *c };
+    let Some(c) = conn(p.key) else { return };
     if c.flags & CONN_IN_REQUEST != 0 {
         c.agg.write_ns += now().saturating_sub(p.enter_ns);
     }
