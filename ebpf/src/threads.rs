@@ -11,8 +11,8 @@
 //!
 //! The kernel skips a tracing program that would nest inside another on its CPU (a tick's
 //! charge landing while one of our syscall programs runs): a charge added up would be lost.
-//! Where the agent found the task's own clock in the kernel's BTF, each charge and switch reads
-//! it instead (`se.sum_exec_runtime`), so the next one holds what a skipped one charged.
+//! Where the agent found the task's own clock in the kernel's BTF, each charge reads it instead
+//! (`se.sum_exec_runtime`), so the next one holds what a skipped one charged.
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::tracepoint,
@@ -87,13 +87,10 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         let t = unsafe { &mut *t };
         // SAFETY: volatile read of a global the loader may have rewritten.
         let kernel_runtime = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
-        // With sched_stat_runtime the scheduler charged its last stretch just before (read
-        // the task's clock here too: that charge may have been skipped).
-        if kernel_runtime {
-            if t.flags & THREAD_ABSOLUTE != 0 {
-                charged(t, charged_clock(), 0, ts);
-            }
-        } else if t.cpu_since_ns != 0 {
+        // With sched_stat_runtime the scheduler charged its last stretch just before. That
+        // charge comes from the scheduler, never from inside another BPF program, so it is
+        // not skipped (ticks' charges can be: the next charge's own clock holds those).
+        if !kernel_runtime && t.cpu_since_ns != 0 {
             t.cpu_total_ns += ts.saturating_sub(t.cpu_since_ns);
         }
         t.cpu_since_ns = 0;

@@ -1,6 +1,6 @@
 //! Where the kernel keeps a task's own CPU clock, read from its BTF: `task_struct.se.
 //! sum_exec_runtime`, the nanoseconds the scheduler has charged the task (what
-//! `time.thread_time()` reads). The kernel side reads it at each charge and switch of a thread
+//! `time.thread_time()` reads). The kernel side reads it at each scheduler charge of a thread
 //! that serves requests, so a charge it misses (the kernel skips a tracing program that would
 //! nest inside another on its CPU, ours included) costs nothing: the next one holds it.
 use anyhow::{bail, Context, Result};

@@ -51,6 +51,66 @@ pub fn floor_hook(name: &str) -> Option<&'static str> {
         .find(|h| *h == name || (name.len() == 15 && h.starts_with(name)))
 }
 
+/// One operation a program does, measured alone: a bpftrace program on getppid(2) (which the
+/// agent does not hook) while the loop harness calls it outside the server; `hook` names the
+/// program measured (the kernel's 15-character name).
+pub struct Primitive {
+    pub what: &'static str,
+    pub program: &'static str,
+    pub hook: &'static str,
+}
+
+const ENTER_GETPPID: &str = "sys_enter_getpp";
+
+/// The operations the agent's programs are made of. The first is the floor; the hash map's
+/// key is the task id, so its rows include reading that.
+pub const PRIMITIVES: [Primitive; 6] = [
+    Primitive { what: "nothing (the floor)", program: "tracepoint:syscalls:sys_enter_getppid {}", hook: ENTER_GETPPID },
+    Primitive {
+        what: "read the clock (bpf_ktime_get_ns)",
+        program: "tracepoint:syscalls:sys_enter_getppid { $t = nsecs; }",
+        hook: ENTER_GETPPID,
+    },
+    Primitive {
+        what: "read the task id (bpf_get_current_pid_tgid)",
+        program: "tracepoint:syscalls:sys_enter_getppid { $t = tid; }",
+        hook: ENTER_GETPPID,
+    },
+    Primitive {
+        what: "task id, then a hash lookup that finds it",
+        program: "tracepoint:syscalls:sys_enter_getppid { $v = @m[tid]; } tracepoint:syscalls:sys_exit_getppid { @m[tid] = 1; }",
+        hook: ENTER_GETPPID,
+    },
+    Primitive {
+        what: "task id, then a hash update of an existing key",
+        program: "tracepoint:syscalls:sys_enter_getppid { $v = @m[tid]; } tracepoint:syscalls:sys_exit_getppid { @m[tid] = 1; }",
+        hook: "sys_exit_getppi",
+    },
+    Primitive {
+        what: "read a field of the current task (bpf_get_current_task, bpf_probe_read_kernel)",
+        program: "tracepoint:syscalls:sys_enter_getppid { $p = curtask->pid; }",
+        hook: ENTER_GETPPID,
+    },
+];
+
+/// Each primitive's run time: its program attached alone, `iters` getppid(2) calls.
+fn primitives(work: &Path, iters: u64) -> Result<Vec<Cost>> {
+    let mut out = Vec::new();
+    for p in &PRIMITIVES {
+        check_stop()?;
+        let bpftrace = procs::bpftrace(work, p.program)?;
+        let owner = prog_ids_of(bpftrace.pid());
+        let before = bpftool_progs()?;
+        micro::untraced(Mode::Getppid, iters)?;
+        let after = bpftool_progs()?;
+        drop(bpftrace);
+        let cost = delta(&before, &after, &owner).remove(p.hook).unwrap_or_default();
+        println!("bench: primitive {:?}: {} ns per run", p.what, cost.ns_per_run().map_or("-".into(), |v| format!("{v:.0}")));
+        out.push(cost);
+    }
+    Ok(out)
+}
+
 /// One program's counters, as `bpftool prog show -j` prints them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prog {
@@ -249,6 +309,8 @@ pub struct Kernel {
     /// Sums over rounds (the figures), and each round's (their spread).
     pub total: Windows,
     pub per_round: Vec<Windows>,
+    /// `PRIMITIVES`' run time, in their order (measured once, after the rounds).
+    pub primitives: Vec<Cost>,
     pub stats_previous: String,
     pub load_before: String,
     pub load_after: String,
@@ -349,12 +411,13 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
         k.total.add(&r);
         k.per_round.push(r);
     }
-    drop(stats);
     k.load_after = procs::loadavg();
     println!("bench: kernel programs: load average after: {}", k.load_after);
     drop(floor);
     drop(agent);
     drop(server);
+    k.primitives = primitives(work, plan.micro_iters)?;
+    drop(stats);
     Ok(k)
 }
 
