@@ -117,7 +117,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         s.spawn(|| {
             let mut i = 0usize;
             while trickle.load(Ordering::Relaxed) {
-                let route = if i % 40 == 0 { "/sleep?ms=3000" } else { TRAFFIC[i % TRAFFIC.len()].0 };
+                let route = if i.is_multiple_of(40) { "/sleep?ms=3000" } else { TRAFFIC[i % TRAFFIC.len()].0 };
                 let _ = http::get_status(app_addr, route);
                 i += 1;
                 thread::sleep(Duration::from_millis(100));
