@@ -102,7 +102,7 @@ impl<'m> Session<'m> {
         // One line per request at debug level: the kernel's aggregate, for diagnosing framing.
         let a = &ev.agg;
         debug!(
-            "{} pid {} fd {} {} {}: status {}, {} write calls ({} continuations, first {} bytes), {} blocks, {} bytes, end reason {}",
+            "{} pid {} fd {} {} {}: status {}, {} write calls ({} continuations, first {} bytes), {} blocks, {} bytes, end reason {}, thread {} CPU {}..{} flags {:#x}",
             self.agg.service(),
             r.tgid,
             r.fd,
@@ -114,7 +114,11 @@ impl<'m> Session<'m> {
             a.first_write_len,
             r.blocks,
             r.bytes,
-            ev.end_reason
+            ev.end_reason,
+            a.tid,
+            a.cpu_start_ns,
+            a.cpu_end_ns,
+            a.flags
         );
         match r.protocol {
             // Workers that read uwsgi packets or mod_wsgi requests sit behind a front end.

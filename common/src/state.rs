@@ -38,6 +38,15 @@ pub const AGG_INTERIM: u16 = 2;
 pub const AGG_CPU: u16 = 4;
 /// `RequestAgg::flags`: `rss_start_pages`/`rss_end_pages` were read.
 pub const AGG_RSS: u16 = 8;
+/// `RequestAgg::flags`: `cpu_end_ns` is still to be read off the thread's clock as it was at
+/// `last_write_ns` (a write does not look the thread up): done when the thread next goes off
+/// CPU, starts another request, or the request ends, whichever comes first.
+pub const AGG_CPU_AT_WRITE: u16 = 16;
+/// `RequestAgg::flags`: its thread serves requests concurrently: each write reads the clock.
+pub const AGG_CPU_EACH_WRITE: u16 = 32;
+/// `RequestAgg::flags`: the clock at the last write could not be had: `cpu_end_ns` is the
+/// clock at the request's end (or as its thread last left the CPU).
+pub const AGG_CPU_LATE: u16 = 64;
 
 /// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
 /// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
@@ -216,11 +225,14 @@ pub struct ThreadReq {
     pub in_flight: u32,
     /// `THREAD_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Its process (with `fd`, the key of its latest request's connection).
+    pub tgid: u32,
     /// Time on CPU before `cpu_since_ns`…
     pub cpu_total_ns: u64,
-    /// …when it last went on CPU (0: off CPU).
+    /// …the last charge or switch onto the CPU (0: off CPU).
     pub cpu_since_ns: u64,
+    /// When it last went on CPU (0: off CPU): its current stretch, which charges do not cut.
+    pub on_cpu_ns: u64,
 }
 
 /// `ThreadReq::flags`: the thread read a request while another it read was still before its

@@ -22,8 +22,8 @@ use wsgiscope_common::{
     conn_key,
     sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID},
-    ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_ABSOLUTE, THREAD_CONCURRENT,
-    THREAD_FRESH,
+    ConnState, ThreadReq, AGG_CPU, AGG_CPU_AT_WRITE, AGG_CPU_EACH_WRITE, AGG_CPU_LATE, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL,
+    THREAD_ABSOLUTE, THREAD_CONCURRENT, THREAD_FRESH,
 };
 
 /// Set by the agent when `sched_stat_runtime` is attached.
@@ -72,7 +72,7 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
 use crate::{
     conn::{now, response_begun},
     downstream::end_open_call,
-    maps::{bump, serving, set_serving, CONNS, THREADS},
+    maps::{bump, conn, serving, set_serving, THREADS},
     tp::{field, pid_tgid},
 };
 
@@ -85,6 +85,12 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let Some(t) = serving(prev).then(|| THREADS.get_ptr_mut(&prev)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
+        // Its latest request's last write was in the stretch ending now: its CPU end is known.
+        if t.in_flight > 0 && t.on_cpu_ns != 0 {
+            if let Some(c) = conn(conn_key(t.tgid, t.fd)) {
+                settle_cpu_end(c, t, prev, false);
+            }
+        }
         // SAFETY: volatile read of a global the loader may have rewritten.
         let kernel_runtime = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
         // With sched_stat_runtime the scheduler charged its last stretch just before. That
@@ -94,11 +100,15 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
             t.cpu_total_ns += ts.saturating_sub(t.cpu_since_ns);
         }
         t.cpu_since_ns = 0;
+        t.on_cpu_ns = 0;
     }
     let next = field::<u32>(&ctx, NEXT_PID as usize);
     if let Some(t) = serving(next).then(|| THREADS.get_ptr_mut(&next)).flatten() {
         // SAFETY: as above.
-        unsafe { (*t).cpu_since_ns = ts };
+        unsafe {
+            (*t).cpu_since_ns = ts;
+            (*t).on_cpu_ns = ts;
+        }
     }
     0
 }
@@ -124,6 +134,32 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The clock of running thread `t` at `at`, a moment of its current stretch on CPU: the
+/// charges since `at` are taken back off (it ran all along).
+#[inline(always)]
+fn cpu_at(t: &ThreadReq, at: u64) -> u64 {
+    (t.cpu_total_ns + at).saturating_sub(t.cpu_since_ns)
+}
+
+/// A request of thread `t` (`tid`) whose CPU end waits for the clock at its last write
+/// (`AGG_CPU_AT_WRITE`) gets it, while `t` is still on the CPU it wrote on; if `t` has been off
+/// CPU since that write, it got it then.
+#[inline(always)]
+pub fn settle_cpu_end(c: &mut ConnState, t: &ThreadReq, tid: u32, at_end: bool) {
+    if c.agg.flags & AGG_CPU_AT_WRITE == 0 || c.agg.tid != tid {
+        return;
+    }
+    if t.cpu_since_ns != 0 && t.on_cpu_ns != 0 && t.on_cpu_ns <= c.agg.last_write_ns {
+        c.agg.cpu_end_ns = cpu_at(t, c.agg.last_write_ns);
+        c.agg.flags &= !AGG_CPU_AT_WRITE;
+    } else if at_end {
+        // Not settled while it could be (a scheduler event the kernel skipped): the clock
+        // now, or as the thread left the CPU; marked.
+        c.agg.cpu_end_ns = cpu_now(t, now());
+        c.agg.flags = (c.agg.flags & !AGG_CPU_AT_WRITE) | AGG_CPU_LATE;
+    }
+}
+
 /// CPU time of a thread that is running now (at `ts`).
 #[inline(always)]
 fn cpu_now(t: &ThreadReq, ts: u64) -> u64 {
@@ -144,17 +180,24 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         // SAFETY: map value pointer valid for this program run; only this thread writes it
         // (and sched_switch on this CPU, which cannot run while this program does).
         let t = unsafe { &mut *t };
-        if t.in_flight > 0 && t.fd != fd && t.flags & THREAD_CONCURRENT == 0 {
-            let other = conn_key((key >> 32) as u32, t.fd);
-            if let Some(o) = CONNS.get_ptr(&other) {
-                // SAFETY: as above.
-                let o = unsafe { &*o };
-                if o.flags & CONN_IN_REQUEST != 0 && o.agg.start_ns == t.start_ns && !response_begun(o) {
-                    t.flags |= THREAD_CONCURRENT;
+        if t.in_flight > 0 && t.fd != fd {
+            if let Some(o) = conn(conn_key((key >> 32) as u32, t.fd)) {
+                if o.flags & CONN_IN_REQUEST != 0 && o.agg.start_ns == t.start_ns {
+                    // The thread moves on from that request (running since its last write, or
+                    // settled when it went off CPU): its CPU end is taken now.
+                    settle_cpu_end(o, t, tid, false);
+                    if !response_begun(o) {
+                        t.flags |= THREAD_CONCURRENT;
+                        o.agg.flags |= AGG_CPU_EACH_WRITE;
+                    }
                 }
             }
         }
+        if t.flags & THREAD_CONCURRENT != 0 {
+            c.agg.flags |= AGG_CPU_EACH_WRITE;
+        }
         t.fd = fd;
+        t.tgid = (key >> 32) as u32;
         t.start_ns = start_ns;
         t.in_flight = t.in_flight.saturating_add(1);
         // The request's start time stands for now (a clock read costs ~40 ns, more when cold).
@@ -168,7 +211,17 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     let clock = charged_clock();
     let flags = THREAD_FRESH | if clock.is_some() { THREAD_ABSOLUTE } else { 0 };
     let total = clock.unwrap_or(0);
-    let t = ThreadReq { start_ns, fd, in_flight: 1, flags, _pad: 0, cpu_total_ns: total, cpu_since_ns: start_ns };
+    let tgid = (key >> 32) as u32;
+    let t = ThreadReq {
+        start_ns,
+        fd,
+        in_flight: 1,
+        flags,
+        tgid,
+        cpu_total_ns: total,
+        cpu_since_ns: start_ns,
+        on_cpu_ns: start_ns,
+    };
     if THREADS.insert(&tid, &t, 0).is_ok() {
         set_serving(tid, true);
         c.agg.cpu_start_ns = total;
@@ -179,8 +232,19 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     }
 }
 
-/// The serving thread's CPU time at `ts`, if the current thread (`tid`) is it: a request's CPU time ends
-/// at its last response write (or where it ends without one).
+/// A response write by thread `tid` at `ts` (`c.agg.last_write_ns`): a request's CPU time
+/// ends at its last response write. The clock is read at once only on a thread serving
+/// requests concurrently; otherwise later (`settle_cpu_end`), sparing each write a lookup.
+#[inline(always)]
+pub fn wrote(c: &mut ConnState, tid: u32, ts: u64) {
+    if c.agg.flags & AGG_CPU_EACH_WRITE != 0 {
+        mark_cpu_end(c, tid, ts);
+    } else if c.agg.flags & AGG_CPU != 0 && c.agg.tid == tid {
+        c.agg.flags |= AGG_CPU_AT_WRITE;
+    }
+}
+
+/// The serving thread's CPU time at `ts`, if the current thread (`tid`) is it.
 #[inline(always)]
 pub fn mark_cpu_end(c: &mut ConnState, tid: u32, ts: u64) {
     if c.agg.flags & AGG_CPU == 0 || c.agg.tid != tid {
@@ -202,6 +266,8 @@ pub fn request_ending(c: &mut ConnState, key: u64) {
     }
     if let Some(t) = THREADS.get_ptr_mut(&c.agg.tid) {
         // SAFETY: map value pointer valid for this program run.
-        unsafe { (*t).in_flight = (*t).in_flight.saturating_sub(1) };
+        let t = unsafe { &mut *t };
+        settle_cpu_end(c, t, c.agg.tid, true);
+        t.in_flight = t.in_flight.saturating_sub(1);
     }
 }

@@ -53,7 +53,7 @@ fn write_done(ctx: &TracePointContext) {
     c.agg.write_bytes += n;
     c.agg.last_write_ns = ts;
     c.agg.last_write_len = n as u32;
-    threads::mark_cpu_end(c, id as u32, ts);
+    threads::wrote(c, id as u32, ts);
     // User memory is read only where it matters: the response head (first 256 bytes) and
     // short writes (framing such as a chunk terminator); the blocks in between cost nothing.
     let short = n <= 8;
@@ -84,8 +84,9 @@ fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
     let (src, avail) = first_piece(p.op, p.buf, n);
     if is_response_head(src, avail) {
         let previous_end = c.agg.last_write_ns;
-        let previous_cpu_end = c.agg.cpu_end_ns;
         finish_request(c, p.key, END_PIPELINED, p.enter_ns);
+        // Its CPU end is settled by now.
+        let previous_cpu_end = c.agg.cpu_end_ns;
         start_pipelined(c, previous_end);
         let (id, _) = pid_tgid();
         threads::request_started(c, p.key, id as u32);

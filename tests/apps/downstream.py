@@ -457,6 +457,10 @@ def app(environ, start_response):
     route = environ.get("PATH_INFO", "")
     _current.route, _current.calls = route, []
     handler = ROUTES.get(route)
+    if route == "/cpu/stream":
+        ms = int(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["2"])[-1])
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return _stream(ms, route, start, cpu0)
     if handler is None:
         status, body = "404 Not Found", b"not found"
     else:
@@ -471,6 +475,18 @@ def app(environ, start_response):
             _pool.put(conns)
     start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return _respond(body, route, start, cpu0)
+
+
+def _stream(ms, route, start, cpu0):
+    # Two blocks, the worker off CPU (a sleep) and then on it (`ms` of CPU) between them: its
+    # CPU time runs to the hand-over of the second block, which the server writes after.
+    yield b"a"
+    time.sleep(0.005)
+    _burn(ms)
+    cpu, end = time.thread_time_ns() - cpu0, time.monotonic_ns()
+    yield b"b"
+    _log([{"kind": "request", "pid": os.getpid(), "tid": threading.get_native_id(), "route": route,
+           "start_ns": start, "end_ns": end, "thread_cpu_ns": cpu, "downstream_ns": 0, "calls": 0}])
 
 
 def _respond(body, route, start, cpu0):

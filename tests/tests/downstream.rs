@@ -43,7 +43,16 @@ fn traffic() -> Vec<String> {
     }
     // Several requests per route: with one request at a time times are held to the app's by
     // their median (`per_request`), which one preempted request does not move.
-    for (route, n) in [("/pg/fresh", 5), ("/http/one", 8), ("/http/error", 5), ("/cpu?ms=20", 3), ("/cpu?ms=1", 8)] {
+    // /cpu/stream: two blocks with a sleep and CPU work between (the thread goes off CPU after a
+    // response write: its CPU end is still the last write's).
+    for (route, n) in [
+        ("/pg/fresh", 5),
+        ("/http/one", 8),
+        ("/http/error", 5),
+        ("/cpu?ms=20", 3),
+        ("/cpu?ms=1", 8),
+        ("/cpu/stream?ms=2", 5),
+    ] {
         paths.extend((0..n).map(|_| route.to_string()));
     }
     paths
