@@ -27,7 +27,9 @@ pub const CONN_OPEN_CALL: u32 = 16;
 /// until then. Only fds below `CONN_KEEP_FDS` are kept so; the process's exit removes them.
 pub const CONN_CLOSED: u32 = 32;
 /// Closed connections on fds below this are kept as `CONN_CLOSED` entries; others are removed.
-pub const CONN_KEEP_FDS: u32 = 64;
+/// A worker accepts on its lowest free fd, so a sync worker reuses one or two; at most 16 per
+/// process keeps 512 traced processes' closed entries within half the 8,192-entry table.
+pub const CONN_KEEP_FDS: u32 = 16;
 
 /// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
 pub const AGG_ACCEPT_WAIT: u16 = 1;
