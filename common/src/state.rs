@@ -28,7 +28,7 @@ pub const CONN_OPEN_CALL: u32 = 16;
 pub const CONN_CLOSED: u32 = 32;
 /// Closed connections on fds below this are kept as `CONN_CLOSED` entries; others are removed.
 /// A worker accepts on its lowest free fd, so a sync worker reuses one or two; at most 16 per
-/// process keeps 512 traced processes' closed entries within half the 8,192-entry table.
+/// process keeps the closed entries of 256 traced processes within half the 8,192-entry table.
 pub const CONN_KEEP_FDS: u32 = 16;
 
 /// `RequestAgg::flags`: `accept_wait_ns` was measured (TCP, connection seen established).
