@@ -106,18 +106,21 @@ impl Kernel {
             .find(|l| l.name == "sched_stat_runtime")
             .is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok());
 
-        // Resident-page counters for memory growth per request, where the kernel's BTF shows them.
-        let btf = rss::kernel_btf();
-        let no_rss = rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] };
-        let rss = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(rss::layout).unwrap_or_else(|e| {
-            log::warn!("memory growth per request is not measured: {e:#}");
-            no_rss
-        });
-        // The task's own CPU clock, read at each charge: a charge the kernel skips is not lost.
-        let sum_exec = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
-            log::warn!("CPU time per request adds up the scheduler's charges (a skipped one is lost): {e:#}");
-            0
-        });
+        // Offsets from the kernel's BTF: the resident-page counters (memory growth per request)
+        // and the task's own CPU clock. The parsed BTF (tens of MB) is freed before aya parses
+        // its own copy to load the programs, so the two never add up in the agent's peak memory.
+        let (rss, sum_exec) = {
+            let btf = rss::kernel_btf();
+            let rss = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(rss::layout).unwrap_or_else(|e| {
+                log::warn!("memory growth per request is not measured: {e:#}");
+                rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] }
+            });
+            let sum_exec = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
+                log::warn!("CPU time per request adds up the scheduler's charges (a skipped one is lost): {e:#}");
+                0
+            });
+            (rss, sum_exec)
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_RSS_MM_OFFSET, &rss.mm, true)
             .override_global(GLOBAL_RSS_STAT_OFFSET, &rss.rss_stat, true)
