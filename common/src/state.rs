@@ -244,5 +244,5 @@ pub const THREAD_CONCURRENT: u32 = 1;
 /// first charge can hold time from before the entry existed, so it is capped at the time since.
 pub const THREAD_FRESH: u32 = 2;
 /// `ThreadReq::flags`: `cpu_total_ns` is the task's own clock (`se.sum_exec_runtime`), set
-/// afresh at each charge and switch instead of added up.
+/// afresh at each of its charges instead of added up.
 pub const THREAD_ABSOLUTE: u32 = 4;

@@ -22,7 +22,7 @@ use wsgiscope_common::{
 use crate::{
     conn::append_head,
     events,
-    maps::{bump, root_of, CALL_SCRATCH, CONNS, DOWNSTREAM, THREADS},
+    maps::{bump, conn, root_of, CALL_SCRATCH, DOWNSTREAM, THREADS},
     pending::{stash_fd, take},
     tp::{arg, programs, ret},
     user::{first_piece, read_user},
@@ -140,10 +140,7 @@ fn attribute(d: &mut Downstream, key: u64, tid: u32) {
         return;
     }
     let rkey = conn_key(tgid, t.fd);
-    let c = CONNS.get_ptr_mut(&rkey);
-    // SAFETY: map value pointer valid for this program run.
-    let Some(c) = c.map(|c| unsafe { &mut *c }).filter(|c| c.flags & CONN_IN_REQUEST != 0 && c.agg.start_ns == t.start_ns)
-    else {
+    let Some(c) = conn(rkey).filter(|c| c.flags & CONN_IN_REQUEST != 0 && c.agg.start_ns == t.start_ns) else {
         if concurrent {
             d.call.flags |= CALL_AMBIGUOUS; // one is in progress, not the last it read
         }

@@ -2,8 +2,10 @@
 //! per-mm counters (`mm->rss_stat[]`, what /proc/PID/status adds up as VmRSS): no /proc read
 //! per request. The counters are per-CPU batched; their shared `count`, read here, lags the
 //! exact sum by less than the batch (at least 32 pages) per CPU.
-use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
 use wsgiscope_common::{ConnState, AGG_RSS, RSS_READ};
+
+use crate::user::current_task_u64;
 
 // Set by the agent from the kernel's BTF (0: not measured); see `GLOBAL_RSS_*`.
 #[unsafe(no_mangle)]
@@ -14,20 +16,6 @@ static RSS_STAT_OFFSET: u32 = 0;
 static RSS_WORDS: [u32; 3] = [0; 3];
 
 const WORDS: usize = RSS_READ / 8;
-
-/// The current task's `mm_struct`, if the agent found where it is (0 for a kernel thread).
-#[inline(always)]
-fn current_mm(mm_off: u32) -> u64 {
-    let mut mm = 0u64;
-    // SAFETY: a read of kernel memory through the helper, which reports faults.
-    unsafe {
-        let task = bpf_get_current_task();
-        if bpf_probe_read_kernel((&mut mm as *mut u64).cast(), 8, (task + mm_off as u64) as *const _) != 0 {
-            return 0;
-        }
-    }
-    mm
-}
 
 /// Resident pages of the process whose `mm_struct` is at `mm`, now.
 #[inline(always)]
@@ -67,8 +55,9 @@ pub fn request_started(c: &mut ConnState) {
     if mm_off == 0 {
         return;
     }
+    // 0 for a kernel thread.
     if c.mm == 0 {
-        c.mm = current_mm(mm_off);
+        c.mm = current_task_u64(mm_off).unwrap_or(0);
     }
     match (c.mm != 0).then(|| rss_pages(c.mm, stat_off, words)).flatten() {
         Some(p) => {

@@ -13,17 +13,21 @@
 //! charge landing while one of our syscall programs runs): a charge added up would be lost.
 //! Where the agent found the task's own clock in the kernel's BTF, each charge reads it instead
 //! (`se.sum_exec_runtime`), so the next one holds what a skipped one charged.
-use aya_ebpf::{
-    helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel},
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use wsgiscope_common::{
     conn_key,
     sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID},
     ConnState, ThreadReq, AGG_CPU, AGG_CPU_AT_WRITE, AGG_CPU_EACH_WRITE, AGG_CPU_LATE, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL,
     THREAD_ABSOLUTE, THREAD_CONCURRENT, THREAD_FRESH,
+};
+
+use crate::{
+    conn::{now, response_begun},
+    downstream::end_open_call,
+    maps::{bump, conn, serving, set_serving, THREADS},
+    tp::{field, pid_tgid},
+    user::current_task_u64,
 };
 
 /// Set by the agent when `sched_stat_runtime` is attached.
@@ -42,13 +46,7 @@ fn charged_clock() -> Option<u64> {
     if off == 0 {
         return None;
     }
-    let mut clock = 0u64;
-    // SAFETY: a read of kernel memory through the helper, which reports faults.
-    let rc = unsafe {
-        let task = bpf_get_current_task();
-        bpf_probe_read_kernel((&mut clock as *mut u64).cast(), 8, (task + off as u64) as *const _)
-    };
-    (rc == 0).then_some(clock)
+    current_task_u64(off)
 }
 
 /// The scheduler charged thread `t` up to `ts`: its clock is the task's own (`clock`, read
@@ -68,13 +66,6 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
     }
     t.cpu_total_ns = total;
 }
-
-use crate::{
-    conn::{now, response_begun},
-    downstream::end_open_call,
-    maps::{bump, conn, serving, set_serving, THREADS},
-    tp::{field, pid_tgid},
-};
 
 /// Every context switch on the node: for threads that serve no requests, two array lookups
 /// (inlined) are the whole cost.

@@ -1,7 +1,7 @@
 //! Reading the traced process's memory: syscall buffers, iovecs, and the arguments saved at
-//! syscall entry.
+//! syscall entry; and fields of the current task at offsets the agent found in the kernel's BTF.
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
 };
 use wsgiscope_common::{reg, OP_READV, OP_RECVMSG, OP_SENDFILE, OP_SENDMSG, OP_WRITEV};
 
@@ -21,6 +21,18 @@ pub fn read_user<T: Copy>(addr: u64) -> Option<T> {
     };
     // SAFETY: the helper filled `v` when it returned 0.
     (rc == 0).then(|| unsafe { v.assume_init() })
+}
+
+/// The u64 at byte `offset` of the current task's `task_struct`.
+#[inline(always)]
+pub fn current_task_u64(offset: u32) -> Option<u64> {
+    let mut v = 0u64;
+    // SAFETY: a read of kernel memory through the helper, which reports faults.
+    let rc = unsafe {
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((&mut v as *mut u64).cast(), 8, (task + offset as u64) as *const _)
+    };
+    (rc == 0).then_some(v)
 }
 
 /// On a syscall's exit: its first two arguments (fd or socket, buffer), from the user registers
