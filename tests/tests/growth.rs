@@ -37,11 +37,8 @@ fn grow_and_churn(server: &Server, agent: &Agent) {
     let churn = mean_growth(server, agent, "/churn", 20);
     assert!(churn <= 0.05 * MIB, "/churn: {churn} bytes per request, not ≈ 0");
     // The same figure per request in the live API.
-    let (_, body) = wsgiscope_integration::http_get(&agent.metrics_url, "/api/requests?since=0&limit=10000").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let grown: Vec<i64> = v["requests"]
-        .as_array()
-        .unwrap()
+    let grown: Vec<i64> = agent
+        .requests()
         .iter()
         .filter(|r| r["route"] == "/grow")
         .map(|r| r["memory_growth"].as_i64().expect("growth measured"))

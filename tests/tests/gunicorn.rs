@@ -2,7 +2,7 @@
 //! middleware and the bytes the client received.
 use std::collections::{BTreeMap, BTreeSet};
 
-use wsgiscope_integration::{bpf_program_exists, get, http_get, serial, tracepoint_program_ids, Agent, Metrics, Server};
+use wsgiscope_integration::{bpf_program_exists, get, serial, tracepoint_program_ids, Agent, Metrics, Server};
 
 
 /// Routes of tests/apps/testapp.py and how many requests each gets.
@@ -79,11 +79,8 @@ fn gunicorn_sync_exact_per_request_records() {
     // request's gap.
     let mean = route(&m, "wsgi_request_duration_seconds_sum", "/sleep") / sent["/sleep"].requests as f64;
     assert!(mean >= 0.050, "sleep route mean latency {mean}");
-    let (_, body) = http_get(&agent.metrics_url, "/api/requests?since=0&limit=1000").unwrap();
-    let records: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut api: Vec<(u64, f64, f64)> = records["requests"]
-        .as_array()
-        .unwrap()
+    let mut api: Vec<(u64, f64, f64)> = agent
+        .requests()
         .iter()
         .filter(|r| r["route"] == "/sleep")
         .map(|r| (r["pid"].as_u64().unwrap(), r["start"].as_f64().unwrap(), r["duration"].as_f64().unwrap()))

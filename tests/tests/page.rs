@@ -23,19 +23,6 @@ fn api(agent: &Agent, path: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
-/// Every record /api/requests holds, read page by page with the cursor.
-fn all_requests(agent: &Agent) -> Vec<Value> {
-    let (mut since, mut out) = (0, Vec::new());
-    loop {
-        let page = api(agent, &format!("/api/requests?since={since}&limit=10000"));
-        out.extend(page["requests"].as_array().unwrap().iter().cloned());
-        since = page["cursor"].as_u64().unwrap();
-        if page["more"] != true {
-            return out;
-        }
-    }
-}
-
 fn wait_until(what: &str, agent: &Agent, done: impl Fn() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -112,12 +99,12 @@ fn page_shows_every_request_worker_and_route() {
             sent += 1;
         }
     }
-    wait_until("every request in /api/requests", &agent, || all_requests(&agent).len() >= sent);
+    wait_until("every request in /api/requests", &agent, || agent.requests().len() >= sent);
     let dir = TempDir::new("page");
     let page = drive(&agent, &dir.0, false);
 
     // Dots: one per record the agent holds from the last 5 minutes (all of them here).
-    let records = all_requests(&agent);
+    let records = agent.requests();
     assert_eq!(records.len(), sent, "records: {records:?}");
     let in_window = records.iter().filter(|r| r["end"].as_f64().unwrap() >= unix_now() - 300.0).count();
     assert_eq!(page["dots"], in_window, "dots drawn");
