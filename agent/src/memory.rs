@@ -62,7 +62,8 @@ impl Usage {
 pub enum Unread {
     /// It exited (or became a zombie) since it was listed: expected, not worth a line.
     Gone,
-    /// Anything else (permissions: the agent lacks CAP_SYS_PTRACE over it).
+    /// Anything else: the kernel refused it (the agent has neither CAP_PERFMON nor CAP_SYS_PTRACE
+    /// over the process, or a security module denies it) or the file could not be parsed.
     Failed(String),
 }
 
@@ -109,10 +110,14 @@ impl Sampler {
     pub fn start(every: Duration, metrics: &Metrics) -> Sampler {
         let (jobs, todo) = mpsc::sync_channel::<Vec<Job>>(1);
         let (done, readings) = mpsc::channel();
-        let (seconds, reads) = (metrics.memory_read_seconds.clone(), metrics.memory_reads.clone());
+        let counters = Counters {
+            seconds: metrics.memory_read_seconds.clone(),
+            reads: metrics.memory_reads.clone(),
+            failures: metrics.memory_read_failures.clone(),
+        };
         let spawned = thread::Builder::new().name("memory".into()).spawn(move || {
             for sweep in todo {
-                if done.send(sweep_once(sweep, &seconds, &reads)).is_err() {
+                if done.send(sweep_once(sweep, &counters)).is_err() {
                     break;
                 }
             }
@@ -149,13 +154,23 @@ impl Sampler {
     }
 }
 
-fn sweep_once(jobs: Vec<Job>, seconds: &Counter<f64, std::sync::atomic::AtomicU64>, reads: &Counter) -> Vec<Reading> {
+/// The reading thread's own counters (the loop's copies are the same atomics).
+struct Counters {
+    seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    reads: Counter,
+    failures: Counter,
+}
+
+fn sweep_once(jobs: Vec<Job>, c: &Counters) -> Vec<Reading> {
     jobs.into_iter()
         .map(|job| {
             let t = Instant::now();
             let usage = read(job.pid);
-            seconds.inc_by(t.elapsed().as_secs_f64());
-            reads.inc();
+            c.seconds.inc_by(t.elapsed().as_secs_f64());
+            c.reads.inc();
+            if matches!(usage, Err(Unread::Failed(_))) {
+                c.failures.inc();
+            }
             Reading { job, usage }
         })
         .collect()

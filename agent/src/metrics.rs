@@ -172,6 +172,8 @@ metrics! { buckets =>
         "wsgiscope_memory_read_seconds", "Time the agent spent reading /proc/PID/smaps_rollup (the kernel walks the page tables)";
     memory_reads: Counter = Counter::default(),
         "wsgiscope_memory_reads", "Reads of /proc/PID/smaps_rollup, of workers and masters";
+    memory_read_failures: Counter = Counter::default(),
+        "wsgiscope_memory_read_failures", "Reads of /proc/PID/smaps_rollup refused or failed for a process still alive (permissions: the process has no memory series)";
     relayed: Family<Labels, Counter> = Family::default(),
         "wsgiscope_relayed_requests", "Requests seen on a front-end process (e.g. the uWSGI HTTP router); its workers count them";
 }

@@ -40,10 +40,24 @@ impl Agent {
     /// `wsgiscope <args> --listen 127.0.0.1:<free port> <trailing>` with extra environment
     /// (`run` passes it on to the server), once its /metrics answers.
     pub fn start(args: &[&str], trailing: &[&str], env: &[(&str, &Path)]) -> Result<Self> {
+        Self::start_wrapped(&[], args, trailing, env)
+    }
+
+    /// As `start`, run by `wrapper` (a command that ends by exec'ing its arguments, so the PID
+    /// stays the agent's), e.g. one that narrows the agent's privileges.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], trailing: &[&str], env: &[(&str, &Path)]) -> Result<Self> {
         let dir = TempDir::new("agent");
         let log = dir.0.join("agent.log");
         let port = free_port();
-        let child = Command::new(agent_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = command
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(trailing)

@@ -1,7 +1,8 @@
 //! Worker memory from /proc/PID/smaps_rollup, against real gunicorn (with and without
 //! `--preload`) and uWSGI: the agent's PSS and USS of every worker and the master against what
 //! the test reads from the same file, copy-on-write sharing falling in the one worker that
-//! touches a preloaded structure, workers that exit between reads, reads turned off.
+//! touches a preloaded structure, workers that exit between reads, a worker whose memory is
+//! refused, reads turned off.
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use wsgiscope_integration::{http_get, serial, Agent, Metrics, Server, TempDir, UwsgiMode};
@@ -208,4 +209,57 @@ fn memory_reads_turn_off() {
     let m = agent.metrics();
     assert_eq!(m.series("wsgi_worker_memory_bytes", &[]).count(), 0, "{}", m.text);
     assert_eq!(m.sum("wsgiscope_memory_reads_total", &[]), 0.0);
+}
+
+/// A worker whose smaps_rollup the kernel refuses to the agent. With the capabilities the agent
+/// needs (CAP_PERFMON) nothing in the kernel's own checks refuses it, so the refusal is made
+/// real another way: the agent runs in a mount namespace of its own where an unreadable file
+/// (mode 000) is bound over that one worker's smaps_rollup, without CAP_DAC_OVERRIDE and
+/// CAP_DAC_READ_SEARCH (which would let root read it). Its open(2) gets EACCES, as under a
+/// security module's denial. Expected: one warning, that worker's series absent, every other
+/// process's present, each refused read counted, requests counted as ever.
+#[test]
+fn a_worker_whose_memory_is_refused_has_no_series_and_one_warning() {
+    let _serial = serial();
+    let server = Server::gunicorn(&["-w", "2"]).unwrap();
+    server.wait_workers(2).unwrap();
+    let refused = server.workers()[0];
+    let dir = TempDir::new("refused");
+    let denied = dir.0.join("denied");
+    std::fs::write(&denied, "").unwrap();
+    std::fs::set_permissions(&denied, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let script = format!(
+        "mount --bind {} /proc/{refused}/smaps_rollup && exec capsh --drop=cap_dac_override,cap_dac_read_search -- -c 'exec \"$@\"' agent \"$@\"",
+        denied.display()
+    );
+    let wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", &script, "sh"];
+    let pid = server.master().to_string();
+    let agent =
+        Agent::start_wrapped(&wrapper, &["attach", "--pid", &pid, "--memory-every", "0.5"], &[], &[]).unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], server.port).into();
+    for _ in 0..10 {
+        assert_eq!(http_get(addr, "/hello").unwrap().0, 200);
+    }
+    let m = agent.metrics_when("four sweeps and the requests", |m| {
+        m.sum("wsgiscope_memory_reads_total", &[]) >= 12.0 && m.sum("wsgi_requests_total", &[]) == 10.0
+    });
+    let slot = slots(&m).into_iter().find(|(_, p)| *p == refused).map(|(w, _)| w).expect("the refused worker's slot");
+    let other = slots(&m).into_keys().find(|w| *w != slot).unwrap();
+    for kind in ["rss", "pss", "uss", "shared", "swap"] {
+        assert_eq!(memory(&m, &slot, kind), None, "refused worker {refused} (slot {slot}) has no {kind}:\n{}", m.text);
+        assert!(memory(&m, &other, kind).is_some(), "the other worker's {kind}:\n{}", m.text);
+        assert!(memory(&m, "master", kind).is_some(), "the master's {kind}:\n{}", m.text);
+    }
+    let reads = m.sum("wsgiscope_memory_reads_total", &[]);
+    let failures = m.sum("wsgiscope_memory_read_failures_total", &[]);
+    // One of the three processes per sweep is refused; the scrape may fall inside a sweep.
+    assert!(failures >= (reads / 3.0).floor() - 1.0 && failures <= (reads / 3.0).ceil() + 1.0, "{failures} of {reads}");
+    let log = agent.log_text();
+    let warnings = memory_warnings(&log);
+    assert_eq!(warnings.len(), 1, "one warning for every refused read:\n{log}");
+    assert!(
+        warnings[0].contains(&format!("/proc/{refused}/smaps_rollup")) && warnings[0].contains("ermission"),
+        "the warning names the file and the cause: {}",
+        warnings[0]
+    );
 }

@@ -30,6 +30,9 @@ const APT_PACKAGES: &[&str] = &[
     "redis-server",
     // A real terminal for `wsgiscope top` (tests/tests/top.rs).
     "tmux",
+    // capsh and unshare: the agent with narrowed privileges (tests/tests/memory.rs).
+    "libcap2-bin",
+    "util-linux",
     // The browser tests/tests/page.rs drives through the live page (tests/browser/page.mjs).
     "chromium",
 ];
