@@ -34,4 +34,6 @@ mod user {
     unsafe impl aya::Pod for ThreadReq {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GcStart {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TaskMark {}
 }

@@ -119,6 +119,17 @@ pub struct RequestAgg {
     pub rss_end_pages: u64,
 }
 
+/// What the kernel programs know of one task id, in an array slot (`TRACED_TASKS`): the array's
+/// slots are 8 bytes whatever the value, so both marks share one.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub struct TaskMark {
+    /// tgid of the attached master the task is traced on behalf of; 0: not traced.
+    pub root: u32,
+    /// 1 while the thread has a `THREADS` entry (it read a request).
+    pub serving: u32,
+}
+
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -4,10 +4,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use wsgiscope_common::{ConnState, Downstream, Pending, ThreadReq, CONN_CLOSED, STAT_COUNT};
+use wsgiscope_common::{ConnState, Downstream, Pending, TaskMark, ThreadReq, CONN_CLOSED, STAT_COUNT};
 
 /// Traced processes and threads: task id → tgid of the attached master (the "root").
 /// Seeded by the agent at attach, grown on fork in the kernel so no new worker is missed.
+/// The programs read the root from `TRACED_TASKS` (an array); this hash is the list the agent
+/// can walk.
 #[map]
 pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
@@ -35,25 +37,21 @@ pub static DOWNSTREAM: HashMap<u64, Downstream> = HashMap::with_max_entries(1638
 #[map]
 pub static THREADS: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
 
-/// The largest pid Linux can give (PID_MAX_LIMIT on 64-bit).
-const PID_MAX_LIMIT: u32 = 4 << 20;
-
-/// Which tids have a `THREADS` entry: 1 byte per possible tid (4 MiB). The scheduler programs
-/// run for every task on the node; an array lookup is inlined by the JIT, a hash lookup is a
-/// helper call, so they look here first.
-#[map]
-pub static SERVING: Array<u8> = Array::with_max_entries(PID_MAX_LIMIT, 0);
-
-/// Does thread `tid` serve requests (has it a `THREADS` entry)?
+/// Does thread `tid` serve requests (has it a `THREADS` entry)? The scheduler programs run for
+/// every task on the node and ask this first: an array lookup is inlined by the JIT, a hash
+/// lookup is a helper call.
 #[inline(always)]
 pub fn serving(tid: u32) -> bool {
-    SERVING.get(tid).is_some_and(|v| *v != 0)
+    TRACED_TASKS.get(tid).is_some_and(|m| m.serving != 0)
 }
 
-/// Marks thread `tid` as serving requests, or not.
+/// Marks thread `tid` as serving requests, or not (only a traced thread has a slot in use).
 #[inline(always)]
 pub fn set_serving(tid: u32, on: bool) {
-    set_byte(&SERVING, tid, u8::from(on));
+    if let Some(m) = TRACED_TASKS.get_ptr_mut(tid) {
+        // SAFETY: array slot, valid for the program run; a 4-byte store of its own field.
+        unsafe { (*m).serving = u32::from(on) };
+    }
 }
 
 /// Syscalls in flight: pid_tgid → what the exit tracepoint needs.
@@ -154,46 +152,51 @@ pub fn bump(stat: u32) {
     }
 }
 
-/// Which task ids have a `TRACED` entry: 1 byte per possible id (4 MiB). Every syscall
-/// program asks this first: an array lookup is inlined by the JIT, so a process wsgiscope does
-/// not trace pays no hash lookup (a helper call, with this VM's retpoline/return-thunk tax).
+/// The largest pid Linux can give (PID_MAX_LIMIT on 64-bit).
+const PID_MAX_LIMIT: u32 = 4 << 20;
+
+/// What the programs know of each task id (`TaskMark`: its root, 0 for one not traced, and
+/// whether it serves requests): one 8-byte slot per possible id (32 MiB; an array's slots are
+/// 8 bytes whatever the value). Every syscall program asks this first, and the programs that
+/// need the root (accept, fork, exit, connect) read it here: an array lookup is inlined by the
+/// JIT, so neither a process wsgiscope does not trace nor a traced one pays a hash lookup (a
+/// helper call, with this VM's retpoline/return-thunk tax) for it. `TRACED` holds the same
+/// roots for the agent to list.
 #[map]
-pub static TRACED_TASKS: Array<u8> = Array::with_max_entries(PID_MAX_LIMIT, 0);
+pub static TRACED_TASKS: Array<TaskMark> = Array::with_max_entries(PID_MAX_LIMIT, 0);
 
 /// Is task `task` traced?
 #[inline(always)]
 pub fn traced(task: u32) -> bool {
-    TRACED_TASKS.get(task).is_some_and(|v| *v != 0)
+    root_of(task).is_some()
 }
 
-/// Traces `task` on behalf of master `root` (the hash first: a task marked traced has a root).
+/// The master `task` is traced on behalf of, if it is traced.
+#[inline(always)]
+pub fn root_of(task: u32) -> Option<u32> {
+    TRACED_TASKS.get(task).map(|m| m.root).filter(|&root| root != 0)
+}
+
+/// Traces `task` on behalf of master `root` (the list first: a task marked traced is listed).
 #[inline(always)]
 pub fn trace_task(task: u32, root: u32) {
     if TRACED.insert(&task, &root, 0).is_ok() {
-        set_byte(&TRACED_TASKS, task, 1);
+        set_root(task, root);
     }
 }
 
 /// Stops tracing `task` (the mark first).
 #[inline(always)]
 pub fn untrace_task(task: u32) {
-    set_byte(&TRACED_TASKS, task, 0);
+    set_root(task, 0);
     let _ = TRACED.remove(&task);
 }
 
 #[inline(always)]
-fn set_byte(map: &Array<u8>, index: u32, value: u8) {
-    if let Some(v) = map.get_ptr_mut(index) {
-        // SAFETY: array slot of this map, valid for the program run; a byte store.
-        unsafe { *v = value };
+fn set_root(task: u32, root: u32) {
+    if let Some(m) = TRACED_TASKS.get_ptr_mut(task) {
+        // SAFETY: array slot of this map, valid for the program run; a 4-byte store of its own
+        // field (the thread's serving mark is its own to write).
+        unsafe { (*m).root = root };
     }
-}
-
-#[inline(always)]
-pub fn root_of(task: u32) -> Option<u32> {
-    if !traced(task) {
-        return None;
-    }
-    // SAFETY: u32 values are copied out at once.
-    unsafe { TRACED.get(&task).copied() }
 }

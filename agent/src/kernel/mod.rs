@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{
-    conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
+    conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, TaskMark, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
     GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
     MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
@@ -41,8 +41,9 @@ pub struct Kernel {
     /// Interpreter binaries whose GC probes are attached, by (device, inode).
     gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
-    /// The kernel's inlined "is it traced?" marks, one byte per task id, kept with `traced`.
-    traced_tasks: Array<MapData, u8>,
+    /// The root of each traced task id (0: not traced), kept with `traced`: what the kernel
+    /// programs read.
+    traced_tasks: Array<MapData, TaskMark>,
     conns: HashMap<MapData, u64, ConnState>,
     pending: HashMap<MapData, u64, Pending>,
     downstream: HashMap<MapData, u64, Downstream>,
@@ -197,10 +198,16 @@ impl Kernel {
 
     /// Adds a process to the traced set; its future forks are followed in the kernel.
     pub fn trace(&mut self, pid: u32, root: u32) -> Result<()> {
-        // The hash first: a task the kernel sees marked has its root.
+        // The list first: a task the kernel sees marked is listed. A task already marked with
+        // this root (daemon mode: traced from its exec) is left alone: its serving mark is the
+        // kernel's to keep.
+        let mark = self.traced_tasks.get(&pid, 0).unwrap_or_default();
         self.traced
             .insert(pid, root, 0)
-            .and_then(|()| self.traced_tasks.set(pid, 1, 0))
+            .and_then(|()| match mark.root == root {
+                true => Ok(()),
+                false => self.traced_tasks.set(pid, TaskMark { root, serving: mark.serving }, 0),
+            })
             .with_context(|| format!("cannot add process {pid} to the traced set"))
     }
 
@@ -270,7 +277,7 @@ impl Kernel {
         let tasks: Vec<u32> =
             self.traced.iter().filter_map(Result::ok).filter(|(_, r)| *r == root).map(|(t, _)| t).collect();
         for t in tasks {
-            let _ = self.traced_tasks.set(t, 0, 0);
+            let _ = self.traced_tasks.set(t, TaskMark::default(), 0);
             let _ = self.traced.remove(&t);
         }
     }
