@@ -1,7 +1,8 @@
 //! Kernel programs' run time, per program (issue 17): the kernel's own counters
 //! (`kernel.bpf_stats_enabled`, read with `bpftool prog show -j`) differenced over load runs and
 //! write loops, for the agent's programs and, in the same runs, for do-nothing bpftrace programs
-//! on the same hooks (the floor any program there costs). The report is `report/kernel.rs`.
+//! on the same hooks (the floor any program there costs) and for bpftrace programs doing only
+//! what accept and a request's end cannot do without. The report is `report/kernel.rs`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -41,6 +42,33 @@ pub fn floor_program() -> String {
         .map(|h| format!("tracepoint:syscalls:{h} {{}}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// What a program on a once-per-request hook cannot do without, alone in a bpftrace program
+/// on that hook, in the same runs as the agent's: under the same load, with the caches as the
+/// app leaves them (the primitives below are measured with hot caches).
+pub struct Essential {
+    pub hook: &'static str,
+    pub what: &'static str,
+    pub program: &'static str,
+}
+
+pub const ESSENTIALS: [Essential; 2] = [
+    Essential {
+        hook: "sys_exit_accept4",
+        what: "the connection's state created: a clock read (the accept wait ends) and a hash update keyed by (task, fd)",
+        program: "tracepoint:syscalls:sys_exit_accept4 /args->ret >= 0/ { @conn[tid, args->ret] = nsecs; }",
+    },
+    Essential {
+        hook: "sys_enter_shutdown",
+        what: "the connection's state found: a hash lookup by (task, fd) and a clock read (no record written)",
+        program: "tracepoint:syscalls:sys_enter_shutdown { $c = @conn[tid, args->fd]; $t = nsecs; }",
+    },
+];
+
+/// bpftrace's program for ESSENTIALS.
+pub fn essential_program() -> String {
+    ESSENTIALS.iter().map(|e| e.program).collect::<Vec<_>>().join(" ")
 }
 
 /// The kernel keeps names of 15 characters: bpftrace's programs are named after their probe
@@ -208,6 +236,8 @@ pub struct Window {
     pub seconds: f64,
     pub agent: BTreeMap<String, Cost>,
     pub floor: BTreeMap<String, Cost>,
+    /// ESSENTIALS' programs, by hook.
+    pub essential: BTreeMap<String, Cost>,
 }
 
 impl Window {
@@ -216,7 +246,7 @@ impl Window {
         self.requests += o.requests;
         self.calls += o.calls;
         self.seconds += o.seconds;
-        for (into, from) in [(&mut self.agent, &o.agent), (&mut self.floor, &o.floor)] {
+        for (into, from) in [(&mut self.agent, &o.agent), (&mut self.floor, &o.floor), (&mut self.essential, &o.essential)] {
             for (name, c) in from {
                 let e = into.entry(name.clone()).or_default();
                 e.runs += c.runs;
@@ -324,10 +354,12 @@ pub struct Kernel {
     pub commit: String,
 }
 
-/// The processes whose programs are measured: the agent's and bpftrace's.
+/// The processes whose programs are measured: the agent's and bpftrace's (two: the floor's
+/// and the essential operations').
 struct Owners {
     agent: u32,
     floor: u32,
+    essential: u32,
 }
 
 impl Owners {
@@ -339,15 +371,19 @@ impl Owners {
             ids
         };
         let agent = delta(before, after, &ids(self.agent, after));
-        let mut floor = BTreeMap::new();
-        for (name, c) in delta(before, after, &ids(self.floor, after)) {
-            let hook = floor_hook(&name).with_context(|| format!("bpftrace program {name:?}"))?;
-            floor.insert(hook.to_string(), c);
-        }
+        let by_hook = |owner: u32| -> Result<BTreeMap<String, Cost>> {
+            let mut out = BTreeMap::new();
+            for (name, c) in delta(before, after, &ids(owner, after)) {
+                let hook = floor_hook(&name).with_context(|| format!("bpftrace program {name:?}"))?;
+                out.insert(hook.to_string(), c);
+            }
+            Ok(out)
+        };
+        let (floor, essential) = (by_hook(self.floor)?, by_hook(self.essential)?);
         if agent.is_empty() {
             bail!("no program of the agent (pid {}) found in bpftool's listing", self.agent);
         }
-        Ok(Window { agent, floor, ..Window::default() })
+        Ok(Window { agent, floor, essential, ..Window::default() })
     }
 
     /// Lists the programs around `f`, which returns (requests, calls).
@@ -376,7 +412,8 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     let server = procs::gunicorn(root, work, Middleware::None, redis)?;
     let agent = procs::agent(root, work, server.group.pid())?;
     let floor = procs::bpftrace(work, &floor_program())?;
-    let owners = Owners { agent: agent.group.pid(), floor: floor.pid() };
+    let essential = procs::bpftrace(work, &essential_program())?;
+    let owners = Owners { agent: agent.group.pid(), floor: floor.pid(), essential: essential.pid() };
     let mut k = Kernel {
         rounds: plan.kernel_rounds,
         run_secs: plan.kernel_secs,
@@ -418,6 +455,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     }
     k.load_after = procs::loadavg();
     println!("bench: kernel programs: load average after: {}", k.load_after);
+    drop(essential);
     drop(floor);
     drop(agent);
     drop(server);

@@ -95,7 +95,10 @@ pub fn agent(root: &Path, work: &Path, master: u32) -> Result<Agent> {
 
 /// bpftrace running `program`; ready once it has printed "Attaching N probes..." and a moment passed.
 pub fn bpftrace(work: &Path, program: &str) -> Result<Group> {
-    let log_path = work.join("bpftrace.log");
+    // A log of its own for each (two run at once in the kernel section).
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log_path = work.join(format!("bpftrace-{n}.log"));
     let log = File::create(&log_path)?;
     let mut group = Group::spawn(
         "bpftrace",
