@@ -134,6 +134,11 @@ impl Kernel {
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
             .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
 
+        // The two parsed copies of the kernel's BTF (ours, then aya's) are freed by now, but
+        // glibc keeps freed heap for reuse: give it back, or the agent keeps it resident.
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
+
         // Every tracepoint program, where its name says.
         let mut links = Vec::new();
         for (name, prog) in ebpf.programs_mut() {
