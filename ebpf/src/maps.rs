@@ -45,7 +45,7 @@ pub fn serving(tid: u32) -> bool {
     TRACED_TASKS.get(tid).is_some_and(|m| m.serving != 0)
 }
 
-/// Marks thread `tid` as serving requests, or not (only a traced thread has a slot in use).
+/// Marks thread `tid` as serving requests, or not (its root, in the same slot, is left as is).
 #[inline(always)]
 pub fn set_serving(tid: u32, on: bool) {
     if let Some(m) = TRACED_TASKS.get_ptr_mut(tid) {

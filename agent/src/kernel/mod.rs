@@ -41,8 +41,8 @@ pub struct Kernel {
     /// Interpreter binaries whose GC probes are attached, by (device, inode).
     gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
-    /// The root of each traced task id (0: not traced), kept with `traced`: what the kernel
-    /// programs read.
+    /// Each task id's mark (its root, 0: not traced; and the kernel's serving mark), the root
+    /// kept with `traced`: what the kernel programs read.
     traced_tasks: Array<MapData, TaskMark>,
     conns: HashMap<MapData, u64, ConnState>,
     pending: HashMap<MapData, u64, Pending>,
@@ -209,9 +209,12 @@ impl Kernel {
         let mark = self.traced_tasks.get(&pid, 0).unwrap_or_default();
         self.traced
             .insert(pid, root, 0)
-            .and_then(|()| match mark.root == root {
-                true => Ok(()),
-                false => self.traced_tasks.set(pid, TaskMark { root, serving: mark.serving }, 0),
+            .and_then(|()| {
+                if mark.root == root {
+                    Ok(())
+                } else {
+                    self.traced_tasks.set(pid, TaskMark { root, serving: mark.serving }, 0)
+                }
             })
             .with_context(|| format!("cannot add process {pid} to the traced set"))
     }

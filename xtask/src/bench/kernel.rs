@@ -498,6 +498,18 @@ mod tests {
         assert_eq!(floor_program().matches("{}").count(), FLOOR_HOOKS.len());
     }
 
+    #[test]
+    fn essential_programs_are_on_floor_hooks() {
+        // Their programs are told apart by hook as the floor's are (floor_hook), and the report
+        // sets them beside the floor of the same hook.
+        for e in &ESSENTIALS {
+            assert!(FLOOR_HOOKS.contains(&e.hook), "{}", e.hook);
+            assert!(e.program.starts_with(&format!("tracepoint:syscalls:{} ", e.hook)), "{}", e.program);
+            assert_eq!(floor_hook(&e.hook[..e.hook.len().min(15)]), Some(e.hook));
+        }
+        assert_eq!(essential_program().matches("tracepoint:").count(), ESSENTIALS.len());
+    }
+
     fn prog(id: u32, name: &str, ns: u64, runs: u64) -> Prog {
         Prog { id, name: name.into(), run_time_ns: ns, run_cnt: runs, pids: vec![] }
     }
