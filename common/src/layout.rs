@@ -62,10 +62,10 @@ pub const GLOBAL_SUM_EXEC_OFFSET: &str = "SUM_EXEC_OFFSET";
 pub const GLOBAL_RSS_MM_OFFSET: &str = "RSS_MM_OFFSET";
 /// …`mm_struct.rss_stat`…
 pub const GLOBAL_RSS_STAT_OFFSET: &str = "RSS_STAT_OFFSET";
-/// …and, in the `RSS_READ` bytes read from there as u64 words, the words holding the counts of
-/// file, anon and shmem pages.
+/// …and, counted in u64 words from there (within `RSS_READ` bytes), the words holding the
+/// counts of file, anon and shmem pages.
 pub const GLOBAL_RSS_WORDS: &str = "RSS_WORDS";
-/// Bytes read at `rss_stat` (the counters lie within them).
+/// Bytes at `rss_stat` the counters must lie within.
 pub const RSS_READ: usize = 256;
 
 // ---- Loss counters --------------------------------------------------------------------------

@@ -143,9 +143,6 @@ pub struct ConnState {
     /// Downstream socket of the call `CONN_OPEN_CALL` refers to.
     pub call_fd: u32,
     pub _pad: u32,
-    /// The owning process's `mm_struct` (kernel address; 0 until its first request reads it):
-    /// where its resident-page counters are, read at each request's start and end.
-    pub mm: u64,
     pub agg: RequestAgg,
     pub req_head: [u8; 2 * REQ_HEAD_LEN],
     pub resp_head: [u8; 2 * RESP_HEAD_LEN],

@@ -83,8 +83,6 @@ fn reset(c: &mut ConnState, root: u32, family: u16, flags: u16, wait: u64) {
     c.flags = 0;
     c.partial_left = 0;
     c.call_fd = 0;
-    // Re-read at the first request (the process may have exec'd since the entry was made).
-    c.mm = 0;
     c.agg.req_head_len = 0;
     c.agg.resp_head_len = 0;
     c.agg.family = family;

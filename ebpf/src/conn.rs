@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user};
 use wsgiscope_common::{
     ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
-    CONN_SERVED, REQ_HEAD_LEN, RESP_HEAD_LEN,
+    CONN_SERVED, REQ_HEAD_LEN,
 };
 
 use crate::{events, sniff::bytes_after_head, threads};

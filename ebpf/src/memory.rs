@@ -2,10 +2,8 @@
 //! per-mm counters (`mm->rss_stat[]`, what /proc/PID/status adds up as VmRSS): no /proc read
 //! per request. The counters are per-CPU batched; their shared `count`, read here, lags the
 //! exact sum by less than the batch (at least 32 pages) per CPU.
-use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
-use wsgiscope_common::{ConnState, AGG_RSS, RSS_READ};
-
-use crate::user::current_task_u64;
+use aya_ebpf::helpers::generated::bpf_get_current_task_btf;
+use wsgiscope_common::{ConnState, AGG_RSS};
 
 // Set by the agent from the kernel's BTF (0: not measured); see `GLOBAL_RSS_*`.
 #[unsafe(no_mangle)]
@@ -15,21 +13,32 @@ static RSS_STAT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static RSS_WORDS: [u32; 3] = [0; 3];
 
-const WORDS: usize = RSS_READ / 8;
-
-/// Resident pages of the process whose `mm_struct` is at `mm`, now.
+/// Resident pages of the current task's process, now (None for a task without memory).
+/// Loaded straight from the kernel-typed task pointer (`current->mm->rss_stat[]`): the verifier
+/// checks each field against the kernel's BTF at the offsets the agent set (constants to it:
+/// the globals are frozen), and the JIT emits plain loads. A `bpf_probe_read_kernel` call cost
+/// each read ~60 ns more here.
 #[inline(always)]
-fn rss_pages(mm: u64, stat_off: u32, words: [u32; 3]) -> Option<u64> {
-    let mut counters = [0i64; WORDS];
-    // SAFETY: a read of kernel memory through the helper, which reports faults.
-    let rc = unsafe { bpf_probe_read_kernel(counters.as_mut_ptr().cast(), RSS_READ as u32, (mm + stat_off as u64) as *const _) };
-    if rc != 0 {
+fn rss_pages() -> Option<u64> {
+    let (mm_off, stat_off, words) = layout();
+    if mm_off == 0 {
         return None;
     }
-    let mut pages = 0i64;
-    for w in words {
-        pages += counters[w as usize % WORDS];
-    }
+    // SAFETY: BTF-typed loads: `task_struct.mm` (null for a kernel thread, checked) and the
+    // `count` of three `percpu_counter`s; a fault on such a load reads 0, it is never taken.
+    let pages = unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let mm = core::ptr::read_volatile(task.add(mm_off as usize).cast::<*const u8>());
+        if mm.is_null() {
+            return None;
+        }
+        let stat = mm.add(stat_off as usize).cast::<i64>();
+        let mut pages = 0i64;
+        for w in words {
+            pages += core::ptr::read_volatile(stat.add(w as usize));
+        }
+        pages
+    };
     // A batched count can dip below zero for a moment.
     Some(if pages > 0 { pages as u64 } else { 0 })
 }
@@ -47,19 +56,10 @@ fn layout() -> (u32, u32, [u32; 3]) {
     }
 }
 
-/// At a request's start (on a thread of its process). The process's `mm_struct` is read once
-/// per connection: the connection belongs to the process, whose mm lives as long as it does.
+/// At a request's start (on a thread of its process).
 #[inline(always)]
 pub fn request_started(c: &mut ConnState) {
-    let (mm_off, stat_off, words) = layout();
-    if mm_off == 0 {
-        return;
-    }
-    // 0 for a kernel thread.
-    if c.mm == 0 {
-        c.mm = current_task_u64(mm_off).unwrap_or(0);
-    }
-    match (c.mm != 0).then(|| rss_pages(c.mm, stat_off, words)).flatten() {
+    match rss_pages() {
         Some(p) => {
             c.agg.rss_start_pages = p;
             c.agg.flags |= AGG_RSS;
@@ -74,8 +74,7 @@ pub fn request_ending(c: &mut ConnState) {
     if c.agg.flags & AGG_RSS == 0 {
         return;
     }
-    let (_, stat_off, words) = layout();
-    match rss_pages(c.mm, stat_off, words) {
+    match rss_pages() {
         Some(p) => c.agg.rss_end_pages = p,
         None => c.agg.flags &= !AGG_RSS,
     }

@@ -46,7 +46,7 @@ fn charged_clock() -> Option<u64> {
     if off == 0 {
         return None;
     }
-    current_task_u64(off)
+    Some(current_task_u64(off))
 }
 
 /// The scheduler charged thread `t` up to `ts`: its clock is the task's own (`clock`, read
