@@ -98,7 +98,7 @@ pub fn response_begun(c: &ConnState) -> bool {
 /// the request's end ~75 ns each here (a helper call pays the retpoline/return-thunk tax).
 /// The last word may carry up to 7 bytes past the kept length; the agent reads no further.
 #[inline(always)]
-fn copy_head<const KEEP: usize, const BUF: usize>(dst: &mut [u8; KEEP], src: &[u8; BUF], len: u32) {
+pub fn copy_head<const KEEP: usize, const BUF: usize>(dst: &mut [u8; KEEP], src: &[u8; BUF], len: u32) {
     const { assert!(KEEP % 8 == 0 && BUF >= KEEP) };
     let words = (len as usize).div_ceil(8);
     let d = dst.as_mut_ptr().cast::<u64>();

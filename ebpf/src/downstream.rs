@@ -9,7 +9,7 @@
 //! Which sockets are downstream: those connected after attach (here, on connect) and those
 //! the agent found connected when it attached (it seeds `DOWNSTREAM`).
 use aya_ebpf::{
-    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::generated::bpf_probe_read_user,
     programs::TracePointContext,
 };
 use wsgiscope_common::{
@@ -20,7 +20,7 @@ use wsgiscope_common::{
 };
 
 use crate::{
-    conn::append_head,
+    conn::{append_head, copy_head},
     events,
     maps::{bump, conn, root_of, CALL_SCRATCH, DOWNSTREAM, THREADS},
     pending::{stash_fd, take},
@@ -185,7 +185,15 @@ fn start_call(d: &mut Downstream, key: u64, ts: u64, tid: u32, state: u32) {
     attribute(d, key, tid);
 }
 
-/// Emits the call in progress on `d` (if any) as one ring-buffer record.
+// `copy_head` moves whole words: the heads start 8-byte aligned in the record and the state.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(CallEvent, req_head) % 8 == 0 && offset_of!(CallEvent, resp_head) % 8 == 0);
+    assert!(offset_of!(Downstream, req_head) % 8 == 0 && offset_of!(Downstream, resp_head) % 8 == 0);
+};
+
+/// Emits the call in progress on `d` (if any) as one ring-buffer record: the kept bytes of its
+/// heads only.
 #[inline(always)]
 fn finish_call(d: &mut Downstream, key: u64, reason: u32) {
     if d.state == CALL_IDLE {
@@ -203,8 +211,8 @@ fn finish_call(d: &mut Downstream, key: u64, reason: u32) {
         (*e).root = d.root;
         (*e)._pad = 0;
         (*e).call = d.call;
-        bpf_probe_read_kernel((*e).req_head.as_mut_ptr().cast(), CALL_REQ_LEN as u32, d.req_head.as_ptr().cast());
-        bpf_probe_read_kernel((*e).resp_head.as_mut_ptr().cast(), CALL_RESP_LEN as u32, d.resp_head.as_ptr().cast());
+        copy_head(&mut (*e).req_head, &d.req_head, d.call.req_len);
+        copy_head(&mut (*e).resp_head, &d.resp_head, d.call.resp_len);
     }
     events::submit(entry);
 }
