@@ -71,9 +71,14 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
 /// (inlined) are the whole cost.
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    let ts = now();
     let prev = field::<u32>(&ctx, PREV_PID as usize);
-    if let Some(t) = serving(prev).then(|| THREADS.get_ptr_mut(&prev)).flatten() {
+    let next = field::<u32>(&ctx, NEXT_PID as usize);
+    let (prev_serves, next_serves) = (serving(prev), serving(next));
+    if !prev_serves && !next_serves {
+        return 0; // no clock read either (~40 ns here)
+    }
+    let ts = now();
+    if let Some(t) = prev_serves.then(|| THREADS.get_ptr_mut(&prev)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         // Its latest request's last write was in the stretch ending now: its CPU end is known.
@@ -93,8 +98,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         t.cpu_since_ns = 0;
         t.on_cpu_ns = 0;
     }
-    let next = field::<u32>(&ctx, NEXT_PID as usize);
-    if let Some(t) = serving(next).then(|| THREADS.get_ptr_mut(&next)).flatten() {
+    if let Some(t) = next_serves.then(|| THREADS.get_ptr_mut(&next)).flatten() {
         // SAFETY: as above.
         unsafe {
             (*t).cpu_since_ns = ts;

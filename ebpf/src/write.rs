@@ -8,7 +8,7 @@ use wsgiscope_common::{
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
     downstream, threads,
-    maps::conn,
+    maps::{conn, traced},
     pending::{stash, stash_fd, take, take_for},
     sniff::{is_interim, is_response_head},
     tp::{arg, pid_tgid, programs, ret},
@@ -106,8 +106,8 @@ fn poll_enter(ctx: &TracePointContext) {
         revents: i16,
     }
     const POLLOUT: i16 = 4;
-    if arg(ctx, 1) != 1 {
-        return; // only single-fd polls: the pattern of uWSGI and mod_wsgi write waits
+    if arg(ctx, 1) != 1 || !traced(pid_tgid().1) {
+        return; // only single-fd polls of traced processes: uWSGI and mod_wsgi write waits
     }
     let Some(pfd) = read_user::<PollFd>(arg(ctx, 0)) else { return };
     if pfd.events & POLLOUT != 0 && pfd.fd >= 0 {
