@@ -193,6 +193,8 @@ pub struct Environment {
     pub load_before: String,
     pub load_after: String,
     pub elapsed: Duration,
+    /// `kernel.bpf_stats_enabled` before the bench (which runs with it 0 but for section 6).
+    pub bpf_stats_before: String,
 }
 
 pub struct Results {
@@ -229,6 +231,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let mut env = environment(root);
     println!("bench: load average before: {}", env.load_before);
+    // Run-time counting off for every run but section 6's (which turns it on for its own).
+    let stats_off = kernel::BpfStats::disable()?;
+    env.bpf_stats_before = stats_off.previous().to_string();
 
     // The Redis every bench gunicorn's /redis route calls; held until the end (dropped last).
     let (_redis, redis) = group::redis(&work)?;
@@ -426,5 +431,6 @@ fn environment(root: &Path) -> Environment {
         load_before: procs::loadavg(),
         load_after: String::new(),
         elapsed: Duration::ZERO,
+        bpf_stats_before: String::new(),
     }
 }

@@ -83,6 +83,13 @@ fn header(md: &mut String, r: &Results) {
          agent share these cores; nothing is pinned.",
         e.load_before, e.load_after
     );
+    let _ = writeln!(
+        md,
+        "- BPF run-time counting (`kernel.bpf_stats_enabled`) off, the kernel's default, for every run \
+         but section 6's, which turns it on for its own (it was {} before the bench). While on, every \
+         program run pays two clock reads and a counter update.",
+        if e.bpf_stats_before.is_empty() { "?" } else { e.bpf_stats_before.as_str() }
+    );
     let foreign = foreign_counts(r);
     if foreign.0 > 0 {
         let _ = writeln!(
@@ -149,7 +156,7 @@ fn commands(md: &mut String, r: &Results) {
     let _ = writeln!(md, "```sh");
     let _ = writeln!(
         md,
-        "cargo xtask bench{}",
+        "cargo xtask bench{}\nsysctl kernel.bpf_stats_enabled=0   # for the whole bench; then the previous value",
         if p.quick { " --quick" } else { "" }
     );
     // An empty argument (`--save ""`) must stay one in the shell.
