@@ -19,6 +19,7 @@ use super::{
     procs::{self, Middleware},
     Plan,
 };
+use super::emit::EmitProbe;
 use crate::group::check_stop;
 
 /// The routes measured: one block, and 1000 blocks of 128 bytes.
@@ -238,6 +239,8 @@ pub struct Window {
     pub floor: BTreeMap<String, Cost>,
     /// ESSENTIALS' programs, by hook.
     pub essential: BTreeMap<String, Cost>,
+    /// The bench's emit probe (`emit.rs`), by hook.
+    pub emit: BTreeMap<String, Cost>,
 }
 
 impl Window {
@@ -246,7 +249,12 @@ impl Window {
         self.requests += o.requests;
         self.calls += o.calls;
         self.seconds += o.seconds;
-        for (into, from) in [(&mut self.agent, &o.agent), (&mut self.floor, &o.floor), (&mut self.essential, &o.essential)] {
+        for (into, from) in [
+            (&mut self.agent, &o.agent),
+            (&mut self.floor, &o.floor),
+            (&mut self.essential, &o.essential),
+            (&mut self.emit, &o.emit),
+        ] {
             for (name, c) in from {
                 let e = into.entry(name.clone()).or_default();
                 e.runs += c.runs;
@@ -372,6 +380,8 @@ struct Owners {
     agent: u32,
     floor: u32,
     essential: u32,
+    /// This process: it holds the emit probe.
+    emit: u32,
 }
 
 impl Owners {
@@ -391,11 +401,11 @@ impl Owners {
             }
             Ok(out)
         };
-        let (floor, essential) = (by_hook(self.floor)?, by_hook(self.essential)?);
+        let (floor, essential, emit) = (by_hook(self.floor)?, by_hook(self.essential)?, by_hook(self.emit)?);
         if agent.is_empty() {
             bail!("no program of the agent (pid {}) found in bpftool's listing", self.agent);
         }
-        Ok(Window { agent, floor, essential, ..Window::default() })
+        Ok(Window { agent, floor, essential, emit, ..Window::default() })
     }
 
     /// Lists the programs around `f`, which returns (requests, calls).
@@ -425,7 +435,13 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     let agent = procs::agent(root, work, server.group.pid())?;
     let floor = procs::bpftrace(work, &floor_program())?;
     let essential = procs::bpftrace(work, &essential_program())?;
-    let owners = Owners { agent: agent.group.pid(), floor: floor.pid(), essential: essential.pid() };
+    let emit = EmitProbe::attach(root)?;
+    let owners = Owners {
+        agent: agent.group.pid(),
+        floor: floor.pid(),
+        essential: essential.pid(),
+        emit: std::process::id(),
+    };
     let mut k = Kernel {
         rounds: plan.kernel_rounds,
         run_secs: plan.kernel_secs,
@@ -467,6 +483,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     }
     k.load_after = procs::loadavg();
     println!("bench: kernel programs: load average after: {}", k.load_after);
+    drop(emit);
     drop(essential);
     drop(floor);
     drop(agent);

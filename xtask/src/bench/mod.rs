@@ -15,6 +15,7 @@
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
 mod capacity;
+mod emit;
 mod kernel;
 mod load;
 mod memory;

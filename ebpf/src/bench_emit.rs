@@ -1,0 +1,52 @@
+//! Bench only, never loaded by the agent: `cargo xtask bench` (section 6) attaches this next to
+//! the agent to measure what emitting one request record costs on its own, on the hook that ends
+//! a request, under the same load: reserve a record of a request's size in a ring buffer, write
+//! its header (the least a record identifying a request holds), submit it without a wake-up, as
+//! the agent's programs do. The bench drains the ring as the agent drains its own.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{map, tracepoint},
+    maps::RingBuf,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use wsgiscope_common::{EventKind, RequestEvent, SYSCALL_ARGS_OFFSET};
+
+/// As large as the agent's ring.
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[tracepoint]
+pub fn sys_enter_shutdown(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the fd argument, an aligned u64 inside the syscall's tracepoint record.
+    let fd = unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(SYSCALL_ARGS_OFFSET).cast::<u64>()) };
+    let Some(mut entry) = RECORDS.reserve::<RequestEvent>(0) else { return 0 };
+    let e = entry.as_mut_ptr();
+    // SAFETY: reserved ring-buffer memory of the record's size; only its header is written.
+    unsafe {
+        (*e).kind = EventKind::Request as u32;
+        (*e).end_reason = 0;
+        (*e).tgid = (id >> 32) as u32;
+        (*e).fd = fd as u32;
+        (*e).root = 0;
+        (*e)._pad = 0;
+        (*e).end_ns = 0;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
