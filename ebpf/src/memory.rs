@@ -2,8 +2,9 @@
 //! per-mm counters (`mm->rss_stat[]`, what /proc/PID/status adds up as VmRSS): no /proc read
 //! per request. The counters are per-CPU batched; their shared `count`, read here, lags the
 //! exact sum by less than the batch (at least 32 pages) per CPU.
-use aya_ebpf::helpers::generated::bpf_get_current_task_btf;
 use wsgiscope_common::{ConnState, AGG_RSS};
+
+use crate::user::current_task_u64;
 
 // Set by the agent from the kernel's BTF (0: not measured); see `GLOBAL_RSS_*`.
 #[unsafe(no_mangle)]
@@ -24,14 +25,14 @@ fn rss_pages() -> Option<u64> {
     if mm_off == 0 {
         return None;
     }
-    // SAFETY: BTF-typed loads: `task_struct.mm` (null for a kernel thread, checked) and the
-    // `count` of three `percpu_counter`s; a fault on such a load reads 0, it is never taken.
+    // `task_struct.mm`, null for a kernel thread: a kernel-typed pointer to the verifier.
+    let mm = current_task_u64(mm_off) as *const u8;
+    if mm.is_null() {
+        return None;
+    }
+    // SAFETY: BTF-typed loads of the `count` of three `percpu_counter`s; a fault on such a
+    // load reads 0, it is never taken.
     let pages = unsafe {
-        let task = bpf_get_current_task_btf() as *const u8;
-        let mm = core::ptr::read_volatile(task.add(mm_off as usize).cast::<*const u8>());
-        if mm.is_null() {
-            return None;
-        }
         let stat = mm.add(stat_off as usize).cast::<i64>();
         let mut pages = 0i64;
         for w in words {

@@ -16,10 +16,10 @@ use super::{
     capacity::{wait_counted, Snapshot},
     load,
     micro::{self, Mode},
+    emit::EmitProbe,
     procs::{self, Middleware},
     Plan,
 };
-use super::emit::EmitProbe;
 use crate::group::check_stop;
 
 /// The routes measured: one block, and 1000 blocks of 128 bytes.
@@ -266,6 +266,12 @@ impl Window {
     /// Sum of ns per run of `names` (e.g. a syscall's enter and exit); None if one did not run.
     pub fn per_run(costs: &BTreeMap<String, Cost>, names: &[&str]) -> Option<f64> {
         names.iter().map(|n| costs.get(*n).and_then(|c| c.ns_per_run())).sum()
+    }
+
+    /// Runs of the agent's program `name` per request.
+    pub fn runs_per_request(&self, name: &str) -> Option<f64> {
+        let runs = self.agent.get(name)?.runs as f64 / self.requests;
+        runs.is_finite().then_some(runs)
     }
 
     /// All the agent's programs: ns and runs per request.

@@ -69,6 +69,12 @@ pub(super) fn scheduler_cost(samples: &[Sample]) -> Option<f64> {
     Some(cost(State::Agent)? - cost(State::EmptyProbes)?)
 }
 
+/// Worker CPU two do-nothing programs on the write tracepoints add to an untraced process's
+/// write on a socketpair (ns): the floor of any program hooking each write.
+pub(super) fn write_hook_floor(samples: &[Sample]) -> Option<f64> {
+    probe_cost(samples, Placement::Untraced, Mode::Unix, State::EmptyProbes)
+}
+
 /// Median over rounds of (ns with `state` − ns with nothing attached) for one probe-cost case.
 pub(super) fn probe_cost(
     samples: &[Sample],

@@ -335,6 +335,11 @@ fn emit_ns(k: &Kernel) -> Option<f64> {
     k.total.hello.emit.get(EMIT_HOOK).and_then(|c| c.ns_per_run())
 }
 
+/// What emitting a record costs above the floor of its hook, ns per run.
+fn emit_above_floor(k: &Kernel) -> Option<f64> {
+    Some(emit_ns(k)? - Window::per_run(&k.total.hello.floor, &[EMIT_HOOK])?)
+}
+
 fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
     let _ = writeln!(md, "### Targets (issue 17)\n");
     let _ = writeln!(md, "| target | bound | now | result |");
@@ -348,7 +353,7 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         // under the least the primitives allow.
         let essential = (h.window == "/hello" && h.names.len() == 1).then(|| essential_ns(k, h.names[0])).flatten();
         // The request's end also emits its record: the emit probe's part above the floor.
-        let emit = (h.names == [EMIT_HOOK]).then(|| emit_ns(k).zip(floor).map(|(e, f)| e - f)).flatten();
+        let emit = (h.names == [EMIT_HOOK]).then(|| emit_above_floor(k)).flatten();
         let below = match least(k, h.least) {
             _ if floor.is_some_and(|f| f >= max) => " (the bound is below the floor)".to_string(),
             // A least above the measure itself says the primitives' run was the noisier: no claim.
@@ -402,10 +407,10 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         Some(c) => {
             let share = c.wsgiscope_us / c.timing_us;
             // Writes per /blocks request, as the agent's sendto program counted them.
-            let writes = k.total.blocks.agent.get("sys_enter_sendto").map(|c| c.runs as f64 / k.total.blocks.requests);
+            let writes = k.total.blocks.runs_per_request("sys_enter_sendto");
             let allowed = MIDDLEWARE_SHARE_MAX * c.timing_us;
             let pass = c.timing_us > 0.0 && share <= MIDDLEWARE_SHARE_MAX;
-            let why = match (c.write_hook_floor_ns, writes.filter(|w| w.is_finite())) {
+            let why = match (c.write_hook_floor_ns, writes) {
                 (Some(f), Some(n)) if !pass && allowed > 0.0 && f * n / 1e3 > allowed => format!(
                     " (two programs that do nothing on the write tracepoints add {f:.0} ns of worker CPU to each write, section 2: {n:.0} writes per request × {f:.0} ns = {:.0} µs, more than half the middleware's, {allowed:.0} µs)",
                     f * n / 1e3
@@ -457,9 +462,8 @@ fn hello_least(k: &Kernel) -> Option<HelloLeast> {
     let floor = (n > 0).then(|| ns as f64 / n as f64)?;
     let above = |hook: &str| Some(essential_ns(k, hook)? - Window::per_run(&w.floor, &[hook])?);
     let accept = above("sys_exit_accept4")?;
-    let end_floor = Window::per_run(&w.floor, &[EMIT_HOOK])?;
-    let end = above(EMIT_HOOK)? + (emit_ns(k)? - end_floor);
-    let writes = w.agent.get("sys_enter_sendto")?.runs as f64 / w.requests;
+    let end = above(EMIT_HOOK)? + emit_above_floor(k)?;
+    let writes = w.runs_per_request("sys_enter_sendto")?;
     let write = least(k, Least::TracedWrite)? - 2.0 * primitive_ns(k)?[0];
     let total = runs * floor + accept + end + writes * write;
     total.is_finite().then_some(HelloLeast { total, runs, floor, accept, end, writes, write })
@@ -504,6 +508,13 @@ pub fn splice(report: &str, section_md: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The section as `section` writes it.
+    fn rendered(k: &Kernel, cpu: Option<MiddlewareCpu>) -> String {
+        let mut md = String::new();
+        section(&mut md, k, cpu);
+        md
+    }
+
     /// Section 1's /blocks table as the bench writes it.
     const SECTION1: &str = "## 1. Overhead\n\n### /hello (one block)\n\n| configuration | saturation req/s | workers' CPU µs/request |\n|---|---|---|\n| app alone | 8184 | 134 |\n\n### /blocks (1000 blocks of 128 bytes)\n\n\
 | configuration | saturation req/s | cost | p50 ms | p99 ms | workers' CPU µs/request | CPU cost |\n\
@@ -543,13 +554,11 @@ mod tests {
             }
         };
         write(&mut k, 200);
-        let mut md = String::new();
-        section(&mut md, &k, None);
+        let md = rendered(&k, None);
         assert!(md.contains("| ≤ 150 ns | 400 ns (floor - ns) | **missed** (the least it can cost here is 314 ns, from the primitives) |"), "{md}");
         // Measured under the least: the primitives' run was the noisier one.
         write(&mut k, 125);
-        let mut md = String::new();
-        section(&mut md, &k, None);
+        let md = rendered(&k, None);
         assert!(md.contains("| ≤ 150 ns | 250 ns (floor - ns) | **missed** |"), "{md}");
     }
 
@@ -569,8 +578,7 @@ mod tests {
         k.per_round = vec![k.total.clone(), k.total.clone()];
         // floor 60, clock +40, id +6, id + lookup +40, update +110, task field +30.
         k.primitives = [60, 100, 66, 100, 170, 90].map(|ns| Cost { runs: 10, ns: 10 * ns }).to_vec();
-        let mut md = String::new();
-        section(&mut md, &k, Some(MiddlewareCpu { wsgiscope_us: 300.0, timing_us: 700.0, write_hook_floor_ns: Some(500.0) }));
+        let md = rendered(&k, Some(MiddlewareCpu { wsgiscope_us: 300.0, timing_us: 700.0, write_hook_floor_ns: Some(500.0) }));
         assert!(md.starts_with("\n## 6. Kernel programs: run time per program\n"));
         assert!(md.contains("| accept (sys_exit_accept4) | ≤ 300 ns | 250 ns (floor 60 ns) | met |"), "{md}");
         assert!(
@@ -586,8 +594,7 @@ mod tests {
         // Missed, and shown impossible by section 2's do-nothing programs: 1001 writes × 500 ns.
         k.total.blocks.requests = 10.0;
         k.total.blocks.agent.insert("sys_enter_sendto".into(), Cost { runs: 10010, ns: 10010 * 200 });
-        let mut md = String::new();
-        section(&mut md, &k, Some(MiddlewareCpu { wsgiscope_us: 800.0, timing_us: 700.0, write_hook_floor_ns: Some(500.0) }));
+        let md = rendered(&k, Some(MiddlewareCpu { wsgiscope_us: 800.0, timing_us: 700.0, write_hook_floor_ns: Some(500.0) }));
         assert!(
             md.contains("800 µs vs 700 µs (1.14×); of which BPF run time here: 200 µs | **missed** (two programs that do nothing on the write tracepoints add 500 ns of worker CPU to each write, section 2: 1001 writes per request × 500 ns = 500 µs, more than half the middleware's, 350 µs) |"),
             "{md}"
@@ -605,8 +612,7 @@ mod tests {
         k.total.hello.essential.insert("sys_enter_shutdown".into(), Cost { runs: 100, ns: 100 * 200 });
         k.total.hello.floor.insert("sys_enter_shutdown".into(), Cost { runs: 100, ns: 100 * 60 });
         k.total.hello.emit.insert("sys_enter_shutdown".into(), Cost { runs: 100, ns: 100 * 300 });
-        let mut md = String::new();
-        section(&mut md, &k, None);
+        let md = rendered(&k, None);
         assert!(
             md.contains("| 500 ns (floor 60 ns) | **missed** (what it cannot do without costs 440 ns on this hook under the same load: the connection's state found in a hash map and the clock read, 200 ns, and one record emitted, 240 ns above the floor) |"),
             "{md}"
@@ -616,16 +622,14 @@ mod tests {
         assert!(md.contains("| all programs per /hello request | ≤ 3 µs | 0.8 µs | met |"), "{md}");
         k.total.hello.agent.insert("sched_switch".into(), Cost { runs: 300, ns: 300 * 1000 });
         k.total.hello.agent.insert("sys_enter_sendto".into(), Cost { runs: 300, ns: 300 * 100 });
-        let mut md = String::new();
-        section(&mut md, &k, None);
+        let md = rendered(&k, None);
         // No essential measured on accept: no least, no reason.
         assert!(md.contains("| all programs per /hello request | ≤ 3 µs | 4.0 µs | **missed** |"), "{md}");
         // With it: 8 runs per request × the 332 ns mean floor + accept (450 - 400) + the end
         // (200 - 60 + 300 - 60) + 3 writes × (314 - 2 × 60) = 3668 ns.
         k.total.hello.essential.insert("sys_exit_accept4".into(), Cost { runs: 100, ns: 100 * 450 });
         k.total.hello.floor.insert("sys_exit_accept4".into(), Cost { runs: 400, ns: 400 * 400 });
-        let mut md = String::new();
-        section(&mut md, &k, None);
+        let md = rendered(&k, None);
         assert!(
             md.contains("| ≤ 3 µs | 4.0 µs | **missed** (at least 3.7 µs here: 8.0 program runs per request × the 332 ns floor of a program, plus what cannot be done without above the floor: accept 50 ns and the request's end 380 ns with its record (connection state in a hash map), 3 traced writes × 194 ns) |"),
             "{md}"

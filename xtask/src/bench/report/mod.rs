@@ -24,12 +24,7 @@ pub fn render(r: &Results) -> String {
     super::views::section(&mut md, &r.views);
     super::memory::section(&mut md, &r.memory);
     let blocks_cpu = |config| figures::added_cpu_us(&r.overhead, "/blocks", super::overhead::Load::Saturation, config);
-    let write_hook_floor_ns = figures::probe_cost(
-        &r.micro,
-        super::micro::Placement::Untraced,
-        super::micro::Mode::Unix,
-        super::micro::State::EmptyProbes,
-    );
+    let write_hook_floor_ns = figures::write_hook_floor(&r.micro);
     let cpu = blocks_cpu(super::overhead::Config::Wsgiscope)
         .zip(blocks_cpu(super::overhead::Config::Timing))
         .map(|(wsgiscope_us, timing_us)| kernel::MiddlewareCpu { wsgiscope_us, timing_us, write_hook_floor_ns });

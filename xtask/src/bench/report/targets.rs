@@ -11,7 +11,7 @@ use super::{
     at_most,
     figures::{
         added_cpu_per_call_us, added_cpu_us, cpu_cost, cpu_per_1k, probe_cost, redis_calls_exact,
-        saturation_cost, scheduler_cost,
+        saturation_cost, scheduler_cost, write_hook_floor,
     },
     num, percent, signed, verdict,
 };
@@ -92,12 +92,7 @@ pub(super) fn targets(md: &mut String, r: &Results) {
             at_most(cost, max)
         );
     }
-    let floor = probe_cost(
-        &r.micro,
-        Placement::Untraced,
-        Mode::Unix,
-        State::EmptyProbes,
-    );
+    let floor = write_hook_floor(&r.micro);
     if floor.is_some() {
         let _ = writeln!(
             md,
