@@ -158,6 +158,9 @@ fn a_client_that_reads_late_is_a_slow_client() {
     assert_eq!(m.sum("wsgi_slow_client_responses_total", &[]), 1.0);
     let write = m.sum("wsgi_response_write_seconds_sum", &[("route", "/big")]);
     assert!(write >= 0.3, "the worker waited on the reader: {write} s");
+    // Every byte counted, though the worker left the CPU inside its write: the write's enter,
+    // handed over in the CPU's slot, moved with the thread to its exit.
+    assert_eq!(m.sum("wsgi_response_bytes_sum", &[("route", "/big")]), raw.len() as f64, "{}", m.text);
 }
 
 /// uWSGI's own exit codes: a reload (SIGHUP: workers exit 17), a stop (SIGINT: 30) and a
