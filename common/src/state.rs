@@ -157,10 +157,8 @@ pub struct Pending {
     /// Bytes the write asked to transfer (writes only).
     pub len: u64,
     pub enter_ns: u64,
-    /// What is in flight (`OP_*`; 0: nothing).
     pub op: u32,
-    /// The thread that made the call (a CPU's slot of `PENDING_ON_CPU` names its owner).
-    pub tid: u32,
+    pub _pad: u32,
 }
 
 /// A collection in progress on one thread.

@@ -67,14 +67,12 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
     t.cpu_total_ns = total;
 }
 
-/// Every context switch on the node: for threads that serve no requests, three array lookups
+/// Every context switch on the node: for threads that serve no requests, two array lookups
 /// (inlined) are the whole cost.
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let prev = field::<u32>(&ctx, PREV_PID as usize);
     let next = field::<u32>(&ctx, NEXT_PID as usize);
-    // A write, poll or connect of `prev` still in flight leaves this CPU with it.
-    crate::pending::leaving_cpu(prev);
     let (prev_serves, next_serves) = (serving(prev), serving(next));
     if !prev_serves && !next_serves {
         return 0; // no clock read either (~40 ns here)
