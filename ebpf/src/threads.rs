@@ -175,6 +175,17 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         // SAFETY: map value pointer valid for this program run; only this thread writes it
         // (and sched_switch on this CPU, which cannot run while this program does).
         let t = unsafe { &mut *t };
+        // The agent writes a task's mark whole when it traces it (root and serving, read a
+        // moment before): a mark set in between is lost, and without it `sched_switch` would
+        // no longer follow this thread. Set again here; it is running now, its clock from here.
+        if !serving(tid) {
+            set_serving(tid, true);
+            if let Some(clock) = charged_clock().filter(|_| t.flags & THREAD_ABSOLUTE != 0) {
+                t.cpu_total_ns = clock;
+            }
+            t.cpu_since_ns = start_ns;
+            t.on_cpu_ns = start_ns;
+        }
         if t.in_flight > 0 && t.fd != fd {
             if let Some(o) = conn(conn_key((key >> 32) as u32, t.fd)) {
                 if o.flags & CONN_IN_REQUEST != 0 && o.agg.start_ns == t.start_ns {
