@@ -103,9 +103,10 @@ fn send(port: u16, paths: &[String], clients: usize) {
 #[derive(Clone, Copy, PartialEq)]
 enum Timing {
     /// Request by request (`per_request`): each call inside the app's clock reads, the median
-    /// within max(200 µs, 5 %) per call and max(300 µs, 20 µs × its calls, 5 %) per request. Used with one request
-    /// at a time: the app reads its clock in Python around each syscall, and on two shared cores
-    /// a preemption there (another worker, a client) would be counted as wire time by the app.
+    /// within max(200 µs, 5 %) per call and max(300 µs, 20 µs × its calls, 5 %) per request.
+    /// Used with one request at a time: the app reads its clock in Python around each syscall,
+    /// and on two shared cores a preemption there (another worker, a client) would be counted
+    /// as wire time by the app.
     Close,
     /// At most the app's. With several threads running Python, the app's marks after each
     /// syscall wait for the GIL: its spans contain the wire spans but can be much longer.
@@ -319,8 +320,8 @@ const CPU_SLACK: f64 = 50e-6;
 /// (in start order, through the live API, whose figures /metrics sums), and each call with the
 /// agent's call (in order). Per call the agent's wire time is within the app's (the app reads
 /// its clock in Python around its socket calls) and the median gap per operation is within
-/// max(200 µs, 5 %); per request the downstream time likewise (max(300 µs, 20 µs a call)), and the CPU time at
-/// least the app's thread_time with the median excess within max(0.5 ms, 5 %) if `cpu_close`.
+/// max(200 µs, 5 %); per request the downstream time likewise (max(300 µs, 20 µs a call)), and
+/// the CPU time at least the app's thread_time with the median excess within max(0.5 ms, 5 %) if `cpu_close`.
 /// Medians, because on two shared cores one preemption between a syscall and the app's clock
 /// read (or of the server inside the request window) widens one call's or request's gap by
 /// milliseconds.
@@ -333,9 +334,8 @@ fn per_request(agent: &Agent, truth: &DownstreamTruth, m: &Metrics, cpu_close: b
     assert_eq!(api.len(), app.len(), "one live record per request");
 
     let mut call_gaps: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut request_gaps: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    // The most calls one request of a route made (its gap's floor grows with them).
-    let mut request_calls: BTreeMap<&str, usize> = BTreeMap::new();
+    // Per route: the requests' gaps, and the most calls one request made (the floor grows with them).
+    let mut request_gaps: BTreeMap<&str, (Vec<(f64, f64)>, usize)> = BTreeMap::new();
     let mut cpu_gaps: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
     // The agent's sums by the labels /metrics gives them.
     let mut cpu_sum: BTreeMap<&str, f64> = BTreeMap::new();
@@ -388,8 +388,8 @@ fn per_request(agent: &Agent, truth: &DownstreamTruth, m: &Metrics, cpu_close: b
             let bound = app_time + untimed;
             gaps_close(&what, &mut [(got - bound, bound)], Side::AtMost(WITHIN * calls.len() as f64), None, off);
             if !connects {
-                request_gaps.entry(&r.route).or_default().push((got - app_time, app_time));
-                let most = request_calls.entry(&r.route).or_default();
+                let (gaps, most) = request_gaps.entry(&r.route).or_default();
+                gaps.push((got - app_time, app_time));
                 *most = (*most).max(calls.len());
             }
         }
@@ -397,11 +397,11 @@ fn per_request(agent: &Agent, truth: &DownstreamTruth, m: &Metrics, cpu_close: b
     for (what, gaps) in &mut call_gaps {
         gaps_close(what, gaps, Side::Either, Some(200e-6), off);
     }
-    for (route, gaps) in &mut request_gaps {
+    for (route, (gaps, most)) in &mut request_gaps {
         // Each call adds the app's own Python between its clock reads and the socket calls
         // (client-side encoding and decoding; under gevent a hub switch too): ~15 µs a call
         // on these shared cores, so 25 calls pass 300 µs when the machine is busy.
-        let floor = 300e-6f64.max(PER_CALL * request_calls[route] as f64);
+        let floor = 300e-6f64.max(PER_CALL * *most as f64);
         gaps_close(&format!("{route}: downstream time per request"), gaps, Side::Either, Some(floor), off);
     }
     for (route, gaps) in &mut cpu_gaps {
