@@ -243,6 +243,8 @@ pub struct ThreadReq {
     pub cpu_since_ns: u64,
     /// When it last went on CPU (0: off CPU): its current stretch, which charges do not cut.
     pub on_cpu_ns: u64,
+    /// The hypervisor's steal from its CPU so far, read at `cpu_since_ns` (`ebpf` `steal`).
+    pub steal_ns: u64,
 }
 
 /// `ThreadReq::flags`: the thread read a request while another it read was still before its

@@ -11,7 +11,8 @@
 //! `memory` (the process's resident pages at a request's start and end).
 //! `conn` holds the connection-state helpers they share, `maps` the maps, `events` every write
 //! to the ring buffer; `tp` reads tracepoint records, `user` the traced process's memory,
-//! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes.
+//! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes,
+//! `steal` reads the time the hypervisor took from a CPU (left out of CPU clocks).
 //! What both sides agree on (records, state, names, offsets) is in `wsgiscope_common`.
 #![no_std]
 #![no_main]
@@ -29,6 +30,7 @@ mod python;
 mod read;
 mod signal;
 mod sniff;
+mod steal;
 mod tcp;
 mod threads;
 mod tp;

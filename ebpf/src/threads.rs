@@ -9,6 +9,11 @@
 //! too coarse for 1 ms requests. Kernels without that tracepoint: the time between its context
 //! switches. A thread's entry is made when it reads its first request and dropped when it exits.
 //!
+//! On a VM the hypervisor's steal is left out of the task's clock but not out of wall time: a
+//! request's start leaves out the steal since the last charge (`steal`), and its end is carried
+//! only forward from a charge (an upper bound), so a request's CPU time is never short of what
+//! the app's `thread_time()` reads.
+//!
 //! The kernel skips a tracing program that would nest inside another on its CPU (a tick's
 //! charge landing while one of our syscall programs runs): a charge added up would be lost.
 //! Where the agent found the task's own clock in the kernel's BTF, each charge reads it instead
@@ -26,6 +31,7 @@ use crate::{
     conn::{now, response_begun},
     downstream::end_open_call,
     maps::{bump, conn, serving, set_serving, THREADS},
+    steal::stolen_here,
     tp::{field, pid_tgid},
     user::current_task_u64,
 };
@@ -103,6 +109,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         unsafe {
             (*t).cpu_since_ns = ts;
             (*t).on_cpu_ns = ts;
+            (*t).steal_ns = stolen_here();
         }
     }
     0
@@ -116,29 +123,51 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     if let Some(t) = serving(pid).then(|| THREADS.get_ptr_mut(&pid)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
-        let runtime = field::<u64>(&ctx, RUNTIME as usize);
+        let absolute = t.flags & THREAD_ABSOLUTE != 0;
+        let here = pid_tgid().0 as u32 == pid;
+        if absolute && !here {
+            // A charge taken on another CPU (a wakeup check there): the task's own clock is not
+            // readable from here, and the runtime charged runs from its last charge, which may
+            // be one the kernel skipped (it nests in one of our programs): added up, it lost that
+            // one's time until the next charge on its own CPU. Its clock runs on by wall time.
+            return 0;
+        }
         let ts = now();
-        // The charged task is the running one, but for a charge taken from another CPU.
-        let own = t.flags & THREAD_ABSOLUTE != 0 && pid_tgid().0 as u32 == pid;
-        charged(t, own.then(charged_clock).flatten(), runtime, ts);
-        // Charged while it runs (a tick, a wakeup check): its clock runs on from here.
+        // A request it wrote to since its last charge ends at that write: settled from the
+        // clock so far, carried forward (a charge's clock carried back to a write before it
+        // would take any steal in between off the request's CPU time).
+        if here && t.in_flight > 0 && t.on_cpu_ns != 0 {
+            if let Some(c) = conn(conn_key(t.tgid, t.fd)) {
+                settle_cpu_end(c, t, pid, false);
+            }
+        }
+        let runtime = field::<u64>(&ctx, RUNTIME as usize);
+        charged(t, absolute.then(charged_clock).flatten(), runtime, ts);
+        // Charged while it runs (a tick, a wakeup check): its clock runs on from here. The
+        // steal is this CPU's: read for a charge of the task on it (one taken from another CPU
+        // keeps the last, an earlier reading of its own CPU: the start below stays no later).
         if t.cpu_since_ns != 0 {
             t.cpu_since_ns = ts;
+            if here {
+                t.steal_ns = stolen_here();
+            }
         }
     }
     0
 }
 
-/// The clock of running thread `t` at `at`, a moment of its current stretch on CPU: the
-/// charges since `at` are taken back off (it ran all along).
+/// The clock of running thread `t` at `at`, a moment of its current stretch on CPU, carried
+/// forward from its last charge by wall time (every charge settles the writes before it, so
+/// `at` is after that charge but where a skipped scheduler event left it otherwise: then
+/// carried back).
 #[inline(always)]
 fn cpu_at(t: &ThreadReq, at: u64) -> u64 {
     (t.cpu_total_ns + at).saturating_sub(t.cpu_since_ns)
 }
 
 /// A request of thread `t` (`tid`) whose CPU end waits for the clock at its last write
-/// (`AGG_CPU_AT_WRITE`) gets it, while `t` is still on the CPU it wrote on; if `t` has been off
-/// CPU since that write, it got it then.
+/// (`AGG_CPU_AT_WRITE`) gets it, while `t` is still on the CPU it wrote on; if `t` has been
+/// charged or off CPU since that write, it got it then.
 #[inline(always)]
 pub fn settle_cpu_end(c: &mut ConnState, t: &ThreadReq, tid: u32, at_end: bool) {
     if c.agg.flags & AGG_CPU_AT_WRITE == 0 || c.agg.tid != tid {
@@ -155,10 +184,23 @@ pub fn settle_cpu_end(c: &mut ConnState, t: &ThreadReq, tid: u32, at_end: bool) 
     }
 }
 
-/// CPU time of a thread that is running now (at `ts`).
+/// CPU time of a thread that is running now (at `ts`), carried from its last charge by wall
+/// time: an upper bound on a VM (the steal since is in it), right for a request's end.
 #[inline(always)]
 fn cpu_now(t: &ThreadReq, ts: u64) -> u64 {
     t.cpu_total_ns + if t.cpu_since_ns != 0 { ts.saturating_sub(t.cpu_since_ns) } else { 0 }
+}
+
+/// CPU time of thread `t`, the current task, now (at `ts`), the hypervisor's steal on this CPU
+/// since its last charge left out: right for a request's start (the steal to leave out is
+/// at most the time since; a start is never later than the kernel's clock would say).
+#[inline(always)]
+fn cpu_now_here(t: &ThreadReq, ts: u64) -> u64 {
+    if t.cpu_since_ns == 0 {
+        return t.cpu_total_ns;
+    }
+    let wall = ts.saturating_sub(t.cpu_since_ns);
+    t.cpu_total_ns + wall - stolen_here().saturating_sub(t.steal_ns).min(wall)
 }
 
 /// The current thread `tid` read the first byte of the request on `c` (`key`) at
@@ -185,6 +227,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
             }
             t.cpu_since_ns = start_ns;
             t.on_cpu_ns = start_ns;
+            t.steal_ns = stolen_here();
         }
         if t.in_flight > 0 && t.fd != fd {
             if let Some(o) = conn(conn_key((key >> 32) as u32, t.fd)) {
@@ -207,7 +250,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         t.start_ns = start_ns;
         t.in_flight = t.in_flight.saturating_add(1);
         // The request's start time stands for now (a clock read costs ~40 ns, more when cold).
-        let cpu = cpu_now(t, start_ns);
+        let cpu = cpu_now_here(t, start_ns);
         c.agg.cpu_start_ns = cpu;
         c.agg.cpu_end_ns = cpu;
         c.agg.flags |= AGG_CPU;
@@ -227,6 +270,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         cpu_total_ns: total,
         cpu_since_ns: start_ns,
         on_cpu_ns: start_ns,
+        steal_ns: stolen_here(),
     };
     if THREADS.insert(&tid, &t, 0).is_ok() {
         set_serving(tid, true);

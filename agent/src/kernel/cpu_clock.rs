@@ -3,8 +3,12 @@
 //! `time.thread_time()` reads). The kernel side reads it at each scheduler charge of a thread
 //! that serves requests, so a charge it misses (the kernel skips a tracing program that would
 //! nest inside another on its CPU, ours included) costs nothing: the next one holds it.
-use anyhow::{bail, Context, Result};
-use btf_rs::{Btf, Type};
+//!
+//! On a KVM guest, the time the hypervisor stole from a CPU is left out of that clock: the
+//! kernel side reads the per-CPU `steal_time` too, found from this CPU's runqueue
+//! (`steal_layout`).
+use anyhow::{anyhow, bail, Context, Result};
+use btf_rs::{Btf, BtfType, Type};
 
 use super::rss::{member, structure};
 
@@ -26,6 +30,37 @@ pub fn sum_exec_offset(btf: &Btf) -> Result<u32> {
     Ok(se + sum)
 }
 
+/// Where the kernel side finds this CPU's `steal_time.steal` (the hypervisor's steal so far):
+/// `[task_struct.se.cfs_rq, cfs_rq.rq, &steal_time - &runqueues]` (the last wrapping), the
+/// two per-CPU variables' places in the kernel's per-CPU section. Err on a kernel that is no
+/// KVM guest (no `steal_time`) or without group scheduling (no `cfs_rq.rq`).
+pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
+    let task = structure(btf, "task_struct")?;
+    let (se, se_type) = member(btf, &task, "se").context("task_struct has no se")?;
+    let Type::Struct(entity) = se_type else { bail!("task_struct.se is not a struct") };
+    let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
+    let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
+    let steal_time = structure(btf, "kvm_steal_time").context("not built as a KVM guest")?;
+    let (steal, _) = member(btf, &steal_time, "steal").context("kvm_steal_time has no steal")?;
+    let runqueues = percpu_offset(btf, "runqueues")?;
+    let steal_var = percpu_offset(btf, "steal_time")?;
+    Ok([u64::from(se + cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
+}
+
+/// The place of per-CPU variable `name` in the kernel's per-CPU section.
+fn percpu_offset(btf: &Btf, name: &str) -> Result<u64> {
+    for t in btf.resolve_types_by_name(".data..percpu")? {
+        let Type::Datasec(sec) = t else { continue };
+        for v in &sec.variables {
+            let Some(Ok(Type::Var(var))) = v.get_type_id().map(|id| btf.resolve_type_by_id(id)) else { continue };
+            if btf.resolve_name(&var).is_ok_and(|n| n == name) {
+                return Ok(u64::from(v.offset()));
+            }
+        }
+    }
+    Err(anyhow!("no per-CPU variable {name} in the kernel's BTF"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +70,14 @@ mod tests {
         let off = sum_exec_offset(&super::super::rss::kernel_btf().unwrap()).unwrap();
         // Well inside task_struct, after its thread_info and state.
         assert!(off > 64 && off < 16 * 1024, "{off}");
+    }
+
+    /// The test machines are KVM guests with group scheduling.
+    #[test]
+    fn this_kernel_s_steal_time_is_found() {
+        let [cfs_rq, rq, delta] = steal_layout(&super::super::rss::kernel_btf().unwrap()).unwrap();
+        assert!(cfs_rq > 64 && cfs_rq < 16 * 1024 && rq > 0 && rq < 16 * 1024, "{cfs_rq} {rq}");
+        // Two variables of one section, less than a MiB apart either way.
+        assert!(delta < 1 << 20 || delta.wrapping_neg() < 1 << 20, "{delta}");
     }
 }

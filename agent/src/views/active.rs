@@ -178,7 +178,7 @@ mod tests {
     }
 
     fn thread(cpu_since_ns: u64) -> ThreadReq {
-        ThreadReq { start_ns: 0, fd: FD, in_flight: 1, flags: 0, tgid: 0, cpu_total_ns: 5_000, cpu_since_ns, on_cpu_ns: cpu_since_ns }
+        ThreadReq { start_ns: 0, fd: FD, in_flight: 1, flags: 0, tgid: 0, cpu_total_ns: 5_000, cpu_since_ns, on_cpu_ns: cpu_since_ns, steal_ns: 0 }
     }
 
     fn call(state: u32, start_ns: u64) -> Downstream {
