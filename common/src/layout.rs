@@ -36,8 +36,10 @@ pub const MAP_TRACED: &str = "TRACED";
 pub const MAP_TRACED_TASKS: &str = "TRACED_TASKS";
 /// `conn_key(tgid, fd)` → `ConnState`.
 pub const MAP_CONNS: &str = "CONNS";
-/// pid_tgid → `Pending`.
+/// pid_tgid → `Pending`: syscalls in flight whose thread left the CPU before their exit.
 pub const MAP_PENDING: &str = "PENDING";
+/// Per CPU, one `Pending`: the syscall in flight of the thread running there (`tid` says which).
+pub const MAP_PENDING_ON_CPU: &str = "PENDING_ON_CPU";
 /// Per-CPU loss counters, indexed by `STAT_*`.
 pub const MAP_STATS: &str = "STATS";
 /// `conn_key(tgid, fd)` → `Downstream` (sockets a traced process connected).
@@ -53,6 +55,9 @@ pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
 /// …whether to trace processes that exec a server name (`wsgiscope daemon`)…
 pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
+/// …whether `sched_switch` is attached, so that a syscall's enter can hand over to its exit
+/// in the CPU's slot (`PENDING_ON_CPU`; the switch moves it to `PENDING`)…
+pub const GLOBAL_PENDING_ON_CPU: &str = "PENDING_ON_CPU_ENABLED";
 /// …and whether `sched_stat_runtime` is attached (CPU clocks follow the scheduler's charges).
 pub const GLOBAL_KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
 /// …where a task's own CPU clock is (`task_struct.se.sum_exec_runtime`; 0: not read, charges

@@ -113,6 +113,9 @@ pub struct RequestAgg {
     /// start, and at its last response write (or its end, without one): valid with `AGG_CPU`.
     pub cpu_start_ns: u64,
     pub cpu_end_ns: u64,
+    /// The hypervisor's steal from the CPU of the last response write, read at that write: with
+    /// `AGG_CPU_AT_WRITE`, what the end's clock leaves out (kernel side only).
+    pub last_write_steal_ns: u64,
     /// The process's resident pages (file + anon + shmem, the kernel's per-mm counters) at the
     /// request's start and at its end: valid with `AGG_RSS`.
     pub rss_start_pages: u64,
@@ -157,8 +160,10 @@ pub struct Pending {
     /// Bytes the write asked to transfer (writes only).
     pub len: u64,
     pub enter_ns: u64,
+    /// What is in flight (`OP_*`; 0: nothing).
     pub op: u32,
-    pub _pad: u32,
+    /// The thread that made the call (a CPU's slot of `PENDING_ON_CPU` names its owner).
+    pub tid: u32,
 }
 
 /// A collection in progress on one thread.

@@ -1,6 +1,12 @@
-//! Syscalls in flight: what a write or poll's enter tracepoint remembers for its exit, in a
-//! per-thread slot of `PENDING`.
-use aya_ebpf::programs::TracePointContext;
+//! Syscalls in flight: what a write, poll or connect's enter tracepoint remembers for its exit.
+//!
+//! The hand-over is the CPU's slot (`PENDING_ON_CPU`, an array lookup the JIT inlines) rather
+//! than a per-thread hash entry (a lookup on each side, helper calls that pay this VM's
+//! retpoline/return-thunk tax). A thread runs its syscall's enter and exit on one CPU unless it
+//! leaves the CPU in between (it blocks, or is preempted): `sched_switch` then moves its slot to
+//! `PENDING`, keyed by the thread, where the exit finds it on whatever CPU it wakes on. Without
+//! `sched_switch` attached (`PENDING_ON_CPU_ENABLED` 0), `PENDING` is the only hand-over.
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TracePointContext};
 use wsgiscope_common::{conn_key, Pending, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV, STAT_PENDING_TABLE_FULL};
 
 use crate::{
@@ -9,6 +15,30 @@ use crate::{
     tp::{arg, pid_tgid},
     user::{read_user, IoVec},
 };
+
+/// Set by the agent when `sched_switch` is attached (it moves a slot off its CPU).
+#[unsafe(no_mangle)]
+static PENDING_ON_CPU_ENABLED: u32 = 0;
+
+/// The syscall in flight of the thread running on this CPU (`op` 0: none).
+#[map]
+static PENDING_ON_CPU: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn on_cpu_enabled() -> bool {
+    // SAFETY: volatile read of a global the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&PENDING_ON_CPU_ENABLED) != 0 }
+}
+
+/// This CPU's slot, when the hand-over goes through it.
+#[inline(always)]
+fn cpu_slot() -> Option<&'static mut Pending> {
+    if !on_cpu_enabled() {
+        return None;
+    }
+    // SAFETY: per-CPU slot, valid for the program run; programs on one CPU do not overlap.
+    PENDING_ON_CPU.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 /// On a syscall's enter: if a traced process makes it, remember it for the exit tracepoint,
 /// which checks whether the fd is a connection. This is the whole cost for untraced processes:
@@ -26,23 +56,55 @@ pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
         return;
     }
     let (buf, len) = what();
-    remember(id, Pending { key: conn_key(tgid, fd as u32), buf, len, enter_ns: now(), op, _pad: 0 });
+    let p = Pending { key: conn_key(tgid, fd as u32), buf, len, enter_ns: now(), op, tid: id as u32 };
+    match cpu_slot() {
+        Some(slot) => {
+            // A slot still holding another thread's call lost its move off the CPU: moved now.
+            if slot.op != 0 && slot.tid != p.tid {
+                keep(slot.tid as u64 | ((slot.key >> 32) << 32), slot);
+            }
+            *slot = p;
+        }
+        None => keep(id, &p),
+    }
 }
 
-/// Stores what the exit tracepoint needs in this thread's slot. The slot is written in place
+/// Stores a call in flight in thread `id`'s entry of `PENDING`. The entry is written in place
 /// once it exists (a hash insert and delete per syscall cost more than the rest of the
 /// program); it is freed when the thread exits.
 #[inline(always)]
-fn remember(id: u64, p: Pending) {
-    if let Some(slot) = PENDING.get_ptr_mut(&id) {
-        // SAFETY: map value pointer valid for this program run; only this thread uses it.
-        unsafe { *slot = p };
-    } else if PENDING.insert(&id, &p, 0).is_err() {
+fn keep(id: u64, p: &Pending) {
+    if let Some(entry) = PENDING.get_ptr_mut(&id) {
+        // SAFETY: map value pointer valid for this program run; only this thread's calls use it.
+        unsafe { *entry = *p };
+    } else if PENDING.insert(&id, p, 0).is_err() {
         bump(STAT_PENDING_TABLE_FULL);
     }
 }
 
-/// On a syscall's exit: the stashed enter, if any (the slot is then marked empty, `op` 0).
+/// `sched_switch`: thread `tid` leaves this CPU; a call it has in flight moves to `PENDING`,
+/// for its exit on whatever CPU the thread runs next.
+#[inline(always)]
+pub fn leaving_cpu(tid: u32) {
+    let Some(slot) = cpu_slot() else { return };
+    if slot.op != 0 && slot.tid == tid {
+        // The key holds the process (tgid) in its high half: with the tid, the thread's id.
+        keep(tid as u64 | ((slot.key >> 32) << 32), slot);
+        slot.op = 0;
+    }
+}
+
+/// The thread `tid` is gone: a call it left in this CPU's slot is no one's.
+#[inline(always)]
+pub fn thread_exiting(tid: u32) {
+    if let Some(slot) = cpu_slot() {
+        if slot.tid == tid {
+            slot.op = 0;
+        }
+    }
+}
+
+/// On a syscall's exit: the stashed enter, if any (its slot is then marked empty, `op` 0).
 #[inline(always)]
 pub fn take() -> Option<Pending> {
     let (id, tgid) = pid_tgid();
@@ -57,14 +119,22 @@ pub fn take_for(id: u64, tgid: u32) -> Option<Pending> {
     if !traced(tgid) {
         return None;
     }
-    let slot = PENDING.get_ptr_mut(&id)?;
-    // SAFETY: map value pointer valid for this program run; only this thread uses it.
+    if let Some(slot) = cpu_slot() {
+        if slot.op != 0 && slot.tid == id as u32 {
+            let p = *slot;
+            slot.op = 0;
+            return Some(p);
+        }
+    }
+    // The thread left the CPU during the call (or the hand-over is `PENDING` only).
+    let entry = PENDING.get_ptr_mut(&id)?;
+    // SAFETY: map value pointer valid for this program run; only this thread's calls use it.
     unsafe {
-        if (*slot).op == 0 {
+        if (*entry).op == 0 {
             return None;
         }
-        let p = *slot;
-        (*slot).op = 0;
+        let p = *entry;
+        (*entry).op = 0;
         Some(p)
     }
 }

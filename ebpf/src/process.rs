@@ -42,6 +42,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let (id, tgid) = pid_tgid();
     let tid = id as u32;
     let _ = PENDING.remove(&id);
+    crate::pending::thread_exiting(tid);
     let Some(root) = root_of(tgid) else { return 0 };
     if serving(tid) {
         set_serving(tid, false);

@@ -9,10 +9,9 @@
 //! too coarse for 1 ms requests. Kernels without that tracepoint: the time between its context
 //! switches. A thread's entry is made when it reads its first request and dropped when it exits.
 //!
-//! On a VM the hypervisor's steal is left out of the task's clock but not out of wall time: a
-//! request's start leaves out the steal since the last charge (`steal`), and its end is carried
-//! only forward from a charge (an upper bound), so a request's CPU time is never short of what
-//! the app's `thread_time()` reads.
+//! On a VM the hypervisor's steal is left out of the task's clock but not out of wall time:
+//! where a clock is carried from the last charge (a request's start, its last write), the
+//! steal since is read and left out too (`steal`).
 //!
 //! The kernel skips a tracing program that would nest inside another on its CPU (a tick's
 //! charge landing while one of our syscall programs runs): a charge added up would be lost.
@@ -73,12 +72,14 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
     t.cpu_total_ns = total;
 }
 
-/// Every context switch on the node: for threads that serve no requests, two array lookups
+/// Every context switch on the node: for threads that serve no requests, three array lookups
 /// (inlined) are the whole cost.
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let prev = field::<u32>(&ctx, PREV_PID as usize);
     let next = field::<u32>(&ctx, NEXT_PID as usize);
+    // A write, poll or connect of `prev` still in flight leaves this CPU with it.
+    crate::pending::leaving_cpu(prev);
     let (prev_serves, next_serves) = (serving(prev), serving(next));
     if !prev_serves && !next_serves {
         return 0; // no clock read either (~40 ns here)
@@ -156,13 +157,17 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The clock of running thread `t` at `at`, a moment of its current stretch on CPU, carried
-/// forward from its last charge by wall time (every charge settles the writes before it, so
-/// `at` is after that charge but where a skipped scheduler event left it otherwise: then
-/// carried back).
+/// The clock of running thread `t` at `at`, a moment of its current stretch on CPU when the
+/// CPU's steal read `steal`: carried forward from its last charge by wall time, the steal
+/// since left out (every charge settles the writes before it, so `at` is after that charge;
+/// where a skipped scheduler event left it before, carried back by wall time).
 #[inline(always)]
-fn cpu_at(t: &ThreadReq, at: u64) -> u64 {
-    (t.cpu_total_ns + at).saturating_sub(t.cpu_since_ns)
+fn cpu_at(t: &ThreadReq, at: u64, steal: u64) -> u64 {
+    if at < t.cpu_since_ns {
+        return (t.cpu_total_ns + at).saturating_sub(t.cpu_since_ns);
+    }
+    let wall = at - t.cpu_since_ns;
+    t.cpu_total_ns + wall - steal.saturating_sub(t.steal_ns).min(wall)
 }
 
 /// A request of thread `t` (`tid`) whose CPU end waits for the clock at its last write
@@ -174,7 +179,7 @@ pub fn settle_cpu_end(c: &mut ConnState, t: &ThreadReq, tid: u32, at_end: bool) 
         return;
     }
     if t.cpu_since_ns != 0 && t.on_cpu_ns != 0 && t.on_cpu_ns <= c.agg.last_write_ns {
-        c.agg.cpu_end_ns = cpu_at(t, c.agg.last_write_ns);
+        c.agg.cpu_end_ns = cpu_at(t, c.agg.last_write_ns, c.agg.last_write_steal_ns);
         c.agg.flags &= !AGG_CPU_AT_WRITE;
     } else if at_end {
         // Not settled while it could be (a scheduler event the kernel skipped): the clock
@@ -184,23 +189,21 @@ pub fn settle_cpu_end(c: &mut ConnState, t: &ThreadReq, tid: u32, at_end: bool) 
     }
 }
 
-/// CPU time of a thread that is running now (at `ts`), carried from its last charge by wall
-/// time: an upper bound on a VM (the steal since is in it), right for a request's end.
+/// CPU time of a thread that is running now (at `ts`), maybe on another CPU: carried from its
+/// last charge by wall time (on a VM the steal since is in it).
 #[inline(always)]
 fn cpu_now(t: &ThreadReq, ts: u64) -> u64 {
     t.cpu_total_ns + if t.cpu_since_ns != 0 { ts.saturating_sub(t.cpu_since_ns) } else { 0 }
 }
 
 /// CPU time of thread `t`, the current task, now (at `ts`), the hypervisor's steal on this CPU
-/// since its last charge left out: right for a request's start (the steal to leave out is
-/// at most the time since; a start is never later than the kernel's clock would say).
+/// since its last charge left out.
 #[inline(always)]
 fn cpu_now_here(t: &ThreadReq, ts: u64) -> u64 {
     if t.cpu_since_ns == 0 {
         return t.cpu_total_ns;
     }
-    let wall = ts.saturating_sub(t.cpu_since_ns);
-    t.cpu_total_ns + wall - stolen_here().saturating_sub(t.steal_ns).min(wall)
+    cpu_at(t, ts.max(t.cpu_since_ns), stolen_here())
 }
 
 /// The current thread `tid` read the first byte of the request on `c` (`key`) at
@@ -291,6 +294,7 @@ pub fn wrote(c: &mut ConnState, tid: u32, ts: u64) {
         mark_cpu_end(c, tid, ts);
     } else if c.agg.flags & AGG_CPU != 0 && c.agg.tid == tid {
         c.agg.flags |= AGG_CPU_AT_WRITE;
+        c.agg.last_write_steal_ns = stolen_here();
     }
 }
 
@@ -302,7 +306,7 @@ pub fn mark_cpu_end(c: &mut ConnState, tid: u32, ts: u64) {
     }
     // SAFETY: u64 fields copied out at once.
     if let Some(t) = unsafe { THREADS.get(&c.agg.tid) } {
-        c.agg.cpu_end_ns = cpu_now(t, ts);
+        c.agg.cpu_end_ns = cpu_now_here(t, ts);
     }
 }
 

@@ -20,8 +20,8 @@ use aya::{
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, TaskMark, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
-    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -45,7 +45,10 @@ pub struct Kernel {
     /// kept with `traced`: what the kernel programs read.
     traced_tasks: Array<MapData, TaskMark>,
     conns: HashMap<MapData, u64, ConnState>,
+    /// Syscalls in flight of threads that left their CPU during the call…
     pending: HashMap<MapData, u64, Pending>,
+    /// …and of the thread running on each CPU (`Pending::tid`), when the hand-over is per CPU.
+    pending_on_cpu: Option<PerCpuArray<MapData, Pending>>,
     downstream: HashMap<MapData, u64, Downstream>,
     threads: HashMap<MapData, u32, ThreadReq>,
     gc_started: HashMap<MapData, u64, GcStart>,
@@ -102,10 +105,13 @@ impl Kernel {
         // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
         let group_dead_off = field_offset(&tracepoint_format("sched", "sched_process_exit")?, "group_dead").unwrap_or(0);
         // CPU clocks follow the scheduler's own charges where sched_stat_runtime is as expected.
-        let kernel_runtime = FIXED_LAYOUTS
-            .iter()
-            .find(|l| l.name == "sched_stat_runtime")
-            .is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok());
+        let layout_matches = |name: &str| {
+            FIXED_LAYOUTS.iter().find(|l| l.name == name).is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok())
+        };
+        let kernel_runtime = layout_matches("sched_stat_runtime");
+        // A syscall's enter hands over to its exit in the CPU's slot where sched_switch, which
+        // moves the slot off the CPU with a thread that leaves it, is attached.
+        let pending_on_cpu = layout_matches("sched_switch");
 
         // Offsets from the kernel's BTF: the resident-page counters (memory growth per request)
         // and the task's own CPU clock. The parsed BTF (tens of MB) is freed before aya parses
@@ -135,6 +141,7 @@ impl Kernel {
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
             .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
             .override_global(GLOBAL_KERNEL_RUNTIME, &u32::from(kernel_runtime), true)
+            .override_global(GLOBAL_PENDING_ON_CPU, &u32::from(pending_on_cpu), true)
             .override_global(GLOBAL_SUM_EXEC_OFFSET, &sum_exec, true)
             .override_global(GLOBAL_STEAL_LAYOUT, &steal, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
@@ -154,6 +161,10 @@ impl Kernel {
                 None => links.push(attach_tracepoint(prog, category, name)?),
                 Some(l) => match attach_fixed_layout(prog, category, name, l.fields) {
                     Ok(link) => links.push(link),
+                    // Its layout matched, so the hand-over of writes counts on it.
+                    Err(e) if name == "sched_switch" && pending_on_cpu => {
+                        return Err(e.context("sched/sched_switch could not be attached, though its fields are as expected: write times cannot be followed across CPUs without it"));
+                    }
                     Err(e) => log::warn!("{category}/{name} unavailable, so {} is not measured: {e:#}", l.feature),
                 },
             }
@@ -166,6 +177,8 @@ impl Kernel {
         let traced_tasks = Array::try_from(take(&mut ebpf, MAP_TRACED_TASKS)?)?;
         let conns = HashMap::try_from(take(&mut ebpf, MAP_CONNS)?)?;
         let pending = HashMap::try_from(take(&mut ebpf, MAP_PENDING)?)?;
+        let pending_on_cpu =
+            if pending_on_cpu { Some(PerCpuArray::try_from(take(&mut ebpf, MAP_PENDING_ON_CPU)?)?) } else { None };
         let downstream = HashMap::try_from(take(&mut ebpf, MAP_DOWNSTREAM)?)?;
         let threads = HashMap::try_from(take(&mut ebpf, MAP_THREADS)?)?;
         let gc_started = HashMap::try_from(take(&mut ebpf, MAP_GC_STARTED)?)?;
@@ -187,6 +200,7 @@ impl Kernel {
             traced_tasks,
             conns,
             pending,
+            pending_on_cpu,
             downstream,
             threads,
             gc_started,
@@ -279,10 +293,16 @@ impl Kernel {
     pub fn thread_now(&self, tgid: u32, tid: u32) -> ThreadNow {
         let id = (u64::from(tgid) << 32) | u64::from(tid);
         ThreadNow {
-            syscall: self.pending.get(&id, 0).ok().filter(|p| p.op != 0),
+            syscall: self.on_cpu(tid).or_else(|| self.pending.get(&id, 0).ok().filter(|p| p.op != 0)),
             gc: self.gc_started.get(&id, 0).ok(),
             serving: self.threads.get(&tid, 0).ok(),
         }
+    }
+
+    /// The syscall in flight of thread `tid` if it is running and made one (in its CPU's slot).
+    fn on_cpu(&self, tid: u32) -> Option<Pending> {
+        let slots = self.pending_on_cpu.as_ref()?.get(&0, 0).ok()?;
+        slots.iter().find(|p| p.op != 0 && p.tid == tid).copied()
     }
 
     /// Stops tracing every process traced on behalf of `root` (a process that turned out not
@@ -303,10 +323,16 @@ impl Kernel {
         [
             ("connections", connections),
             ("downstream", downstream),
-            // Slots stay per thread; those holding a syscall in flight count.
-            ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count()),
+            // Slots stay per thread (and per CPU); those holding a syscall in flight count.
+            ("pending", self.pending.iter().filter_map(Result::ok).filter(|(_, p)| p.op != 0).count() + self.pending_now_on_cpu()),
             ("traced", self.traced.keys().count()),
         ]
+    }
+
+    /// CPUs' slots holding a syscall in flight.
+    fn pending_now_on_cpu(&self) -> usize {
+        let slots = self.pending_on_cpu.as_ref().and_then(|m| m.get(&0, 0).ok());
+        slots.map_or(0, |s| s.iter().filter(|p| p.op != 0).count())
     }
 
     /// Kernel-side counters (`STAT_*`), summed over CPUs.
@@ -328,7 +354,7 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_KERNEL_RUNTIME, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_STATS,
+        GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS,
         MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS,
     };
 
@@ -341,12 +367,13 @@ mod tests {
     fn the_ebpf_object_matches_the_contract() {
         let obj = object::File::parse(OBJECT).unwrap();
         let symbols: HashSet<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
-        let names = [MAP_EVENTS, MAP_TRACED, MAP_TRACED_TASKS, MAP_CONNS, MAP_PENDING, MAP_STATS, MAP_DOWNSTREAM, MAP_THREADS, MAP_GC_STARTED];
+        let names = [MAP_EVENTS, MAP_TRACED, MAP_TRACED_TASKS, MAP_CONNS, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS, MAP_DOWNSTREAM, MAP_THREADS, MAP_GC_STARTED];
         let globals = [
             GLOBAL_FORK_CHILD_PID_OFFSET,
             GLOBAL_EXIT_GROUP_DEAD_OFFSET,
             GLOBAL_WATCH_EXECS,
             GLOBAL_KERNEL_RUNTIME,
+            GLOBAL_PENDING_ON_CPU,
             GLOBAL_RSS_MM_OFFSET,
             GLOBAL_RSS_STAT_OFFSET,
             GLOBAL_RSS_WORDS,

@@ -174,7 +174,7 @@ mod tests {
     }
 
     fn pending(fd: u32, op: u32, enter_ns: u64) -> Pending {
-        Pending { key: conn_key(TGID, fd), buf: 0, len: 0, enter_ns, op, _pad: 0 }
+        Pending { key: conn_key(TGID, fd), buf: 0, len: 0, enter_ns, op, tid: 0 }
     }
 
     fn thread(cpu_since_ns: u64) -> ThreadReq {
