@@ -136,7 +136,7 @@ fn check(server: &Server, d: &Downstream, clients: usize, timing: Timing) {
     check_with(server, d, clients, timing, true);
 }
 
-/// `check`, with the CPU time's upper bound (the app's plus max(0.5 ms, 5 %)) only if
+/// `check`, with the CPU time's upper bound (the app's plus max(`CPU_OVER`, 5 %)) only if
 /// `cpu_close`: the server's own work inside the request window must stay under that.
 fn check_with(server: &Server, d: &Downstream, clients: usize, timing: Timing, cpu_close: bool) {
     let agent = Agent::attach(server.master(), &[]).unwrap();
@@ -326,13 +326,20 @@ const PER_CALL: f64 = 20e-6;
 /// write by wall time, the hypervisor's steal since left out as its counter has it (before it
 /// was, 28 µs short was seen on a host stealing ~7 %, and requests at 0 under load).
 const CPU_SLACK: f64 = 50e-6;
+/// How far a route's median request may pass the app's thread_time: the server's own work in
+/// the request window (gunicorn's parsing and writing in Python, uWSGI's in C), which the agent
+/// counts and the app cannot see. On the Intel host of 2026-12-04: 0.25-0.33 ms median per
+/// request for gunicorn sync when the host is quiet, 0.5-1.6 ms when it is contended (the same
+/// routes' app thread_time then varied up to 10x between requests; Python GC time 0). A clock
+/// off by a scheduler tick (4 ms) on most requests still fails.
+const CPU_OVER: f64 = 1.5e-3;
 
 /// One request at a time: each request of the app's log paired with the agent's record of it
 /// (in start order, through the live API, whose figures /metrics sums), and each call with the
 /// agent's call (in order). Per call the agent's wire time is within the app's (the app reads
 /// its clock in Python around its socket calls) and the median gap per operation is within
 /// max(200 µs, 5 %); per request the downstream time likewise (max(300 µs, 20 µs a call)), and
-/// the CPU time at least the app's thread_time with the median excess within max(0.5 ms, 5 %) if `cpu_close`.
+/// the CPU time at least the app's thread_time with the median excess within max(`CPU_OVER`, 5 %) if `cpu_close`.
 /// Medians, because on two shared cores one preemption between a syscall and the app's clock
 /// read (or of the server inside the request window) widens one call's or request's gap by
 /// milliseconds.
@@ -417,7 +424,7 @@ fn per_request(agent: &Agent, truth: &DownstreamTruth, m: &Metrics, cpu_close: b
     }
     for (route, gaps) in &mut cpu_gaps {
         // The agent's CPU holds the server's own work around the app's span: at least the app's.
-        gaps_close(&format!("{route}: CPU per request"), gaps, Side::AtLeast(CPU_SLACK), cpu_close.then_some(0.5e-3), off);
+        gaps_close(&format!("{route}: CPU per request"), gaps, Side::AtLeast(CPU_SLACK), cpu_close.then_some(CPU_OVER), off);
     }
 
     // /metrics sums what the API lists (its times are kept as f32).
@@ -456,7 +463,7 @@ fn gunicorn_gthread_attributes_each_call_to_its_thread_s_request() {
     let gthread = ["-w", "1", "-k", "gthread", "--threads", "4"];
     // Four requests at a time on one process: each call to the request of the thread that made
     // it. (CPU: at least the app's; with four threads taking turns at the GIL, the hand-overs add
-    // the serving thread's own CPU outside the app's span, beyond the 0.5 ms bound.)
+    // the serving thread's own CPU outside the app's span, beyond the `CPU_OVER` bound.)
     let server = d.serve(".venv", &gthread, 4).unwrap();
     check_with(&server, &d, 4, Timing::Within, false);
     drop(server);
@@ -580,7 +587,7 @@ fn gevent_calls_are_attributed_only_where_unambiguous() {
     let gevent = ["-w", "1", "-k", "gevent", "--worker-connections", "64"];
     // One request at a time: the event loop's thread has one request in progress, so every call
     // is attributed, exactly as under sync. (CPU: at least the app's; gevent's worker does more
-    // of its own work inside a request than the 0.5 ms the bound allows sync and uWSGI.)
+    // of its own work inside a request than the `CPU_OVER` the bound allows sync and uWSGI.)
     let server = d.serve(".venv", &gevent, 4).unwrap();
     check_with(&server, &d, 1, Timing::Close, false);
     drop(server);
