@@ -89,11 +89,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         // Its latest request's last write was in the stretch ending now: its CPU end is known.
-        if t.in_flight > 0 && t.on_cpu_ns != 0 {
-            if let Some(c) = conn(conn_key(t.tgid, t.fd)) {
-                settle_cpu_end(c, t, prev, false);
-            }
-        }
+        settle_latest(t, prev);
         // SAFETY: volatile read of a global the loader may have rewritten.
         let kernel_runtime = unsafe { core::ptr::read_volatile(&KERNEL_RUNTIME) } != 0;
         // With sched_stat_runtime the scheduler charged its last stretch just before. That
@@ -137,10 +133,8 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
         // A request it wrote to since its last charge ends at that write: settled from the
         // clock so far, carried forward (a charge's clock carried back to a write before it
         // would take any steal in between off the request's CPU time).
-        if here && t.in_flight > 0 && t.on_cpu_ns != 0 {
-            if let Some(c) = conn(conn_key(t.tgid, t.fd)) {
-                settle_cpu_end(c, t, pid, false);
-            }
+        if here {
+            settle_latest(t, pid);
         }
         let runtime = field::<u64>(&ctx, RUNTIME as usize);
         charged(t, absolute.then(charged_clock).flatten(), runtime, ts);
@@ -168,6 +162,17 @@ fn cpu_at(t: &ThreadReq, at: u64, steal: u64) -> u64 {
     }
     let wall = at - t.cpu_since_ns;
     t.cpu_total_ns + wall - steal.saturating_sub(t.steal_ns).min(wall)
+}
+
+/// Thread `t` (`tid`), on CPU with requests in flight: its latest request's CPU end, if it
+/// waits for the clock at a write of this stretch, is settled now.
+#[inline(always)]
+fn settle_latest(t: &ThreadReq, tid: u32) {
+    if t.in_flight > 0 && t.on_cpu_ns != 0 {
+        if let Some(c) = conn(conn_key(t.tgid, t.fd)) {
+            settle_cpu_end(c, t, tid, false);
+        }
+    }
 }
 
 /// A request of thread `t` (`tid`) whose CPU end waits for the clock at its last write

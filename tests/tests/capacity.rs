@@ -158,8 +158,8 @@ fn a_client_that_reads_late_is_a_slow_client() {
     assert_eq!(m.sum("wsgi_slow_client_responses_total", &[]), 1.0);
     let write = m.sum("wsgi_response_write_seconds_sum", &[("route", "/big")]);
     assert!(write >= 0.3, "the worker waited on the reader: {write} s");
-    // Every byte counted, though the worker blocked inside its write: the write's enter is
-    // found by its exit after the switch.
+    // Every byte counted, though the worker left the CPU inside its write: the write's enter,
+    // handed over in the CPU's slot, moved with the thread to its exit.
     assert_eq!(m.sum("wsgi_response_bytes_sum", &[("route", "/big")]), raw.len() as f64, "{}", m.text);
 }
 

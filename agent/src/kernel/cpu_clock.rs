@@ -8,15 +8,13 @@
 //! kernel side reads the per-CPU `steal_time` too, found from this CPU's runqueue
 //! (`steal_layout`).
 use anyhow::{anyhow, bail, Context, Result};
-use btf_rs::{Btf, BtfType, Type};
+use btf_rs::{Btf, BtfType, Struct, Type};
 
 use super::rss::{member, structure};
 
 /// The byte offset of `sum_exec_runtime` in `task_struct`.
 pub fn sum_exec_offset(btf: &Btf) -> Result<u32> {
-    let task = structure(btf, "task_struct")?;
-    let (se, se_type) = member(btf, &task, "se").context("task_struct has no se")?;
-    let Type::Struct(entity) = se_type else { bail!("task_struct.se is not a struct") };
+    let (se, entity) = task_se(btf)?;
     let (sum, sum_type) = member(btf, &entity, "sum_exec_runtime").context("sched_entity has no sum_exec_runtime")?;
     // u64 is a typedef of an integer.
     let mut t = sum_type;
@@ -35,9 +33,7 @@ pub fn sum_exec_offset(btf: &Btf) -> Result<u32> {
 /// two per-CPU variables' places in the kernel's per-CPU section. Err on a kernel that is no
 /// KVM guest (no `steal_time`) or without group scheduling (no `cfs_rq.rq`).
 pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
-    let task = structure(btf, "task_struct")?;
-    let (se, se_type) = member(btf, &task, "se").context("task_struct has no se")?;
-    let Type::Struct(entity) = se_type else { bail!("task_struct.se is not a struct") };
+    let (se, entity) = task_se(btf)?;
     let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
     let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
     let steal_time = structure(btf, "kvm_steal_time").context("not built as a KVM guest")?;
@@ -45,6 +41,14 @@ pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
     let runqueues = percpu_offset(btf, "runqueues")?;
     let steal_var = percpu_offset(btf, "steal_time")?;
     Ok([u64::from(se + cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
+}
+
+/// `task_struct.se`: its offset and its type (`struct sched_entity`).
+fn task_se(btf: &Btf) -> Result<(u32, Struct)> {
+    let task = structure(btf, "task_struct")?;
+    let (se, se_type) = member(btf, &task, "se").context("task_struct has no se")?;
+    let Type::Struct(entity) = se_type else { bail!("task_struct.se is not a struct") };
+    Ok((se, entity))
 }
 
 /// The place of per-CPU variable `name` in the kernel's per-CPU section.
