@@ -28,6 +28,7 @@ mod pending;
 mod process;
 mod python;
 mod read;
+mod rq_clock;
 mod signal;
 mod sniff;
 mod steal;

@@ -9,9 +9,11 @@
 //! too coarse for 1 ms requests. Kernels without that tracepoint: the time between its context
 //! switches. A thread's entry is made when it reads its first request and dropped when it exits.
 //!
-//! On a VM the hypervisor's steal is left out of the task's clock but not out of wall time:
-//! where a clock is carried from the last charge (a request's start, its last write), the
-//! steal since is read and left out too (`steal`).
+//! A charge runs to the runqueue's clock, which can lie well before the tracepoint fires: a
+//! running thread's clock is carried from there (`rq_clock`). On a VM the hypervisor's steal
+//! is left out of the task's clock but not out of wall time: where a clock is carried from the
+//! last charge (a request's start, its last write), the steal since is read and left out too
+//! (`steal`).
 //!
 //! The kernel skips a tracing program that would nest inside another on its CPU (a tick's
 //! charge landing while one of our syscall programs runs): a charge added up would be lost.
@@ -30,6 +32,7 @@ use crate::{
     conn::{now, response_begun},
     downstream::end_open_call,
     maps::{bump, conn, serving, set_serving, THREADS},
+    rq_clock::anchor,
     steal::stolen_here,
     tp::{field, pid_tgid},
     user::current_task_u64,
@@ -103,11 +106,14 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     }
     if let Some(t) = next_serves.then(|| THREADS.get_ptr_mut(&next)).flatten() {
         // SAFETY: as above.
-        unsafe {
-            (*t).cpu_since_ns = ts;
-            (*t).on_cpu_ns = ts;
-            (*t).steal_ns = stolen_here();
+        let t = unsafe { &mut *t };
+        // Its clock runs from the runqueue's clock as it was picked (the charged sum holds the
+        // charge as it went off CPU last).
+        match anchor(ts, false) {
+            Some(a) => (t.cpu_since_ns, t.steal_ns) = (a.since, a.steal),
+            None => (t.cpu_since_ns, t.steal_ns) = (ts, stolen_here()),
         }
+        t.on_cpu_ns = ts;
     }
     0
 }
@@ -142,13 +148,27 @@ pub fn sched_stat_runtime(ctx: TracePointContext) -> u32 {
         // steal is this CPU's: read for a charge of the task on it (one taken from another CPU
         // keeps the last, an earlier reading of its own CPU: the start below stays no later).
         if t.cpu_since_ns != 0 {
-            t.cpu_since_ns = ts;
             if here {
-                t.steal_ns = stolen_here();
+                runs_from(t, ts, absolute);
+            } else {
+                t.cpu_since_ns = ts;
             }
         }
     }
     0
+}
+
+/// Running thread `t`, the current task, is charged up to now (`ts`): its clock runs from the
+/// runqueue's clock where its own is read (`rq_clock`), else from `ts`.
+#[inline(always)]
+fn runs_from(t: &mut ThreadReq, ts: u64, absolute: bool) {
+    match anchor(ts, true).filter(|_| absolute) {
+        Some(a) => {
+            t.cpu_total_ns += a.ran;
+            (t.cpu_since_ns, t.steal_ns) = (a.since, a.steal);
+        }
+        None => (t.cpu_since_ns, t.steal_ns) = (ts, stolen_here()),
+    }
 }
 
 /// The clock of running thread `t` at `at`, a moment of its current stretch on CPU when the
@@ -230,12 +250,12 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         // no longer follow this thread. Set again here; it is running now, its clock from here.
         if !serving(tid) {
             set_serving(tid, true);
-            if let Some(clock) = charged_clock().filter(|_| t.flags & THREAD_ABSOLUTE != 0) {
+            let clock = charged_clock().filter(|_| t.flags & THREAD_ABSOLUTE != 0);
+            if let Some(clock) = clock {
                 t.cpu_total_ns = clock;
             }
-            t.cpu_since_ns = start_ns;
+            runs_from(t, start_ns, clock.is_some());
             t.on_cpu_ns = start_ns;
-            t.steal_ns = stolen_here();
         }
         if t.in_flight > 0 && t.fd != fd {
             if let Some(o) = conn(conn_key((key >> 32) as u32, t.fd)) {
@@ -267,23 +287,24 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     // Running now: its clock starts at the task's own where known, else at zero.
     let clock = charged_clock();
     let flags = THREAD_FRESH | if clock.is_some() { THREAD_ABSOLUTE } else { 0 };
-    let total = clock.unwrap_or(0);
     let tgid = (key >> 32) as u32;
-    let t = ThreadReq {
+    let mut t = ThreadReq {
         start_ns,
         fd,
         in_flight: 1,
         flags,
         tgid,
-        cpu_total_ns: total,
+        cpu_total_ns: clock.unwrap_or(0),
         cpu_since_ns: start_ns,
         on_cpu_ns: start_ns,
-        steal_ns: stolen_here(),
+        steal_ns: 0,
     };
+    runs_from(&mut t, start_ns, clock.is_some());
     if THREADS.insert(&tid, &t, 0).is_ok() {
         set_serving(tid, true);
-        c.agg.cpu_start_ns = total;
-        c.agg.cpu_end_ns = total;
+        let cpu = cpu_now_here(&t, start_ns);
+        c.agg.cpu_start_ns = cpu;
+        c.agg.cpu_end_ns = cpu;
         c.agg.flags |= AGG_CPU;
     } else {
         bump(STAT_THREAD_TABLE_FULL);

@@ -6,7 +6,8 @@
 //!
 //! On a KVM guest, the time the hypervisor stole from a CPU is left out of that clock: the
 //! kernel side reads the per-CPU `steal_time` too, found from this CPU's runqueue
-//! (`steal_layout`).
+//! (`steal_layout`). A running task's clock is carried from its runqueue's clock, where the
+//! kernel's charges run to (`rq_clock_layout`).
 use anyhow::{anyhow, bail, Context, Result};
 use btf_rs::{Btf, BtfType, Struct, Type};
 
@@ -41,6 +42,30 @@ pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
     let runqueues = percpu_offset(btf, "runqueues")?;
     let steal_var = percpu_offset(btf, "steal_time")?;
     Ok([u64::from(se + cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
+}
+
+/// Where the kernel side anchors a running task's clock (`ebpf` `rq_clock`):
+/// `[task_struct.se.cfs_rq, cfs_rq.rq, task_struct.se.exec_start, rq.clock, rq.clock_task,
+/// rq.prev_steal_time_rq]`, the last 0 where the kernel leaves no steal out of task clocks
+/// (`steal_left_out`). Err without group scheduling (no `cfs_rq.rq`).
+pub fn rq_clock_layout(btf: &Btf, steal_left_out: bool) -> Result<[u32; 6]> {
+    let (se, entity) = task_se(btf)?;
+    let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
+    let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
+    let (exec_start, _) = member(btf, &entity, "exec_start").context("sched_entity has no exec_start")?;
+    let runqueue = structure(btf, "rq")?;
+    let field = |name: &str| member(btf, &runqueue, name).map(|(off, _)| off).with_context(|| format!("rq has no {name}"));
+    let (clock, clock_task) = (field("clock")?, field("clock_task")?);
+    let steal = if steal_left_out { field("prev_steal_time_rq")? } else { 0 };
+    Ok([se + cfs_rq, rq, se + exec_start, clock, clock_task, steal])
+}
+
+/// Whether the kernel leaves a hypervisor's steal out of task clocks: built to
+/// (`rq.prev_steal_time_rq`) and not booted with `no-steal-acc`.
+pub fn steal_left_out(btf: &Btf) -> bool {
+    let built = structure(btf, "rq").is_ok_and(|rq| member(btf, &rq, "prev_steal_time_rq").is_some());
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    built && !cmdline.split_whitespace().any(|w| w == "no-steal-acc")
 }
 
 /// `task_struct.se`: its offset and its type (`struct sched_entity`).
@@ -83,5 +108,16 @@ mod tests {
         assert!(cfs_rq > 64 && cfs_rq < 16 * 1024 && rq > 0 && rq < 16 * 1024, "{cfs_rq} {rq}");
         // Two variables of one section, less than a MiB apart either way.
         assert!(delta < 1 << 20 || delta.wrapping_neg() < 1 << 20, "{delta}");
+    }
+
+    /// The runqueue's clocks and the steal it left out, all found; steal not asked for, not read.
+    #[test]
+    fn this_kernel_s_runqueue_clock_is_found() {
+        let btf = super::super::rss::kernel_btf().unwrap();
+        assert!(steal_left_out(&btf));
+        let [cfs_rq, rq, exec_start, clock, clock_task, steal] = rq_clock_layout(&btf, true).unwrap();
+        assert!(cfs_rq > 64 && exec_start > 64 && cfs_rq < 16 * 1024 && exec_start < 16 * 1024, "{cfs_rq} {exec_start}");
+        assert!(rq > 0 && clock > 0 && clock_task > clock && steal > clock_task, "{rq} {clock} {clock_task} {steal}");
+        assert_eq!(rq_clock_layout(&btf, false).unwrap()[5], 0);
     }
 }

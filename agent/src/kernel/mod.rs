@@ -20,7 +20,7 @@ use aya::{
 };
 use wsgiscope_common::{
     conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, TaskMark, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
     MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
 
@@ -116,7 +116,7 @@ impl Kernel {
         // Offsets from the kernel's BTF: the resident-page counters (memory growth per request)
         // and the task's own CPU clock. The parsed BTF (tens of MB) is freed before aya parses
         // its own copy to load the programs, so the two never add up in the agent's peak memory.
-        let (rss, sum_exec, steal) = {
+        let (rss, sum_exec, steal, rq_clock) = {
             let btf = rss::kernel_btf();
             let rss = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(rss::layout).unwrap_or_else(|e| {
                 log::warn!("memory growth per request is not measured: {e:#}");
@@ -126,12 +126,26 @@ impl Kernel {
                 log::warn!("CPU time per request adds up the scheduler's charges (a skipped one is lost): {e:#}");
                 0
             });
-            let steal = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::steal_layout).unwrap_or_else(|e| {
-                // Bare metal has none to leave out.
-                log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");
-                [0; 3]
-            });
-            (rss, sum_exec, steal)
+            let steal_left_out = btf.as_ref().is_ok_and(cpu_clock::steal_left_out);
+            let steal = btf
+                .as_ref()
+                .map_err(|e| anyhow!("{e:#}"))
+                .and_then(|btf| if steal_left_out { cpu_clock::steal_layout(btf) } else { Err(anyhow!("this kernel leaves none out of task clocks")) })
+                .unwrap_or_else(|e| {
+                    // Bare metal has none to leave out.
+                    log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");
+                    [0; 3]
+                });
+            // Anchored on the runqueue's clock only where charges come with the task's own clock.
+            let rq_clock = btf
+                .as_ref()
+                .map_err(|e| anyhow!("{e:#}"))
+                .and_then(|btf| if sum_exec != 0 && kernel_runtime { cpu_clock::rq_clock_layout(btf, steal[0] != 0) } else { Err(anyhow!("no task clock to anchor")) })
+                .unwrap_or_else(|e| {
+                    log::info!("CPU clocks are carried from the scheduler's tracepoints, not its runqueue clock (may read tens of µs short): {e:#}");
+                    [0; 6]
+                });
+            (rss, sum_exec, steal, rq_clock)
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_RSS_MM_OFFSET, &rss.mm, true)
@@ -144,6 +158,7 @@ impl Kernel {
             .override_global(GLOBAL_PENDING_ON_CPU, &u32::from(pending_on_cpu), true)
             .override_global(GLOBAL_SUM_EXEC_OFFSET, &sum_exec, true)
             .override_global(GLOBAL_STEAL_LAYOUT, &steal, true)
+            .override_global(GLOBAL_RQ_CLOCK_LAYOUT, &rq_clock, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsgiscope-ebpf")))
             .context("loading the eBPF programs failed (kernel without BPF or BTF support, or a verifier rejection)")?;
 
@@ -354,7 +369,7 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS,
+        GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS,
         MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS,
     };
 
@@ -379,6 +394,7 @@ mod tests {
             GLOBAL_RSS_WORDS,
             GLOBAL_SUM_EXEC_OFFSET,
             GLOBAL_STEAL_LAYOUT,
+            GLOBAL_RQ_CLOCK_LAYOUT,
         ];
         for name in names.into_iter().chain(globals).chain(GC_PROGRAMS) {
             assert!(symbols.contains(name), "{name} missing from the eBPF object");
