@@ -131,7 +131,7 @@ metrics! { buckets =>
     small_blocks: Family<Labels, Counter> = Family::default(),
         "wsgi_small_block_responses", "Responses of many tiny blocks (a str/bytes returned as the iterable, or tiny yields)";
     slow_clients: Family<Labels, Counter> = Family::default(),
-        "wsgi_slow_client_responses", "Responses whose write time was more than half their duration (the reader was slow)";
+        "wsgi_slow_client_responses", "Responses whose write time was more than half their duration and whose writes slept waiting for room (the reader was slow)";
     lost_events: Family<Labels, Counter> = Family::default(),
         "wsgiscope_lost_events", "Requests the kernel side could not record (ring buffer or connection table full)";
     map_entries: Family<Labels, Gauge> = Family::default(),

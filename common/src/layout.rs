@@ -119,6 +119,8 @@ pub mod signal_generate {
 /// `sched:sched_switch` (stable since 4.x).
 pub mod sched_switch {
     pub const PREV_PID: u32 = 24;
+    /// `TASK_*` bits: `S` (1) or `D` (2) set, it went to sleep; else it was preempted.
+    pub const PREV_STATE: u32 = 32;
     pub const NEXT_PID: u32 = 56;
 }
 
@@ -161,7 +163,7 @@ pub const FIXED_LAYOUTS: &[FixedLayout] = &[
     FixedLayout {
         category: "sched",
         name: "sched_switch",
-        fields: &[("prev_pid", sched_switch::PREV_PID), ("next_pid", sched_switch::NEXT_PID)],
+        fields: &[("prev_pid", sched_switch::PREV_PID), ("prev_state", sched_switch::PREV_STATE), ("next_pid", sched_switch::NEXT_PID)],
         feature: "CPU time per request (wsgi_request_cpu_seconds)",
     },
     FixedLayout {

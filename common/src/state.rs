@@ -49,6 +49,10 @@ pub const AGG_CPU_EACH_WRITE: u16 = 32;
 /// `RequestAgg::flags`: the clock at the last write could not be had: `cpu_end_ns` is the
 /// clock at the request's end (or as its thread last left the CPU).
 pub const AGG_CPU_LATE: u16 = 64;
+/// `RequestAgg::flags`: a response write (or a wait for room to write) slept off CPU: it
+/// waited on the client to read. Without `sched_switch` attached, set by every such call (the
+/// kernel side cannot tell a sleep from a preemption or the hypervisor's steal).
+pub const AGG_WRITE_SLEPT: u16 = 128;
 
 /// Syscall families: where a call's data is (`first_piece`), and for writes and polls what a
 /// syscall's enter remembers for its exit (reads and accepts are hooked on exit only).
@@ -164,6 +168,21 @@ pub struct Pending {
     pub op: u32,
     /// The thread that made the call (a CPU's slot of `PENDING_ON_CPU` names its owner).
     pub tid: u32,
+}
+
+/// `Pending::op` bit: the call slept off CPU (it waited on its peer), as opposed to being
+/// preempted.
+pub const OP_SLEPT: u32 = 1 << 31;
+
+impl Pending {
+    /// The call's `OP_*` family.
+    pub fn kind(&self) -> u32 {
+        self.op & !OP_SLEPT
+    }
+
+    pub fn slept(&self) -> bool {
+        self.op & OP_SLEPT != 0
+    }
 }
 
 /// A collection in progress on one thread.

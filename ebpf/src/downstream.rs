@@ -46,7 +46,7 @@ fn connect_enter(ctx: &TracePointContext) {
 fn connect_done(ctx: &TracePointContext) {
     let Some(p) = take() else { return };
     let rc = ret(ctx);
-    if p.op != OP_CONNECT || (rc != 0 && rc != -EINPROGRESS) {
+    if p.kind() != OP_CONNECT || (rc != 0 && rc != -EINPROGRESS) {
         return;
     }
     let Some(family) = read_user::<u16>(p.buf) else { return };
@@ -238,7 +238,7 @@ pub fn wrote(p: &Pending, n: i64, ts: u64, tid: u32) {
     d.call.write_bytes += n;
     d.call.end_ns = ts;
     if (d.call.req_len as usize) < CALL_REQ_LEN {
-        let (src, avail) = first_piece(p.op, p.buf, n);
+        let (src, avail) = first_piece(p.kind(), p.buf, n);
         append_head::<CALL_REQ_LEN, { 2 * CALL_REQ_LEN }>(&mut d.req_head, &mut d.call.req_len, src, avail);
     }
 }

@@ -7,7 +7,7 @@
 //! `PENDING`, keyed by the thread, where the exit finds it on whatever CPU it wakes on. Without
 //! `sched_switch` attached (`PENDING_ON_CPU_ENABLED` 0), `PENDING` is the only hand-over.
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TracePointContext};
-use wsgiscope_common::{conn_key, Pending, OP_SENDFILE, OP_SENDMSG, OP_WRITE, OP_WRITEV, STAT_PENDING_TABLE_FULL};
+use wsgiscope_common::{conn_key, Pending, OP_SENDFILE, OP_SENDMSG, OP_SLEPT, OP_WRITE, OP_WRITEV, STAT_PENDING_TABLE_FULL};
 
 use crate::{
     conn::now,
@@ -25,7 +25,7 @@ static PENDING_ON_CPU_ENABLED: u32 = 0;
 static PENDING_ON_CPU: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
-fn on_cpu_enabled() -> bool {
+pub fn on_cpu_enabled() -> bool {
     // SAFETY: volatile read of a global the loader may have rewritten.
     unsafe { core::ptr::read_volatile(&PENDING_ON_CPU_ENABLED) != 0 }
 }
@@ -82,12 +82,18 @@ fn keep(id: u64, p: &Pending) {
     }
 }
 
-/// `sched_switch`: thread `tid` leaves this CPU; a call it has in flight moves to `PENDING`,
-/// for its exit on whatever CPU the thread runs next.
+/// `sched_switch`: thread `tid` leaves this CPU, to sleep if `sleeps` (else preempted); a call
+/// it has in flight moves to `PENDING`, for its exit on whatever CPU the thread runs next, and
+/// says whether it slept (a write waiting on its client). Only its first stretch off CPU can
+/// say so: a call preempted first and sleeping later is not seen sleeping (that would cost
+/// every switch of a serving thread a hash lookup).
 #[inline(always)]
-pub fn leaving_cpu(tid: u32) {
+pub fn leaving_cpu(tid: u32, sleeps: bool) {
     let Some(slot) = cpu_slot() else { return };
     if slot.op != 0 && slot.tid == tid {
+        if sleeps {
+            slot.op |= OP_SLEPT;
+        }
         // The key holds the process (tgid) in its high half: with the tid, the thread's id.
         keep(tid as u64 | ((slot.key >> 32) << 32), slot);
         slot.op = 0;

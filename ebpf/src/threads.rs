@@ -23,7 +23,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use wsgiscope_common::{
     conn_key,
     sched_stat_runtime::{PID, RUNTIME},
-    sched_switch::{NEXT_PID, PREV_PID},
+    sched_switch::{NEXT_PID, PREV_PID, PREV_STATE},
     ConnState, ThreadReq, AGG_CPU, AGG_CPU_AT_WRITE, AGG_CPU_EACH_WRITE, AGG_CPU_LATE, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL,
     THREAD_ABSOLUTE, THREAD_CONCURRENT, THREAD_FRESH,
 };
@@ -81,8 +81,10 @@ fn charged(t: &mut ThreadReq, clock: Option<u64>, runtime: u64, ts: u64) {
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let prev = field::<u32>(&ctx, PREV_PID as usize);
     let next = field::<u32>(&ctx, NEXT_PID as usize);
-    // A write, poll or connect of `prev` still in flight leaves this CPU with it.
-    crate::pending::leaving_cpu(prev);
+    // A write, poll or connect of `prev` still in flight leaves this CPU with it, asleep
+    // (TASK_INTERRUPTIBLE or _UNINTERRUPTIBLE) or preempted.
+    let sleeps = field::<u64>(&ctx, PREV_STATE as usize) & 3 != 0;
+    crate::pending::leaving_cpu(prev, sleeps);
     let (prev_serves, next_serves) = (serving(prev), serving(next));
     if !prev_serves && !next_serves {
         return 0; // no clock read either (~40 ns here)

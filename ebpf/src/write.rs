@@ -1,7 +1,7 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
 use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
-    ConnState, Pending, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
+    ConnState, Pending, AGG_INTERIM, AGG_WRITE_SLEPT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
     OP_SENDMSG, OP_WRITE, OP_WRITEV, RESP_HEAD_LEN,
 };
 
@@ -9,7 +9,7 @@ use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
     downstream, threads,
     maps::{conn, traced},
-    pending::{stash, stash_fd, take, take_for},
+    pending::{on_cpu_enabled, stash, stash_fd, take, take_for},
     sniff::{is_interim, is_response_head},
     tp::{arg, pid_tgid, programs, ret},
     user::{first_piece, prefix8, read_user},
@@ -36,6 +36,7 @@ fn write_done(ctx: &TracePointContext) {
     }
     // Time blocked in a failed write (e.g. EAGAIN) is still time spent writing.
     c.agg.write_ns += ts.saturating_sub(p.enter_ns);
+    waited(c, &p);
     if n <= 0 {
         return;
     }
@@ -61,7 +62,7 @@ fn write_done(ctx: &TracePointContext) {
         c.agg.last_write_prefix = [0; 8];
     }
     if short || (c.agg.resp_head_len as usize) < RESP_HEAD_LEN {
-        let (src, avail) = first_piece(p.op, p.buf, n);
+        let (src, avail) = first_piece(p.kind(), p.buf, n);
         if short {
             prefix8(&mut c.agg.last_write_prefix, src, avail);
         }
@@ -81,7 +82,7 @@ fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
     if !response_begun(c) || c.partial_left > 0 || n < 13 {
         return;
     }
-    let (src, avail) = first_piece(p.op, p.buf, n);
+    let (src, avail) = first_piece(p.kind(), p.buf, n);
     if is_response_head(src, avail) {
         let previous_end = c.agg.last_write_ns;
         finish_request(c, p.key, END_PIPELINED, p.enter_ns);
@@ -121,6 +122,16 @@ fn poll_done() {
     let Some(c) = conn(p.key) else { return };
     if c.flags & CONN_IN_REQUEST != 0 {
         c.agg.write_ns += now().saturating_sub(p.enter_ns);
+        waited(c, &p);
+    }
+}
+
+/// A write or a wait for room to write that slept waited on the client (a preempted one, or
+/// one the hypervisor stole time from, did not). Without `sched_switch` no call tells.
+#[inline(always)]
+fn waited(c: &mut ConnState, p: &Pending) {
+    if p.slept() || !on_cpu_enabled() {
+        c.agg.flags |= AGG_WRITE_SLEPT;
     }
 }
 

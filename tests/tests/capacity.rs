@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wsgiscope_integration::{get, serial, Agent, Server};
+use wsgiscope_integration::{get, serial, Agent, Server, UwsgiMode};
 
 fn busy(agent: &Agent) -> f64 {
     agent.metrics().sum("wsgi_worker_busy_seconds_total", &[])
@@ -140,18 +140,23 @@ fn one_byte_blocks_trip_the_small_block_pathology_and_128_byte_blocks_do_not() {
 #[test]
 fn a_client_that_reads_late_is_a_slow_client() {
     let _serial = serial();
-    let server = Server::gunicorn(&["-w", "1"]).unwrap();
+    // gunicorn blocks in sendto; uWSGI's non-blocking socket waits in poll for room to write.
+    slow_client(Server::gunicorn(&["-w", "1"]).unwrap());
+    slow_client(Server::uwsgi(UwsgiMode::HttpSocket, 1).unwrap());
+}
+
+fn slow_client(server: Server) {
     server.wait_workers(1).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();
     // 64 MiB do not fit the socket buffers of a reader that waits 500 ms before reading: the
-    // worker blocks in sendto for most of the request.
+    // worker sleeps in its writes (or waits for room) for most of the request.
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     write!(s, "GET /big?mb=64 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     assert!(raw.len() > 64 << 20);
-    // A prompt reader of the same response is not slow.
+    // A prompt reader is not slow.
     assert_eq!(get(server.port, "/hello").unwrap().status, 200);
     let m = agent.metrics_when("2 requests", |m| m.sum("wsgi_requests_total", &[]) >= 2.0);
     assert_eq!(m.sum("wsgi_slow_client_responses_total", &[("route", "/big")]), 1.0, "{}", m.text);

@@ -29,6 +29,7 @@ fn request(path: &str, tgid: u32) -> Request {
         accept_wait: None,
         duration: 0.05,
         write_seconds: 0.001,
+        write_slept: false,
         write_calls: 3,
         partial_writes: 0,
         blocks: 1,
@@ -170,10 +171,16 @@ fn tiny_blocks_and_slow_writes_are_flagged() {
     a.record(&r, &Default::default());
     let mut r = request("/slow", 7);
     r.write_seconds = 0.04; // of 0.05
+    r.write_slept = true;
+    a.record(&r, &Default::default());
+    // As long in writes, but none slept: preempted, or the hypervisor's steal; the client read.
+    let mut r = request("/busy", 7);
+    r.write_seconds = 0.04;
     a.record(&r, &Default::default());
     let text = m.encode();
     assert!(text.contains(r#"wsgi_small_block_responses_total{service="app",route="/bytes1"} 1"#), "{text}");
     assert!(!text.contains(r#"wsgi_small_block_responses_total{service="app",route="/blocks"}"#));
     assert!(text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/slow"} 1"#));
     assert!(!text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/bytes1"}"#));
+    assert!(!text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/busy"}"#), "{text}");
 }

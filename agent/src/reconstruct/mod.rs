@@ -8,7 +8,7 @@ pub mod uwsgi;
 
 use std::fmt;
 
-use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, AGG_CPU_LATE, AGG_RSS, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, AGG_CPU_LATE, AGG_RSS, AGG_WRITE_SLEPT, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::server::ServerKind;
 
@@ -192,6 +192,8 @@ pub struct Request {
     pub duration: f64,
     /// Time inside write-family syscalls (seconds).
     pub write_seconds: f64,
+    /// One of those calls slept: it waited on the client to read (not merely preempted).
+    pub write_slept: bool,
     pub write_calls: u64,
     /// Of the write calls, continuations of a partial write (same block).
     pub partial_writes: u64,
@@ -260,6 +262,7 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent, facts: Facts<'_>) -> Opt
         accept_wait: (a.flags & AGG_ACCEPT_WAIT != 0).then(|| a.accept_wait_ns as f64 / 1e9),
         duration: end.saturating_sub(a.start_ns) as f64 / 1e9,
         write_seconds: a.write_ns as f64 / 1e9,
+        write_slept: a.flags & AGG_WRITE_SLEPT != 0,
         write_calls: a.write_calls as u64,
         partial_writes: a.continuations as u64,
         blocks: framing::app_blocks(kind, a, resp_head, interim),

@@ -63,7 +63,7 @@ pub fn classify(
     call: Option<WaitingCall<'_>>,
 ) -> Option<Now> {
     let a = &c.agg;
-    let in_syscall = |key: u64, ops: &[u32]| thread.syscall.filter(|p| p.key == key && ops.contains(&p.op));
+    let in_syscall = |key: u64, ops: &[u32]| thread.syscall.filter(|p| p.key == key && ops.contains(&p.kind()));
     let writing = in_syscall(conn_key(tgid, fd), &[OP_WRITE, OP_WRITEV, OP_SENDMSG, OP_SENDFILE, OP_POLL]);
     if a.write_calls > 0 && writing.is_none() {
         let resp = &c.resp_head[..(a.resp_head_len as usize).min(RESP_HEAD_LEN)];
@@ -148,7 +148,7 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wsgiscope_common::{GcStart, Pending, ThreadReq, CALL_READING, CONN_IN_REQUEST};
+    use wsgiscope_common::{GcStart, Pending, ThreadReq, CALL_READING, CONN_IN_REQUEST, OP_SLEPT};
 
     const TGID: u32 = 100;
     const FD: u32 = 7;
@@ -231,6 +231,9 @@ mod tests {
         let mut c = conn(GET, GET.len() as u64);
         responded(&mut c, b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", 65_000, NOW - 5_000_000_000);
         let t = ThreadNow { syscall: Some(pending(FD, OP_WRITE, NOW - 4_000_000_000)), ..Default::default() };
+        assert_eq!(doing(&c, &t, None), Some((Doing::Writing, Some(NOW - 4_000_000_000))));
+        // Asleep in it (the client does not read): still writing.
+        let t = ThreadNow { syscall: Some(pending(FD, OP_WRITE | OP_SLEPT, NOW - 4_000_000_000)), ..Default::default() };
         assert_eq!(doing(&c, &t, None), Some((Doing::Writing, Some(NOW - 4_000_000_000))));
         // Out of the write and quiet for more than a second: no longer counted.
         assert_eq!(doing(&c, &ThreadNow::default(), None), None);
