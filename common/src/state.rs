@@ -280,3 +280,6 @@ pub const THREAD_FRESH: u32 = 2;
 /// `ThreadReq::flags`: `cpu_total_ns` is the task's own clock (`se.sum_exec_runtime`), set
 /// afresh at each of its charges instead of added up.
 pub const THREAD_ABSOLUTE: u32 = 4;
+/// `ThreadReq::flags`: a call of the thread left the CPU unfinished and waits in `PENDING`:
+/// if the thread sleeps later, that call may be what it sleeps in.
+pub const THREAD_CALL_AWAY: u32 = 8;

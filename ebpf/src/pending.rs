@@ -84,12 +84,10 @@ fn keep(id: u64, p: &Pending) {
 
 /// `sched_switch`: thread `tid` leaves this CPU, to sleep if `sleeps` (else preempted); a call
 /// it has in flight moves to `PENDING`, for its exit on whatever CPU the thread runs next, and
-/// says whether it slept (a write waiting on its client). Only its first stretch off CPU can
-/// say so: a call preempted first and sleeping later is not seen sleeping (that would cost
-/// every switch of a serving thread a hash lookup).
+/// says whether it slept (a write waiting on its client). True if a call moved.
 #[inline(always)]
-pub fn leaving_cpu(tid: u32, sleeps: bool) {
-    let Some(slot) = cpu_slot() else { return };
+pub fn leaving_cpu(tid: u32, sleeps: bool) -> bool {
+    let Some(slot) = cpu_slot() else { return false };
     if slot.op != 0 && slot.tid == tid {
         if sleeps {
             slot.op |= OP_SLEPT;
@@ -97,7 +95,25 @@ pub fn leaving_cpu(tid: u32, sleeps: bool) {
         // The key holds the process (tgid) in its high half: with the tid, the thread's id.
         keep(tid as u64 | ((slot.key >> 32) << 32), slot);
         slot.op = 0;
+        return true;
     }
+    false
+}
+
+/// `sched_switch`: the current thread, whose call already waits in `PENDING` (it left the CPU
+/// in it before, preempted), goes to sleep: the call slept. False if it has no call in flight
+/// any more.
+#[inline(always)]
+pub fn sleeping_away() -> bool {
+    let Some(entry) = PENDING.get_ptr_mut(&pid_tgid().0) else { return false };
+    // SAFETY: map value pointer valid for this program run; its thread is the current task.
+    unsafe {
+        if (*entry).op == 0 {
+            return false;
+        }
+        (*entry).op |= OP_SLEPT;
+    }
+    true
 }
 
 /// The thread `tid` is gone: a call it left in this CPU's slot is no one's.

@@ -25,7 +25,7 @@ use wsgiscope_common::{
     sched_stat_runtime::{PID, RUNTIME},
     sched_switch::{NEXT_PID, PREV_PID, PREV_STATE},
     ConnState, ThreadReq, AGG_CPU, AGG_CPU_AT_WRITE, AGG_CPU_EACH_WRITE, AGG_CPU_LATE, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL,
-    THREAD_ABSOLUTE, THREAD_CONCURRENT, THREAD_FRESH,
+    THREAD_ABSOLUTE, THREAD_CALL_AWAY, THREAD_CONCURRENT, THREAD_FRESH,
 };
 
 use crate::{
@@ -84,7 +84,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     // A write, poll or connect of `prev` still in flight leaves this CPU with it, asleep
     // (TASK_INTERRUPTIBLE or _UNINTERRUPTIBLE) or preempted.
     let sleeps = field::<u64>(&ctx, PREV_STATE as usize) & 3 != 0;
-    crate::pending::leaving_cpu(prev, sleeps);
+    let away = crate::pending::leaving_cpu(prev, sleeps);
     let (prev_serves, next_serves) = (serving(prev), serving(next));
     if !prev_serves && !next_serves {
         return 0; // no clock read either (~40 ns here)
@@ -93,6 +93,13 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let Some(t) = prev_serves.then(|| THREADS.get_ptr_mut(&prev)).flatten() {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
+        // A call preempted before (a write copying 64 MiB yields the CPU on a busy host) can
+        // sleep now: looked up only then, not at every switch.
+        if away {
+            t.flags |= THREAD_CALL_AWAY;
+        } else if sleeps && t.flags & THREAD_CALL_AWAY != 0 && !crate::pending::sleeping_away() {
+            t.flags &= !THREAD_CALL_AWAY;
+        }
         // Its latest request's last write was in the stretch ending now: its CPU end is known.
         settle_latest(t, prev);
         // SAFETY: volatile read of a global the loader may have rewritten.
