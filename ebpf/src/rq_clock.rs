@@ -13,7 +13,7 @@
 //! request's CPU time is the difference of two readings of one clock.
 use aya_ebpf::{macros::map, maps::Array};
 
-use crate::user::current_task_u64;
+use crate::user::{current_rq, current_task_u64};
 
 /// Set by the agent from the kernel's BTF (all 0: not anchored, carried from the tracepoint's
 /// moment): `task_struct.se.cfs_rq`, `cfs_rq.rq`, `task_struct.se.exec_start`, `rq.clock`,
@@ -42,17 +42,8 @@ pub fn anchor(ts: u64, current: bool) -> Option<Anchor> {
     if cfs_rq_off == 0 {
         return None;
     }
-    // The current task runs on this CPU: its runqueue is this CPU's.
-    let cfs_rq = current_task_u64(cfs_rq_off) as *const u8;
-    if cfs_rq.is_null() {
-        return None;
-    }
+    let rq = current_rq(cfs_rq_off, rq_off)?;
     // SAFETY: BTF-typed loads (a fault on such a load reads 0).
-    let rq = unsafe { core::ptr::read_volatile(cfs_rq.add(rq_off as usize).cast::<u64>()) } as *const u8;
-    if rq.is_null() {
-        return None;
-    }
-    // SAFETY: as above.
     let field = |off: u32| unsafe { core::ptr::read_volatile(rq.add(off as usize).cast::<u64>()) };
     let clock = field(clock_off);
     if clock == 0 {

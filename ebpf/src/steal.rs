@@ -11,7 +11,7 @@
 //! CPU after the first read. Not a KVM guest, or a layout the agent did not find: steal reads 0.
 use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 
-use crate::user::current_task_u64;
+use crate::user::current_rq;
 
 /// Set by the agent (`GLOBAL_STEAL_LAYOUT`): `task_struct.se.cfs_rq`, `cfs_rq.rq`, and the
 /// per-CPU `steal_time` minus `runqueues` (wrapping; the first 0: no steal to read).
@@ -34,17 +34,8 @@ pub fn stolen_here() -> u64 {
     // SAFETY: per-CPU slot of this map, valid for the program run; no other writer on this CPU.
     let mut addr = unsafe { *slot };
     if addr == 0 {
-        // The current task runs on this CPU: its runqueue is this CPU's.
-        let cfs_rq = current_task_u64(cfs_rq_off as u32) as *const u8;
-        if cfs_rq.is_null() {
-            return 0;
-        }
-        // SAFETY: BTF-typed load of `cfs_rq.rq` (a fault on such a load reads 0).
-        let rq = unsafe { core::ptr::read_volatile(cfs_rq.add(rq_off as usize).cast::<u64>()) };
-        if rq == 0 {
-            return 0;
-        }
-        addr = rq.wrapping_add(delta);
+        let Some(rq) = current_rq(cfs_rq_off as u32, rq_off as u32) else { return 0 };
+        addr = (rq as u64).wrapping_add(delta);
         // SAFETY: as above.
         unsafe { *slot = addr };
     }

@@ -33,6 +33,19 @@ pub fn current_task_u64(offset: u32) -> u64 {
     }
 }
 
+/// This CPU's runqueue (`struct rq *`), through the current task, which runs on it:
+/// `task_struct.se.cfs_rq` at `cfs_rq_off`, then `cfs_rq.rq` at `rq_off` (BTF-typed loads).
+#[inline(always)]
+pub fn current_rq(cfs_rq_off: u32, rq_off: u32) -> Option<*const u8> {
+    let cfs_rq = current_task_u64(cfs_rq_off) as *const u8;
+    if cfs_rq.is_null() {
+        return None;
+    }
+    // SAFETY: a BTF-typed load of `cfs_rq.rq` (a fault on such a load reads 0).
+    let rq = unsafe { core::ptr::read_volatile(cfs_rq.add(rq_off as usize).cast::<u64>()) } as *const u8;
+    (!rq.is_null()).then_some(rq)
+}
+
 /// On a syscall's exit: its first two arguments (fd or socket, buffer), from the user registers
 /// the kernel saved at syscall entry (`di` and `si` of `struct pt_regs`). One helper call here
 /// spares an enter program, and every process on the node its cost. The registers are loaded

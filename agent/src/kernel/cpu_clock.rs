@@ -34,14 +34,12 @@ pub fn sum_exec_offset(btf: &Btf) -> Result<u32> {
 /// two per-CPU variables' places in the kernel's per-CPU section. Err on a kernel that is no
 /// KVM guest (no `steal_time`) or without group scheduling (no `cfs_rq.rq`).
 pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
-    let (se, entity) = task_se(btf)?;
-    let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
-    let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
+    let (cfs_rq, rq) = task_rq(btf)?;
     let steal_time = structure(btf, "kvm_steal_time").context("not built as a KVM guest")?;
     let (steal, _) = member(btf, &steal_time, "steal").context("kvm_steal_time has no steal")?;
     let runqueues = percpu_offset(btf, "runqueues")?;
     let steal_var = percpu_offset(btf, "steal_time")?;
-    Ok([u64::from(se + cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
+    Ok([u64::from(cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
 }
 
 /// Where the kernel side anchors a running task's clock (`ebpf` `rq_clock`):
@@ -49,15 +47,14 @@ pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
 /// rq.prev_steal_time_rq]`, the last 0 where the kernel leaves no steal out of task clocks
 /// (`steal_left_out`). Err without group scheduling (no `cfs_rq.rq`).
 pub fn rq_clock_layout(btf: &Btf, steal_left_out: bool) -> Result<[u32; 6]> {
+    let (cfs_rq, rq) = task_rq(btf)?;
     let (se, entity) = task_se(btf)?;
-    let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
-    let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
     let (exec_start, _) = member(btf, &entity, "exec_start").context("sched_entity has no exec_start")?;
     let runqueue = structure(btf, "rq")?;
     let field = |name: &str| member(btf, &runqueue, name).map(|(off, _)| off).with_context(|| format!("rq has no {name}"));
     let (clock, clock_task) = (field("clock")?, field("clock_task")?);
     let steal = if steal_left_out { field("prev_steal_time_rq")? } else { 0 };
-    Ok([se + cfs_rq, rq, se + exec_start, clock, clock_task, steal])
+    Ok([cfs_rq, rq, se + exec_start, clock, clock_task, steal])
 }
 
 /// Whether the kernel leaves a hypervisor's steal out of task clocks: built to
@@ -66,6 +63,15 @@ pub fn steal_left_out(btf: &Btf) -> bool {
     let built = structure(btf, "rq").is_ok_and(|rq| member(btf, &rq, "prev_steal_time_rq").is_some());
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     built && !cmdline.split_whitespace().any(|w| w == "no-steal-acc")
+}
+
+/// How the kernel side finds this CPU's runqueue from the current task:
+/// `(task_struct.se.cfs_rq, cfs_rq.rq)`. Err without group scheduling (no `cfs_rq.rq`).
+fn task_rq(btf: &Btf) -> Result<(u32, u32)> {
+    let (se, entity) = task_se(btf)?;
+    let (cfs_rq, _) = member(btf, &entity, "cfs_rq").context("sched_entity has no cfs_rq (no group scheduling)")?;
+    let (rq, _) = member(btf, &structure(btf, "cfs_rq")?, "rq").context("cfs_rq has no rq (no group scheduling)")?;
+    Ok((se + cfs_rq, rq))
 }
 
 /// `task_struct.se`: its offset and its type (`struct sched_entity`).
