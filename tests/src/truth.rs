@@ -8,6 +8,9 @@ pub struct Truth {
     pub blocks: u64,
     pub bytes: u64,
     pub elapsed: f64,
+    /// Seconds from the WSGI call to the hand-over of the last block (0 when the app raised
+    /// before yielding one): a lower bound on the request's span on the wire.
+    pub handed: f64,
     pub pid: u32,
     /// Seconds the process spent in garbage collection during the request (gc.callbacks).
     pub gc: f64,
@@ -28,6 +31,7 @@ impl Truth {
             blocks: num("blocks"),
             bytes: num("bytes"),
             elapsed: v["elapsed"].as_f64().unwrap_or(0.0),
+            handed: v["handed"].as_f64().unwrap_or(0.0),
             pid: num("pid") as u32,
             gc: v["gc"].as_f64().unwrap_or(0.0),
             gc_count: num("gc_count"),

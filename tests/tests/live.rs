@@ -76,6 +76,8 @@ fn every_request_once(server: &Server, agent: &Agent, error_status: Option<u16>)
         .collect();
     // Per process, in the order it served them, the records match the app's own log.
     let mut by_pid: BTreeMap<u32, Vec<&Value>> = BTreeMap::new();
+    // Per /sleep request: the agent's duration less the app's, and the app's.
+    let mut sleep_gaps: Vec<(f64, f64)> = Vec::new();
     for r in &records {
         by_pid.entry(r["pid"].as_u64().unwrap() as u32).or_default().push(r);
     }
@@ -97,10 +99,13 @@ fn every_request_once(server: &Server, agent: &Agent, error_status: Option<u16>)
             assert_eq!(r["blocks"].as_u64(), Some(t.blocks), "{r}");
             assert_eq!(r["worker"].as_u64(), Some(slots[pid]), "{r}: the slot /metrics gives process {pid}");
             let (d, e) = (r["duration"].as_f64().unwrap(), t.elapsed);
-            // The agent's span runs from the first byte read to the last written; the middleware
-            // reads its clock when the server closes the iterable, just after the last write:
-            // the two agree within the metrics tests' bound, max(100 µs, 2 %), at the end.
-            assert!(d >= e - (0.02 * e).max(100e-6), "{r}: duration {d} vs the app's {e}");
+            // The agent's span runs from the first byte read to the last written: the server
+            // read the request before it called the app and writes the last block after the app
+            // handed it over, so no span is shorter than the app's time to that hand-over.
+            assert!(d >= t.handed - 5e-6, "{r}: duration {d} vs the app's {} to its last block", t.handed);
+            if t.route == "/sleep" {
+                sleep_gaps.push((d - e, e));
+            }
             assert!(r["end"].as_f64().unwrap() - r["start"].as_f64().unwrap() - d < 1e-6);
             assert!(r["cpu_time"].as_f64().is_some_and(|c| c > 0.0), "{r}: CPU time");
             assert!(r["calls"].as_array().unwrap().is_empty());
@@ -120,13 +125,14 @@ fn every_request_once(server: &Server, agent: &Agent, error_status: Option<u16>)
         let blocks: u64 = rs.iter().map(|r| r["blocks"].as_u64().unwrap()).sum();
         assert_eq!(blocks as f64, m.sum("wsgi_response_blocks_sum", &[("route", path)]), "{path}: blocks");
     }
-    let sleeps: Vec<f64> = truth.iter().filter(|t| t.route == "/sleep").map(|t| t.elapsed).collect();
-    let truth_mean = sleeps.iter().sum::<f64>() / sleeps.len() as f64;
-    let api_sleeps: Vec<f64> =
-        records.iter().filter(|r| r["route"] == "/sleep").map(|r| r["duration"].as_f64().unwrap()).collect();
-    let mean = api_sleeps.iter().sum::<f64>() / api_sleeps.len() as f64;
-    let tolerance = (truth_mean * 0.02).max(100e-6);
-    assert!((mean - truth_mean).abs() <= tolerance, "sleep {mean} vs middleware {truth_mean} (±{tolerance})");
+    // The sleep route's median gap to the middleware is within the metrics tests' bound. The
+    // median, not the mean: on a busy host one request whose worker waited for a CPU between
+    // reading the request and calling the app is really slower, and would move a mean of four.
+    assert_eq!(sleep_gaps.len(), 4);
+    sleep_gaps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (gap, e) = sleep_gaps[sleep_gaps.len() / 2];
+    let tolerance = (e * 0.02).max(100e-6);
+    assert!(gap.abs() <= tolerance, "sleep: median gap {gap} s to the middleware's {e} s (±{tolerance}); all: {sleep_gaps:?}");
 
     // The minute's route table counts the same requests.
     let table = api(agent, "/api/routes");
