@@ -7,12 +7,14 @@
 //!   reads it for requests in progress and for those a dying worker left open).
 //! - [`layout`]: names of programs and maps, tracepoint field offsets read at fixed places,
 //!   register numbers, loss counters, the server names the daemon watches for.
+//! - [`scan`]: byte scans the kernel programs run on captured heads (unit-tested here).
 //!
 //! Everything is `#[repr(C)]` plain data: the kernel writes the bytes, the agent reads them back.
 #![no_std]
 
 pub mod events;
 pub mod layout;
+pub mod scan;
 pub mod state;
 
 pub use events::*;

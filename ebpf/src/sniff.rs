@@ -1,6 +1,6 @@
 //! Recognising HTTP/1.x in the bytes of a syscall: a request line's start, a response head's
 //! start, an interim response, the end of a request head.
-use wsgiscope_common::{ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{scan::blank_line_end, ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::user::read_user;
 
@@ -51,8 +51,8 @@ pub fn is_interim(h: &[u8; 2 * RESP_HEAD_LEN], len: u32) -> bool {
     len >= 13 && is_http1(h) && h[8] == b' ' && h[9] == b'1' && !(h[10] == b'0' && h[11] == b'1')
 }
 
-/// Did the read of `n` bytes that started the request hold more than an HTTP head? Scans the
-/// captured head for its blank line; unknown (false) when the head is not all captured.
+/// Did the read of `n` bytes that started the request hold more than an HTTP head? Finds the
+/// captured head's blank line; unknown (false) when the head is not all captured.
 #[inline(always)]
 pub fn bytes_after_head(c: &ConnState, n: u64) -> bool {
     let len = c.agg.req_head_len as usize;
@@ -60,19 +60,7 @@ pub fn bytes_after_head(c: &ConnState, n: u64) -> bool {
     if len < 16 || !c.req_head[0].is_ascii_uppercase() {
         return false;
     }
-    let h = c.req_head.as_ptr();
-    let mut i = 3;
-    while i < REQ_HEAD_LEN {
-        if i >= len {
-            return false;
-        }
-        // SAFETY: 3 <= i < REQ_HEAD_LEN, inside the 2 × REQ_HEAD_LEN buffer. (Raw reads: an
-        // indexing bounds check would leave a panic path the verifier refuses.)
-        let blank = unsafe { *h.add(i) == b'\n' && *h.add(i - 1) == b'\r' && *h.add(i - 2) == b'\n' && *h.add(i - 3) == b'\r' };
-        if blank {
-            return (i as u64 + 1) < n;
-        }
-        i += 1;
-    }
-    false
+    // SAFETY: the state's heads are 8-byte aligned (asserted in `conn`).
+    let end = unsafe { blank_line_end::<REQ_HEAD_LEN, { 2 * REQ_HEAD_LEN }>(&c.req_head, len) };
+    end.is_some_and(|i| (i as u64 + 1) < n)
 }
