@@ -7,14 +7,15 @@
 //!   reads it for requests in progress and for those a dying worker left open).
 //! - [`layout`]: names of programs and maps, tracepoint field offsets read at fixed places,
 //!   register numbers, loss counters, the server names the daemon watches for.
-//! - [`scan`]: byte scans the kernel programs run on captured heads (unit-tested here).
+//! - [`heads`]: what the kernel programs do with captured heads: find a request head's end,
+//!   copy the kept bytes into a record (unit-tested here).
 //!
 //! Everything is `#[repr(C)]` plain data: the kernel writes the bytes, the agent reads them back.
 #![no_std]
 
 pub mod events;
+pub mod heads;
 pub mod layout;
-pub mod scan;
 pub mod state;
 
 pub use events::*;

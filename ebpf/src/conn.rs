@@ -1,7 +1,7 @@
 //! Connection state helpers: start a request, append head bytes, emit the finished request.
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user};
 use wsgiscope_common::{
-    ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
+    heads::copy_head, ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
     CONN_SERVED, REQ_HEAD_LEN,
 };
 
@@ -91,30 +91,6 @@ pub fn start_pipelined(c: &mut ConnState, ts: u64) {
 #[inline(always)]
 pub fn response_begun(c: &ConnState) -> bool {
     c.agg.write_calls > u32::from(c.agg.flags & AGG_INTERIM != 0)
-}
-
-/// Copies the kept bytes of a head (`len`, at most `KEEP`) into a record, a word at a time:
-/// plain loads and stores the JIT emits inline. A `bpf_probe_read_kernel` call per head cost
-/// the request's end ~75 ns each here (a helper call pays the retpoline/return-thunk tax).
-/// The last word may carry up to 7 bytes past the kept length; the agent reads no further.
-#[inline(always)]
-pub fn copy_head<const KEEP: usize, const BUF: usize>(dst: &mut [u8; KEEP], src: &[u8; BUF], len: u32) {
-    const { assert!(KEEP % 8 == 0 && BUF >= KEEP) };
-    let words = (len as usize).div_ceil(8);
-    let d = dst.as_mut_ptr().cast::<u64>();
-    let s = src.as_ptr().cast::<u64>();
-    let mut i = 0;
-    // A loop bounded by a constant, which the verifier follows; volatile so that LLVM does not
-    // turn it into a memcpy call (BPF has none of variable length).
-    while i < KEEP / 8 {
-        if i >= words {
-            break;
-        }
-        // SAFETY: i < KEEP / 8 words, inside both buffers; both are 8-byte aligned (the
-        // record's and the state's heads follow 8-byte fields).
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
-        i += 1;
-    }
 }
 
 // `copy_head` moves whole words: the heads start 8-byte aligned in the record and the state.

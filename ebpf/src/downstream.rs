@@ -13,14 +13,14 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use wsgiscope_common::{
-    conn_key, CallEvent, ConnState, ConnectEvent, Downstream, EventKind, Pending, CALL_AMBIGUOUS, CALL_END_CLOSE,
+    conn_key, heads::copy_head, CallEvent, ConnState, ConnectEvent, Downstream, EventKind, Pending, CALL_AMBIGUOUS, CALL_END_CLOSE,
     CALL_END_NEXT, CALL_END_OTHER_CALL, CALL_END_REQUEST, CALL_IDLE, CALL_READING, CALL_REQ_LEN, CALL_RESP_LEN,
     CALL_WRITING, CONN_IN_REQUEST, CONN_OPEN_CALL, OP_CONNECT, STAT_DOWNSTREAM_TABLE_FULL, THREAD_CONCURRENT,
     UNIX_PATH_LEN,
 };
 
 use crate::{
-    conn::{append_head, copy_head},
+    conn::append_head,
     events,
     maps::{bump, conn, root_of, CALL_SCRATCH, DOWNSTREAM, THREADS},
     pending::{stash_fd, take},

@@ -1,6 +1,6 @@
 //! Recognising HTTP/1.x in the bytes of a syscall: a request line's start, a response head's
 //! start, an interim response, the end of a request head.
-use wsgiscope_common::{scan::blank_line_end, ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{heads::blank_line_end, ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::user::read_user;
 
