@@ -136,8 +136,6 @@ metrics! { buckets =>
         "wsgiscope_lost_events", "Requests the kernel side could not record (ring buffer or connection table full)";
     map_entries: Family<Labels, Gauge> = Family::default(),
         "wsgiscope_kernel_map_entries", "Entries in the kernel maps: connections tracked, syscalls in flight, processes traced";
-    cpu_late: Family<Labels, Counter> = Family::default(),
-        "wsgiscope_cpu_time_late_requests", "Requests whose CPU time runs to the request's end instead of its last write (the kernel skipped a scheduler event wsgiscope needed)";
     unparsed: Family<Labels, Counter> = Family::default(),
         "wsgiscope_unparsed_requests", "Traffic on a server socket that was not an HTTP request";
     gc_pause: Histograms = Family::new_with_constructor(Buckets::new(GC_BUCKETS)),

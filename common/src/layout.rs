@@ -58,17 +58,15 @@ pub const GLOBAL_WATCH_EXECS: &str = "WATCH_EXECS";
 /// …whether `sched_switch` is attached, so that a syscall's enter can hand over to its exit
 /// in the CPU's slot (`PENDING_ON_CPU`; the switch moves it to `PENDING`)…
 pub const GLOBAL_PENDING_ON_CPU: &str = "PENDING_ON_CPU_ENABLED";
-/// …and whether `sched_stat_runtime` is attached (CPU clocks follow the scheduler's charges).
-pub const GLOBAL_KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
-/// …where a task's own CPU clock is (`task_struct.se.sum_exec_runtime`; 0: not read, charges
-/// are added up instead)…
+/// …where a task's own CPU clock is (`task_struct.se.sum_exec_runtime`; 0: no CPU time per
+/// request)…
 pub const GLOBAL_SUM_EXEC_OFFSET: &str = "SUM_EXEC_OFFSET";
 /// …where this CPU's steal time is (`STEAL_LAYOUT`: `task_struct.se.cfs_rq`, `cfs_rq.rq`, and
 /// the per-CPU `steal_time` minus `runqueues`, wrapping; all 0: not read)…
 pub const GLOBAL_STEAL_LAYOUT: &str = "STEAL_LAYOUT";
-/// …where a running task's clock is anchored (`RQ_CLOCK_LAYOUT`: `task_struct.se.cfs_rq`,
+/// …and what it runs on since its last charge (`RQ_CLOCK_LAYOUT`: `task_struct.se.cfs_rq`,
 /// `cfs_rq.rq`, `task_struct.se.exec_start`, `rq.clock`, `rq.clock_task`,
-/// `rq.prev_steal_time_rq`; all 0: at the tracepoint's moment)…
+/// `rq.prev_steal_time_rq`; all 0: no CPU time per request)…
 pub const GLOBAL_RQ_CLOCK_LAYOUT: &str = "RQ_CLOCK_LAYOUT";
 /// Where a task's resident-page counters are (0: not measured): `task_struct.mm`…
 pub const GLOBAL_RSS_MM_OFFSET: &str = "RSS_MM_OFFSET";
@@ -121,13 +119,6 @@ pub mod sched_switch {
     pub const PREV_PID: u32 = 24;
     /// `TASK_*` bits: `S` (1) or `D` (2) set, it went to sleep; else it was preempted.
     pub const PREV_STATE: u32 = 32;
-    pub const NEXT_PID: u32 = 56;
-}
-
-/// `sched:sched_stat_runtime`: CPU time the scheduler charges a task (stable since 6.8).
-pub mod sched_stat_runtime {
-    pub const PID: u32 = 12;
-    pub const RUNTIME: u32 = 16;
 }
 
 /// A tracepoint the kernel programs read at fixed offsets; the agent checks the offsets in
@@ -163,14 +154,8 @@ pub const FIXED_LAYOUTS: &[FixedLayout] = &[
     FixedLayout {
         category: "sched",
         name: "sched_switch",
-        fields: &[("prev_pid", sched_switch::PREV_PID), ("prev_state", sched_switch::PREV_STATE), ("next_pid", sched_switch::NEXT_PID)],
-        feature: "CPU time per request (wsgi_request_cpu_seconds)",
-    },
-    FixedLayout {
-        category: "sched",
-        name: "sched_stat_runtime",
-        fields: &[("pid", sched_stat_runtime::PID), ("runtime", sched_stat_runtime::RUNTIME)],
-        feature: "CPU time per request as the scheduler charges it (without it, time on CPU between context switches)",
+        fields: &[("prev_pid", sched_switch::PREV_PID), ("prev_state", sched_switch::PREV_STATE)],
+        feature: "telling a write that waited on its client from a preempted one (wsgi_slow_client_responses)",
     },
 ];
 

@@ -40,15 +40,6 @@ pub const AGG_INTERIM: u16 = 2;
 pub const AGG_CPU: u16 = 4;
 /// `RequestAgg::flags`: `rss_start_pages`/`rss_end_pages` were read.
 pub const AGG_RSS: u16 = 8;
-/// `RequestAgg::flags`: `cpu_end_ns` is still to be read off the thread's clock as it was at
-/// `last_write_ns` (a write does not look the thread up): done when the thread next goes off
-/// CPU, starts another request, or the request ends, whichever comes first.
-pub const AGG_CPU_AT_WRITE: u16 = 16;
-/// `RequestAgg::flags`: its thread serves requests concurrently: each write reads the clock.
-pub const AGG_CPU_EACH_WRITE: u16 = 32;
-/// `RequestAgg::flags`: the clock at the last write could not be had: `cpu_end_ns` is the
-/// clock at the request's end (or as its thread last left the CPU).
-pub const AGG_CPU_LATE: u16 = 64;
 /// `RequestAgg::flags`: a response write (or a wait for room to write) slept off CPU: it
 /// waited on the client to read. Without `sched_switch` attached, set by every such call (the
 /// kernel side cannot tell a sleep from a preemption or the hypervisor's steal).
@@ -113,13 +104,11 @@ pub struct RequestAgg {
     pub _pad16: u16,
     /// The thread that read the request's first byte (its downstream calls are the request's).
     pub tid: u32,
-    /// That thread's CPU time (ns on CPU since wsgiscope first saw it serve) at the request's
-    /// start, and at its last response write (or its end, without one): valid with `AGG_CPU`.
+    /// That thread's CPU clock (its CPU time since it began, as the scheduler charges it: what
+    /// `/proc/<pid>/task/<tid>/schedstat` shows as of the last charge) at the request's start,
+    /// and at its last response write (or its end, without one): valid with `AGG_CPU`.
     pub cpu_start_ns: u64,
     pub cpu_end_ns: u64,
-    /// The hypervisor's steal from the CPU of the last response write, read at that write: with
-    /// `AGG_CPU_AT_WRITE`, what the end's clock leaves out (kernel side only).
-    pub last_write_steal_ns: u64,
     /// The process's resident pages (file + anon + shmem, the kernel's per-mm counters) at the
     /// request's start and at its end: valid with `AGG_RSS`.
     pub rss_start_pages: u64,
@@ -133,9 +122,15 @@ pub struct RequestAgg {
 pub struct TaskMark {
     /// tgid of the attached master the task is traced on behalf of; 0: not traced.
     pub root: u32,
-    /// 1 while the thread has a `THREADS` entry (it read a request).
-    pub serving: u32,
+    /// `TASK_*` bits, the kernel's to set.
+    pub marks: u32,
 }
+
+/// `TaskMark::marks`: the thread has a `THREADS` entry (it read a request).
+pub const TASK_SERVING: u32 = 1;
+/// `TaskMark::marks`: a call of the thread left the CPU unfinished (preempted) and waits in
+/// `PENDING`: if the thread sleeps later, that call may be what it sleeps in.
+pub const TASK_CALL_AWAY: u32 = 2;
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
 #[repr(C)]
@@ -249,7 +244,7 @@ pub struct Downstream {
 }
 
 /// A thread that serves requests, keyed by tid: the request it read last (on `fd`, started
-/// at `start_ns`), how many requests it has in progress, and its CPU clock.
+/// at `start_ns`) and how many requests it has in progress.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ThreadReq {
@@ -261,25 +256,8 @@ pub struct ThreadReq {
     pub flags: u32,
     /// Its process (with `fd`, the key of its latest request's connection).
     pub tgid: u32,
-    /// Time on CPU before `cpu_since_ns`…
-    pub cpu_total_ns: u64,
-    /// …the last charge or switch onto the CPU (0: off CPU).
-    pub cpu_since_ns: u64,
-    /// When it last went on CPU (0: off CPU): its current stretch, which charges do not cut.
-    pub on_cpu_ns: u64,
-    /// The hypervisor's steal from its CPU so far, read at `cpu_since_ns` (`ebpf` `steal`).
-    pub steal_ns: u64,
 }
 
 /// `ThreadReq::flags`: the thread read a request while another it read was still before its
 /// response: it serves requests concurrently (an event loop), so attribution needs care.
 pub const THREAD_CONCURRENT: u32 = 1;
-/// `ThreadReq::flags`: the entry is new and the scheduler has not charged the thread since: its
-/// first charge can hold time from before the entry existed, so it is capped at the time since.
-pub const THREAD_FRESH: u32 = 2;
-/// `ThreadReq::flags`: `cpu_total_ns` is the task's own clock (`se.sum_exec_runtime`), set
-/// afresh at each of its charges instead of added up.
-pub const THREAD_ABSOLUTE: u32 = 4;
-/// `ThreadReq::flags`: a call of the thread left the CPU unfinished and waits in `PENDING`:
-/// if the thread sleeps later, that call may be what it sleeps in.
-pub const THREAD_CALL_AWAY: u32 = 8;

@@ -106,7 +106,7 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
     if c.flags & CONN_IN_REQUEST == 0 {
         return;
     }
-    threads::request_ending(c, key);
+    threads::request_ending(c, key, ts);
     crate::memory::request_ending(c);
     c.flags &= !CONN_IN_REQUEST;
     let Some(mut entry) = events::reserve::<RequestEvent>() else { return };

@@ -7,11 +7,12 @@
 //! completed, for the accept-queue wait), `signal` (workers killed from outside), `python`
 //! (CPython garbage collections, by uprobe).
 //! `downstream` (calls to databases, caches and HTTP services on sockets the worker connected),
-//! `threads` (what each serving thread serves, and its CPU time, kept on context switches),
+//! `threads` (what each serving thread serves, and a request's CPU time, read off its thread's
+//! clock: `cpu_clock`),
 //! `memory` (the process's resident pages at a request's start and end).
 //! `conn` holds the connection-state helpers they share, `maps` the maps, `events` every write
 //! to the ring buffer; `tp` reads tracepoint records, `user` the traced process's memory,
-//! `pending` remembers a syscall from its enter to its exit, `sniff` recognises HTTP bytes,
+//! `pending` remembers a syscall from its enter to its exit (across context switches), `sniff` recognises HTTP bytes,
 //! `steal` reads the time the hypervisor took from a CPU (left out of CPU clocks).
 //! What both sides agree on (records, state, names, offsets) is in `wsgiscope_common`.
 #![no_std]
@@ -20,6 +21,7 @@
 mod accept;
 mod close;
 mod conn;
+mod cpu_clock;
 mod downstream;
 mod events;
 mod maps;
@@ -28,7 +30,6 @@ mod pending;
 mod process;
 mod python;
 mod read;
-mod rq_clock;
 mod signal;
 mod sniff;
 mod steal;

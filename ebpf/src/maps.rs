@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use wsgiscope_common::{ConnState, Downstream, Pending, TaskMark, ThreadReq, CONN_CLOSED, STAT_COUNT};
+use wsgiscope_common::{ConnState, Downstream, Pending, TaskMark, ThreadReq, CONN_CLOSED, STAT_COUNT, TASK_SERVING};
 
 /// Traced processes and threads: task id → tgid of the attached master (the "root").
 /// Seeded by the agent at attach, grown on fork in the kernel so no new worker is missed.
@@ -37,20 +37,38 @@ pub static DOWNSTREAM: HashMap<u64, Downstream> = HashMap::with_max_entries(1638
 #[map]
 pub static THREADS: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
 
-/// Does thread `tid` serve requests (has it a `THREADS` entry)? The scheduler programs run for
-/// every task on the node and ask this first: an array lookup is inlined by the JIT, a hash
-/// lookup is a helper call.
+/// Does thread `tid` serve requests (has it a `THREADS` entry)? Asked before a hash lookup
+/// that would find none (an array lookup is inlined by the JIT, a hash lookup is a helper call).
 #[inline(always)]
 pub fn serving(tid: u32) -> bool {
-    TRACED_TASKS.get(tid).is_some_and(|m| m.serving != 0)
+    has_mark(tid, TASK_SERVING)
 }
 
-/// Marks thread `tid` as serving requests, or not (its root, in the same slot, is left as is).
+/// Marks thread `tid` as serving requests, or not.
 #[inline(always)]
 pub fn set_serving(tid: u32, on: bool) {
+    set_mark(tid, TASK_SERVING, on);
+}
+
+/// Has task `tid` the `TASK_*` mark `mark`?
+#[inline(always)]
+pub fn has_mark(tid: u32, mark: u32) -> bool {
+    TRACED_TASKS.get(tid).is_some_and(|m| m.marks & mark != 0)
+}
+
+/// Sets or clears task `tid`'s `TASK_*` mark `mark` (its root, in the same slot, is left as is).
+/// Only the task itself (or the scheduler's programs while it is the current task) writes them.
+#[inline(always)]
+pub fn set_mark(tid: u32, mark: u32, on: bool) {
     if let Some(m) = TRACED_TASKS.get_ptr_mut(tid) {
         // SAFETY: array slot, valid for the program run; a 4-byte store of its own field.
-        unsafe { (*m).serving = u32::from(on) };
+        unsafe {
+            if on {
+                (*m).marks |= mark;
+            } else {
+                (*m).marks &= !mark;
+            }
+        }
     }
 }
 
@@ -156,7 +174,7 @@ pub fn bump(stat: u32) {
 const PID_MAX_LIMIT: u32 = 4 << 20;
 
 /// What the programs know of each task id (`TaskMark`: its root, 0 for one not traced, and
-/// whether it serves requests): one 8-byte slot per possible id (32 MiB; an array's slots are
+/// its marks: whether it serves requests, whether a call of it waits off its CPU): one 8-byte slot per possible id (32 MiB; an array's slots are
 /// 8 bytes whatever the value). Every syscall program asks this first, and the programs that
 /// need the root (accept, fork, exit, connect) read it here: an array lookup is inlined by the
 /// JIT, so neither a process wsgiscope does not trace nor a traced one pays a hash lookup (a
@@ -196,7 +214,7 @@ pub fn untrace_task(task: u32) {
 fn set_root(task: u32, root: u32) {
     if let Some(m) = TRACED_TASKS.get_ptr_mut(task) {
         // SAFETY: array slot of this map, valid for the program run; a 4-byte store of its own
-        // field (the thread's serving mark is its own to write).
+        // field (the thread's marks are its own to write).
         unsafe { (*m).root = root };
     }
 }

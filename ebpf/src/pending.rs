@@ -6,15 +6,44 @@
 //! leaves the CPU in between (it blocks, or is preempted): `sched_switch` then moves its slot to
 //! `PENDING`, keyed by the thread, where the exit finds it on whatever CPU it wakes on. Without
 //! `sched_switch` attached (`PENDING_ON_CPU_ENABLED` 0), `PENDING` is the only hand-over.
-use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TracePointContext};
-use wsgiscope_common::{conn_key, Pending, OP_SENDFILE, OP_SENDMSG, OP_SLEPT, OP_WRITE, OP_WRITEV, STAT_PENDING_TABLE_FULL};
+//!
+//! The switch also tells whether a call slept (a write waiting on its client) or was only
+//! preempted.
+use aya_ebpf::{
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
+    programs::TracePointContext,
+};
+use wsgiscope_common::{
+    conn_key,
+    sched_switch::{PREV_PID, PREV_STATE},
+    Pending, OP_SENDFILE, OP_SENDMSG, OP_SLEPT, OP_WRITE, OP_WRITEV, STAT_PENDING_TABLE_FULL, TASK_CALL_AWAY,
+};
 
 use crate::{
     conn::now,
-    maps::{bump, traced, PENDING},
-    tp::{arg, pid_tgid},
+    maps::{bump, has_mark, set_mark, traced, PENDING},
+    tp::{arg, field, pid_tgid},
     user::{read_user, IoVec},
 };
+
+/// Every context switch on the node: for tasks wsgiscope does not trace, two array lookups
+/// (inlined) are the whole cost.
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    let prev = field::<u32>(&ctx, PREV_PID as usize);
+    // A write, poll or connect of `prev` still in flight leaves this CPU with it, asleep
+    // (TASK_INTERRUPTIBLE or _UNINTERRUPTIBLE) or preempted.
+    let sleeps = field::<u64>(&ctx, PREV_STATE as usize) & 3 != 0;
+    if leaving_cpu(prev, sleeps) {
+        set_mark(prev, TASK_CALL_AWAY, true);
+    } else if sleeps && has_mark(prev, TASK_CALL_AWAY) && !sleeping_away() {
+        // A call preempted before (a write copying 64 MiB yields the CPU on a busy host) can
+        // sleep now: looked up only then, not at every switch. None in flight any more.
+        set_mark(prev, TASK_CALL_AWAY, false);
+    }
+    0
+}
 
 /// Set by the agent when `sched_switch` is attached (it moves a slot off its CPU).
 #[unsafe(no_mangle)]

@@ -1,12 +1,12 @@
 //! Which processes are traced: the attached master and every descendant, followed on fork in
 //! the kernel (a worker forked between two agent polls keeps its first request).
 use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SERVER_COMMS};
+use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SERVER_COMMS, TASK_CALL_AWAY, TASK_SERVING};
 
 use crate::{
     conn::now,
     events::emit,
-    maps::{root_of, serving, set_serving, trace_task, untrace_task, PENDING, THREADS},
+    maps::{root_of, serving, set_mark, trace_task, untrace_task, PENDING, THREADS},
     tp::{pid_tgid, programs, ret},
     user::{entry_args, read_user},
 };
@@ -45,9 +45,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     crate::pending::thread_exiting(tid);
     let Some(root) = root_of(tgid) else { return 0 };
     if serving(tid) {
-        set_serving(tid, false);
         let _ = THREADS.remove(&tid);
     }
+    set_mark(tid, TASK_SERVING | TASK_CALL_AWAY, false);
     if tid != tgid {
         untrace_task(tid);
     }

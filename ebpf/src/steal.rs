@@ -1,8 +1,8 @@
 //! Steal time: on a virtual machine the hypervisor runs other guests on our vCPUs now and then,
 //! and the kernel leaves that time out of a task's CPU clock (what `time.thread_time()` reads).
-//! A running thread's clock is carried from the scheduler's last charge by wall time
-//! (`threads`), so time stolen in between counted as CPU: a request that started just after
-//! a few milliseconds of steal read CPU time 0. The hypervisor publishes each vCPU's steal so
+//! A running thread's clock is carried from its runqueue's clock by wall time (`cpu_clock`), so
+//! time stolen in between would count as CPU: a request that started just after a few
+//! milliseconds of steal read CPU time 0. The hypervisor publishes each vCPU's steal so
 //! far in a per-CPU `kvm_steal_time` (updated as the vCPU resumes, before any of our programs
 //! runs again); reading it where a clock is carried leaves steal out, as the kernel does.
 //!

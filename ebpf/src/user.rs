@@ -21,29 +21,45 @@ pub fn read_user<T: Copy>(addr: u64) -> Option<T> {
     (rc == 0).then(|| unsafe { v.assume_init() })
 }
 
-/// The u64 at byte `offset` of the current task's `task_struct`, where `offset` is a constant
-/// to the verifier (a frozen global): loaded straight from the kernel-typed task pointer, which
-/// the verifier checks against the kernel's BTF (no helper call to read it).
+/// The current task, as a kernel-typed pointer: fields at offsets the agent found in the
+/// kernel's BTF are loaded from it straight (the verifier checks them against that BTF; no
+/// helper call to read them).
 #[inline(always)]
-pub fn current_task_u64(offset: u32) -> u64 {
-    // SAFETY: a BTF-typed load of an 8-byte field; a fault on such a load reads 0.
-    unsafe {
-        let task = bpf_get_current_task_btf() as *const u8;
-        core::ptr::read_volatile(task.add(offset as usize).cast::<u64>())
-    }
+pub fn current_task() -> *const u8 {
+    // SAFETY: the helper takes no argument and returns the running task, never null.
+    unsafe { bpf_get_current_task_btf() as *const u8 }
 }
 
-/// This CPU's runqueue (`struct rq *`), through the current task, which runs on it:
-/// `task_struct.se.cfs_rq` at `cfs_rq_off`, then `cfs_rq.rq` at `rq_off` (BTF-typed loads).
+/// The u64 at byte `offset` of the kernel object `base` points to, where `base` is a
+/// kernel-typed pointer and `offset` a constant to the verifier (a frozen global).
 #[inline(always)]
-pub fn current_rq(cfs_rq_off: u32, rq_off: u32) -> Option<*const u8> {
-    let cfs_rq = current_task_u64(cfs_rq_off) as *const u8;
+pub fn load_u64(base: *const u8, offset: u32) -> u64 {
+    // SAFETY: a BTF-typed load of an 8-byte field; a fault on such a load reads 0.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<u64>()) }
+}
+
+/// The u64 at byte `offset` of the current task's `task_struct`.
+#[inline(always)]
+pub fn current_task_u64(offset: u32) -> u64 {
+    load_u64(current_task(), offset)
+}
+
+/// The runqueue (`struct rq *`) of the CPU `task` runs on: `task_struct.se.cfs_rq` at
+/// `cfs_rq_off`, then `cfs_rq.rq` at `rq_off` (BTF-typed loads).
+#[inline(always)]
+pub fn rq_of(task: *const u8, cfs_rq_off: u32, rq_off: u32) -> Option<*const u8> {
+    let cfs_rq = load_u64(task, cfs_rq_off) as *const u8;
     if cfs_rq.is_null() {
         return None;
     }
-    // SAFETY: a BTF-typed load of `cfs_rq.rq` (a fault on such a load reads 0).
-    let rq = unsafe { core::ptr::read_volatile(cfs_rq.add(rq_off as usize).cast::<u64>()) } as *const u8;
+    let rq = load_u64(cfs_rq, rq_off) as *const u8;
     (!rq.is_null()).then_some(rq)
+}
+
+/// This CPU's runqueue, through the current task, which runs on it.
+#[inline(always)]
+pub fn current_rq(cfs_rq_off: u32, rq_off: u32) -> Option<*const u8> {
+    rq_of(current_task(), cfs_rq_off, rq_off)
 }
 
 /// On a syscall's exit: its first two arguments (fd or socket, buffer), from the user registers

@@ -86,7 +86,7 @@ fn next_pipelined(c: &mut ConnState, p: &Pending, n: u64) {
     if is_response_head(src, avail) {
         let previous_end = c.agg.last_write_ns;
         finish_request(c, p.key, END_PIPELINED, p.enter_ns);
-        // Its CPU end is settled by now.
+        // Its CPU end, read at its last write.
         let previous_cpu_end = c.agg.cpu_end_ns;
         start_pipelined(c, previous_end);
         let (id, _) = pid_tgid();

@@ -153,7 +153,6 @@ impl<'m> Aggregator<'m> {
         let _ = a.metrics.truncated.get_or_create(&a.service_labels());
         let _ = a.metrics.route_evictions.get_or_create(&a.service_labels());
         let _ = a.metrics.unparsed.get_or_create(&a.service_labels());
-        let _ = a.metrics.cpu_late.get_or_create(&a.service_labels());
         let _ = a.metrics.relayed.get_or_create(&a.service_labels());
         a.downstream_series();
         a
@@ -358,9 +357,6 @@ impl<'m> Aggregator<'m> {
         m.request_gc.get_or_create(&by_route).observe(r.gc_seconds);
         if let Some(cpu) = r.cpu_seconds {
             m.cpu.get_or_create(&by_route).observe(cpu);
-        }
-        if r.cpu_late {
-            m.cpu_late.get_or_create(&self.base).inc();
         }
         let w = self.worker_labels(slot);
         m.worker_requests.get_or_create(&w).inc();

@@ -36,7 +36,6 @@ fn request(path: &str, tgid: u32) -> Request {
         bytes: 100,
         gc_seconds: 0.0,
         cpu_seconds: Some(0.002),
-        cpu_late: false,
         memory_growth: None,
     }
 }

@@ -1,13 +1,12 @@
 //! Where the kernel keeps a task's own CPU clock, read from its BTF: `task_struct.se.
 //! sum_exec_runtime`, the nanoseconds the scheduler has charged the task (what
-//! `time.thread_time()` reads). The kernel side reads it at each scheduler charge of a thread
-//! that serves requests, so a charge it misses (the kernel skips a tracing program that would
-//! nest inside another on its CPU, ours included) costs nothing: the next one holds it.
+//! `time.thread_time()` reads). The kernel side reads it where a request needs the serving
+//! thread's clock (its start, each response write), and adds what the thread ran since its last
+//! charge, from its runqueue's clock (`rq_clock_layout`): no program follows the scheduler.
 //!
 //! On a KVM guest, the time the hypervisor stole from a CPU is left out of that clock: the
 //! kernel side reads the per-CPU `steal_time` too, found from this CPU's runqueue
-//! (`steal_layout`). A running task's clock is carried from its runqueue's clock, where the
-//! kernel's charges run to (`rq_clock_layout`).
+//! (`steal_layout`), and leaves out what was stolen since the runqueue's clock.
 use anyhow::{anyhow, bail, Context, Result};
 use btf_rs::{Btf, BtfType, Struct, Type};
 
@@ -42,7 +41,7 @@ pub fn steal_layout(btf: &Btf) -> Result<[u64; 3]> {
     Ok([u64::from(cfs_rq), u64::from(rq), (steal_var + u64::from(steal)).wrapping_sub(runqueues)])
 }
 
-/// Where the kernel side anchors a running task's clock (`ebpf` `rq_clock`):
+/// Where the kernel side finds what a running task ran since its last charge (`ebpf` `cpu_clock`):
 /// `[task_struct.se.cfs_rq, cfs_rq.rq, task_struct.se.exec_start, rq.clock, rq.clock_task,
 /// rq.prev_steal_time_rq]`, the last 0 where the kernel leaves no steal out of task clocks
 /// (`steal_left_out`). Err without group scheduling (no `cfs_rq.rq`).

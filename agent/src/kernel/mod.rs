@@ -19,9 +19,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use wsgiscope_common::{
-    conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, TaskMark, ThreadReq, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
-    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
-    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS, MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
+    conn_key, tracepoint_category, ConnState, Downstream, GcStart, Pending, TaskMark, CALL_IDLE, FIXED_LAYOUTS, GC_PROGRAMS,
+    GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS,
+    MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS, MAP_TRACED, MAP_TRACED_TASKS, STAT_COUNT,
 };
 
 pub use preflight::{check_capabilities, ensure_tracefs, field_offset};
@@ -41,7 +41,7 @@ pub struct Kernel {
     /// Interpreter binaries whose GC probes are attached, by (device, inode).
     gc_binaries: HashSet<(u64, u64)>,
     traced: HashMap<MapData, u32, u32>,
-    /// Each task id's mark (its root, 0: not traced; and the kernel's serving mark), the root
+    /// Each task id's mark (its root, 0: not traced; and the kernel's marks), the root
     /// kept with `traced`: what the kernel programs read.
     traced_tasks: Array<MapData, TaskMark>,
     conns: HashMap<MapData, u64, ConnState>,
@@ -50,9 +50,15 @@ pub struct Kernel {
     /// …and of the thread running on each CPU (`Pending::tid`), when the hand-over is per CPU.
     pending_on_cpu: Option<PerCpuArray<MapData, Pending>>,
     downstream: HashMap<MapData, u64, Downstream>,
-    threads: HashMap<MapData, u32, ThreadReq>,
     gc_started: HashMap<MapData, u64, GcStart>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+/// Thread `tid` of `tgid`'s CPU clock from /proc (`None`: it is gone).
+fn thread_clock(tgid: u32, tid: u32) -> Option<ThreadClock> {
+    let task = procfs::process::Process::new(tgid as i32).ok()?.task_from_tid(tid as i32).ok()?;
+    let running = task.stat().ok()?.state == 'R';
+    Some(ThreadClock { running, cpu_ns: task.schedstat().ok()?.sum_exec_runtime })
 }
 
 /// Checks that a tracepoint's fields are where a kernel program reads them.
@@ -87,7 +93,16 @@ fn attach_tracepoint(prog: &mut TracePoint, category: &str, name: &str) -> Resul
 pub struct ThreadNow {
     pub syscall: Option<Pending>,
     pub gc: Option<GcStart>,
-    pub serving: Option<ThreadReq>,
+    pub clock: Option<ThreadClock>,
+}
+
+/// A thread's CPU clock as /proc shows it: the scheduler's charged sum (`schedstat`, at most a
+/// tick behind while it runs), in the base of the kernel side's `cpu_start_ns`.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub struct ThreadClock {
+    /// Running or ready to run (state `R`): not blocked or asleep.
+    pub running: bool,
+    pub cpu_ns: u64,
 }
 
 impl Kernel {
@@ -104,17 +119,15 @@ impl Kernel {
             .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
         // Kernels before 6.x lack group_dead: 0 tells the kernel side to use tid == tgid.
         let group_dead_off = field_offset(&tracepoint_format("sched", "sched_process_exit")?, "group_dead").unwrap_or(0);
-        // CPU clocks follow the scheduler's own charges where sched_stat_runtime is as expected.
         let layout_matches = |name: &str| {
             FIXED_LAYOUTS.iter().find(|l| l.name == name).is_some_and(|l| fixed_layout_matches(l.category, l.name, l.fields).is_ok())
         };
-        let kernel_runtime = layout_matches("sched_stat_runtime");
         // A syscall's enter hands over to its exit in the CPU's slot where sched_switch, which
         // moves the slot off the CPU with a thread that leaves it, is attached.
         let pending_on_cpu = layout_matches("sched_switch");
 
         // Offsets from the kernel's BTF: the resident-page counters (memory growth per request)
-        // and the task's own CPU clock. The parsed BTF (tens of MB) is freed before aya parses
+        // and the task's own CPU clock (read where a request needs it). The parsed BTF (tens of MB) is freed before aya parses
         // its own copy to load the programs, so the two never add up in the agent's peak memory.
         let (rss, sum_exec, steal, rq_clock) = {
             let btf = rss::kernel_btf();
@@ -123,7 +136,7 @@ impl Kernel {
                 rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] }
             });
             let sum_exec = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
-                log::warn!("CPU time per request adds up the scheduler's charges (a skipped one is lost): {e:#}");
+                log::warn!("CPU time per request is not measured: {e:#}");
                 0
             });
             let steal_left_out = btf.as_ref().is_ok_and(cpu_clock::steal_left_out);
@@ -136,13 +149,15 @@ impl Kernel {
                     log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");
                     [0; 3]
                 });
-            // Anchored on the runqueue's clock only where charges come with the task's own clock.
+            // What a running task ran since its last charge: its runqueue's clock.
             let rq_clock = btf
                 .as_ref()
                 .map_err(|e| anyhow!("{e:#}"))
-                .and_then(|btf| if sum_exec != 0 && kernel_runtime { cpu_clock::rq_clock_layout(btf, steal[0] != 0) } else { Err(anyhow!("no task clock to anchor")) })
+                .and_then(|btf| if sum_exec != 0 { cpu_clock::rq_clock_layout(btf, steal[0] != 0) } else { Err(anyhow!("no task clock to carry")) })
                 .unwrap_or_else(|e| {
-                    log::info!("CPU clocks are carried from the scheduler's tracepoints, not its runqueue clock (may read tens of µs short): {e:#}");
+                    if sum_exec != 0 {
+                        log::warn!("CPU time per request is not measured: {e:#}");
+                    }
                     [0; 6]
                 });
             (rss, sum_exec, steal, rq_clock)
@@ -154,7 +169,6 @@ impl Kernel {
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &child_off, true)
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_off, true)
             .override_global(GLOBAL_WATCH_EXECS, &u32::from(watch_execs), true)
-            .override_global(GLOBAL_KERNEL_RUNTIME, &u32::from(kernel_runtime), true)
             .override_global(GLOBAL_PENDING_ON_CPU, &u32::from(pending_on_cpu), true)
             .override_global(GLOBAL_SUM_EXEC_OFFSET, &sum_exec, true)
             .override_global(GLOBAL_STEAL_LAYOUT, &steal, true)
@@ -195,7 +209,6 @@ impl Kernel {
         let pending_on_cpu =
             if pending_on_cpu { Some(PerCpuArray::try_from(take(&mut ebpf, MAP_PENDING_ON_CPU)?)?) } else { None };
         let downstream = HashMap::try_from(take(&mut ebpf, MAP_DOWNSTREAM)?)?;
-        let threads = HashMap::try_from(take(&mut ebpf, MAP_THREADS)?)?;
         let gc_started = HashMap::try_from(take(&mut ebpf, MAP_GC_STARTED)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         // GC probes are attached per interpreter binary, as servers are found.
@@ -217,7 +230,6 @@ impl Kernel {
             pending,
             pending_on_cpu,
             downstream,
-            threads,
             gc_started,
             stats,
         };
@@ -239,7 +251,7 @@ impl Kernel {
     /// Adds a process to the traced set; its future forks are followed in the kernel.
     pub fn trace(&mut self, pid: u32, root: u32) -> Result<()> {
         // The list first: a task the kernel sees marked is listed. A task already marked with
-        // this root (daemon mode: traced from its exec) is left alone: its serving mark is the
+        // this root (daemon mode: traced from its exec) is left alone: its marks are the
         // kernel's to keep.
         let mark = self.traced_tasks.get(&pid, 0).unwrap_or_default();
         self.traced
@@ -248,7 +260,7 @@ impl Kernel {
                 if mark.root == root {
                     Ok(())
                 } else {
-                    self.traced_tasks.set(pid, TaskMark { root, serving: mark.serving }, 0)
+                    self.traced_tasks.set(pid, TaskMark { root, marks: mark.marks }, 0)
                 }
             })
             .with_context(|| format!("cannot add process {pid} to the traced set"))
@@ -303,14 +315,14 @@ impl Kernel {
     }
 
     /// What thread `tid` of `tgid` is in the middle of, now: the syscall it is inside (if the
-    /// kernel stashed one: writes and polls), its collection in progress, its serving state
-    /// (request, CPU clock). One lookup per table (the live views ask per request in progress).
+    /// kernel stashed one: writes and polls), its collection in progress, and its CPU clock
+    /// (from /proc). One lookup per table (the live views ask per request in progress).
     pub fn thread_now(&self, tgid: u32, tid: u32) -> ThreadNow {
         let id = (u64::from(tgid) << 32) | u64::from(tid);
         ThreadNow {
             syscall: self.on_cpu(tid).or_else(|| self.pending.get(&id, 0).ok().filter(|p| p.op != 0)),
             gc: self.gc_started.get(&id, 0).ok(),
-            serving: self.threads.get(&tid, 0).ok(),
+            clock: thread_clock(tgid, tid),
         }
     }
 
@@ -369,7 +381,7 @@ mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     use wsgiscope_common::{
         tracepoint_category, FIXED_LAYOUTS, GC_PROGRAMS, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FORK_CHILD_PID_OFFSET,
-        GLOBAL_KERNEL_RUNTIME, GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS,
+        GLOBAL_PENDING_ON_CPU, GLOBAL_RSS_MM_OFFSET, GLOBAL_RSS_STAT_OFFSET, GLOBAL_RQ_CLOCK_LAYOUT, GLOBAL_RSS_WORDS, GLOBAL_STEAL_LAYOUT, GLOBAL_SUM_EXEC_OFFSET, GLOBAL_WATCH_EXECS, MAP_CONNS, MAP_DOWNSTREAM, MAP_EVENTS, MAP_GC_STARTED, MAP_PENDING, MAP_PENDING_ON_CPU, MAP_STATS,
         MAP_THREADS, MAP_TRACED, MAP_TRACED_TASKS,
     };
 
@@ -387,7 +399,6 @@ mod tests {
             GLOBAL_FORK_CHILD_PID_OFFSET,
             GLOBAL_EXIT_GROUP_DEAD_OFFSET,
             GLOBAL_WATCH_EXECS,
-            GLOBAL_KERNEL_RUNTIME,
             GLOBAL_PENDING_ON_CPU,
             GLOBAL_RSS_MM_OFFSET,
             GLOBAL_RSS_STAT_OFFSET,
@@ -408,7 +419,7 @@ mod tests {
                 tracepoints.push(name);
             }
         }
-        assert_eq!(tracepoints.len(), 28 + 4, "{tracepoints:?}");
+        assert_eq!(tracepoints.len(), 27 + 4, "{tracepoints:?}");
         for l in FIXED_LAYOUTS {
             assert!(tracepoints.contains(&l.name), "{}", l.name);
         }

@@ -8,7 +8,7 @@ pub mod uwsgi;
 
 use std::fmt;
 
-use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, AGG_CPU_LATE, AGG_RSS, AGG_WRITE_SLEPT, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{RequestEvent, AGG_ACCEPT_WAIT, AGG_CPU, AGG_RSS, AGG_WRITE_SLEPT, END_PROCESS_EXIT, REQ_HEAD_LEN, RESP_HEAD_LEN};
 
 use crate::server::ServerKind;
 
@@ -207,7 +207,6 @@ pub struct Request {
     pub cpu_seconds: Option<f64>,
     /// The CPU time runs to the request's end, not its last write: the kernel skipped a
     /// scheduler event it needed (rare; counted).
-    pub cpu_late: bool,
     /// The change of its process's resident memory from its start to its end (bytes; the
     /// kernel's batched per-mm counters), where measured.
     pub memory_growth: Option<i64>,
@@ -269,7 +268,6 @@ pub fn reconstruct(kind: ServerKind, ev: &RequestEvent, facts: Facts<'_>) -> Opt
         bytes: a.write_bytes.saturating_sub(handshake as u64),
         gc_seconds: gc_ns as f64 / 1e9,
         cpu_seconds: (a.flags & AGG_CPU != 0).then(|| a.cpu_end_ns.saturating_sub(a.cpu_start_ns) as f64 / 1e9),
-        cpu_late: a.flags & AGG_CPU_LATE != 0,
         memory_growth: (a.flags & AGG_RSS != 0)
             .then(|| (a.rss_end_pages as i64 - a.rss_start_pages as i64) * page_size()),
     })

@@ -73,12 +73,9 @@ pub fn classify(
             return None;
         }
     }
-    let serving = thread.serving.filter(|_| a.flags & AGG_CPU != 0);
-    let on_cpu = serving.map(|t| t.cpu_since_ns != 0);
-    let cpu_ns = serving.map(|t| {
-        let running = if t.cpu_since_ns != 0 { now_ns.saturating_sub(t.cpu_since_ns) } else { 0 };
-        (t.cpu_total_ns + running).saturating_sub(a.cpu_start_ns)
-    });
+    let clock = thread.clock.filter(|_| a.flags & AGG_CPU != 0);
+    let on_cpu = clock.map(|t| t.running);
+    let cpu_ns = clock.map(|t| t.cpu_ns.saturating_sub(a.cpu_start_ns));
     let now = |doing, since_ns| Some(Now { doing, since_ns, on_cpu, cpu_ns });
     if let Some(gc) = thread.gc.filter(|g| g.start_ns >= a.start_ns) {
         return now(Doing::Gc, Some(gc.start_ns));
@@ -148,7 +145,9 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wsgiscope_common::{GcStart, Pending, ThreadReq, CALL_READING, CONN_IN_REQUEST, OP_SLEPT};
+    use wsgiscope_common::{GcStart, Pending, CALL_READING, CONN_IN_REQUEST, OP_SLEPT};
+
+    use crate::kernel::ThreadClock;
 
     const TGID: u32 = 100;
     const FD: u32 = 7;
@@ -177,8 +176,8 @@ mod tests {
         Pending { key: conn_key(TGID, fd), buf: 0, len: 0, enter_ns, op, tid: 0 }
     }
 
-    fn thread(cpu_since_ns: u64) -> ThreadReq {
-        ThreadReq { start_ns: 0, fd: FD, in_flight: 1, flags: 0, tgid: 0, cpu_total_ns: 5_000, cpu_since_ns, on_cpu_ns: cpu_since_ns, steal_ns: 0 }
+    fn thread(running: bool) -> ThreadClock {
+        ThreadClock { running, cpu_ns: 5_500 }
     }
 
     fn call(state: u32, start_ns: u64) -> Downstream {
@@ -207,11 +206,15 @@ mod tests {
         let mut c = conn(GET, GET.len() as u64);
         c.agg.flags |= AGG_CPU;
         c.agg.cpu_start_ns = 1_000;
-        let t = ThreadNow { serving: Some(thread(NOW - 500)), ..Default::default() };
+        let t = ThreadNow { clock: Some(thread(true)), ..Default::default() };
         let n = classify(NOW, TGID, FD, &c, &t, None).unwrap();
         assert_eq!((n.on_cpu, n.cpu_ns), (Some(true), Some(4_500)));
-        let t = ThreadNow { serving: Some(thread(0)), ..Default::default() };
+        let t = ThreadNow { clock: Some(thread(false)), ..Default::default() };
         assert_eq!(classify(NOW, TGID, FD, &c, &t, None).unwrap().on_cpu, Some(false));
+        // Without the kernel side's clock at its start, no CPU time.
+        c.agg.flags &= !AGG_CPU;
+        let n = classify(NOW, TGID, FD, &c, &t, None).unwrap();
+        assert_eq!((n.on_cpu, n.cpu_ns), (None, None));
     }
 
     #[test]
@@ -258,12 +261,12 @@ mod tests {
     fn waiting_on_a_downstream_call() {
         let c = conn(GET, GET.len() as u64);
         let d = call(CALL_WRITING, 3_000_000_000);
-        let off_cpu = ThreadNow { serving: Some(thread(0)), ..Default::default() };
+        let off_cpu = ThreadNow { clock: Some(thread(false)), ..Default::default() };
         let mut cc = c;
         cc.agg.flags |= AGG_CPU;
         assert_eq!(doing(&cc, &off_cpu, Some((9, &d))), Some((Doing::Downstream { fd: 9 }, Some(3_000_000_000))));
         // On a CPU after sending (a datagram that gets no answer): the application runs.
-        let on_cpu = ThreadNow { serving: Some(thread(NOW - 10)), ..Default::default() };
+        let on_cpu = ThreadNow { clock: Some(thread(true)), ..Default::default() };
         assert_eq!(doing(&cc, &on_cpu, Some((9, &d))).unwrap().0, Doing::Application);
         // Still sending it: downstream, on a CPU or not.
         let sending = ThreadNow { syscall: Some(pending(9, OP_WRITE, NOW - 10)), ..on_cpu };

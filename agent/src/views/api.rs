@@ -132,10 +132,11 @@ pub struct InFlight {
     pub doing_for: Option<f64>,
     /// For `downstream`: whom it waits for.
     pub wait: Option<Wait>,
-    /// Is its thread on a CPU at the scan (`false`: blocked or sleeping)? `null` where the
-    /// scheduler is not measured.
+    /// Is its thread on a CPU, or ready to run, at the scan (`false`: blocked or sleeping)?
+    /// `null` where CPU time is not measured.
     pub on_cpu: Option<bool>,
-    /// Its thread's CPU time since the request began.
+    /// Its thread's CPU time since the request began, as of the scheduler's last charge (at
+    /// most a tick behind while it runs).
     pub cpu_time: Option<f64>,
 }
 

@@ -44,8 +44,7 @@ pub enum Mode {
     /// entry and exit; this shows that part alone.
     Getppid,
     /// No write: two threads on one CPU handing a token to each other, so each hand-over is a
-    /// context switch, which runs the agent's sched_switch and sched_stat_runtime programs
-    /// whatever the process. The hand-overs are futex calls: one or two syscalls each.
+    /// context switch, which runs the agent's sched_switch program whatever the process. The hand-overs are futex calls: one or two syscalls each.
     Switch,
 }
 
@@ -324,7 +323,7 @@ pub enum State {
     /// the floor any program on these tracepoints costs, whatever it does. The switch loop runs
     /// under them too: with no scheduler program attached, what they cost it is the traced
     /// syscall path of its futex calls, the part of the agent's cost there that is not the
-    /// scheduler programs.
+    /// scheduler program.
     EmptyProbes,
 }
 
@@ -339,7 +338,7 @@ pub struct Sample {
     pub foreign_agent: bool,
 }
 
-/// The switch loop runs untraced only: the scheduler programs fire for every process, and a loop
+/// The switch loop runs untraced only: the scheduler program fires for every process, and a loop
 /// child of a worker has no serving threads for them to find anyway.
 pub const CASES: [(Placement, Mode); 6] = [
     (Placement::Traced, Mode::Tcp),

@@ -61,7 +61,7 @@ pub(super) fn redis_calls_exact(o: &Overhead) -> bool {
     o.redis_counted > 0.0 && o.redis_calls_counted == f64::from(REDIS_CALLS) * o.redis_counted
 }
 
-/// What the agent's scheduler programs (sched_switch, sched_stat_runtime) cost a context switch
+/// What the agent's scheduler program (sched_switch) costs a context switch
 /// of any process, in ns: the agent's cost on the switch loop less that of the empty probes, which
 /// is the traced syscall path of the loop's futex calls alone (no scheduler program).
 pub(super) fn scheduler_cost(samples: &[Sample]) -> Option<f64> {

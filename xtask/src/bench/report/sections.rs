@@ -278,14 +278,13 @@ fn probe_cells(r: &Results, placement: Placement, mode: Mode) -> String {
     .join(" | ")
 }
 
-/// The switch loop: what the scheduler programs cost every context switch on the node.
+/// The switch loop: what the scheduler program costs every context switch on the node.
 fn switches(md: &mut String, r: &Results) {
     let _ = writeln!(md, "\n### Context switches (any process)\n");
     let _ = writeln!(
         md,
-        "The agent's `sched:sched_switch` program runs at every context switch on the node (two \
-         array lookups for threads that serve no requests) and `sched:sched_stat_runtime` every \
-         time the scheduler charges CPU time to a task (one), whatever the process. The `switch` loop \
+        "The agent's `sched:sched_switch` program runs at every context switch on the node, \
+         whatever the process (two array lookups for a task wsgiscope does not trace). The `switch` loop \
          (untraced, started by xtask): two threads pinned to one CPU hand a token to each other \
          through a mutex and a condition variable, {} round trips in batches of {BATCH}, so every \
          hand-over is one context switch (the process's voluntary plus involuntary switches equal \
@@ -293,7 +292,7 @@ fn switches(md: &mut String, r: &Results) {
          differences as above. Each hand-over makes one or two futex calls, which any program on a \
          syscall tracepoint sends through the slower traced path (the getppid row): the empty \
          probes, which have no scheduler program, cost the loop that part alone, so the agent's \
-         cost less theirs is what the scheduler programs cost per switch.\n",
+         cost less theirs is what the scheduler program costs per switch.\n",
         r.plan.micro_iters
     );
     let (placement, mode) = (Placement::Untraced, Mode::Switch);
@@ -304,7 +303,7 @@ fn switches(md: &mut String, r: &Results) {
     let _ = writeln!(md, "| untraced switch | {} |", probe_cells(r, placement, mode));
     let _ = writeln!(
         md,
-        "\nsched_switch + sched_stat_runtime, per context switch of any process (agent cost − \
+        "\nsched_switch, per context switch of any process (agent cost − \
          empty-probe cost): **{} ns**.",
         num(scheduler_cost(&r.micro), 0)
     );
