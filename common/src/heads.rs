@@ -1,5 +1,5 @@
-//! What the kernel programs do with captured heads (finding a request head's end, copying the
-//! kept bytes into a record), kept here so that it is unit-tested on the host (the eBPF crate
+//! What the kernel programs do with captured heads (finding a request head's end, telling a
+//! response head written alone, copying the kept bytes into a record), kept here so that it is unit-tested on the host (the eBPF crate
 //! builds for BPF only) and shared with the bench's probe. Written for the verifier: loops
 //! bounded by constants, raw reads inside the buffer (an indexing bounds check would leave a
 //! panic path it refuses).
@@ -84,6 +84,26 @@ pub unsafe fn copy_head<const KEEP: usize, const BUF: usize>(dst: &mut [u8; KEEP
         // SAFETY: i < KEEP / 8 words, inside both buffers, aligned as the caller promised.
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
         i += 1;
+    }
+}
+
+/// Is the captured response head (the first `len` bytes of `buf`, all of one write) a whole
+/// HTTP/1.x head, its blank line ending the write? Servers that write the head alone (gunicorn)
+/// are recognised so: what they write next is body, which nothing reads.
+#[inline(always)]
+pub fn is_head_alone<const KEEP: usize, const BUF: usize>(buf: &[u8; BUF], len: usize) -> bool {
+    const { assert!(KEEP.is_power_of_two() && BUF >= KEEP + 4) };
+    if len < 16 || len > KEEP {
+        return false;
+    }
+    let p = buf.as_ptr();
+    // len - 4 < KEEP: the mask only tells the verifier.
+    let i = (len - 4) & (KEEP - 1);
+    // SAFETY: constant offsets below 16 <= len <= KEEP, and i + 3 < KEEP + 4 <= BUF.
+    unsafe {
+        let at = |k: usize| *p.add(k);
+        at(0) == b'H' && at(1) == b'T' && at(2) == b'T' && at(3) == b'P' && at(4) == b'/' && at(5) == b'1' && at(6) == b'.'
+            && at(i) == b'\r' && at(i + 1) == b'\n' && at(i + 2) == b'\r' && at(i + 3) == b'\n'
     }
 }
 
@@ -172,5 +192,19 @@ mod tests {
             assert_eq!(&dst.0[..words], &src.0[..words], "len {len}");
             assert!(dst.0[words..].iter().all(|&b| b == 0), "len {len}: nothing past its last word");
         }
+    }
+
+    #[test]
+    fn a_head_written_alone() {
+        let h = head(b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\n");
+        assert!(is_head_alone::<KEEP, { 2 * KEEP }>(&h.0, 30));
+        // With body bytes after it, cut short, not HTTP, or longer than kept: no.
+        let h = head(b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nbody");
+        assert!(!is_head_alone::<KEEP, { 2 * KEEP }>(&h.0, 34));
+        assert!(!is_head_alone::<KEEP, { 2 * KEEP }>(&h.0, 28));
+        let h = head(b"HTTX/1.1 200 OK\r\nServer: x\r\n\r\n");
+        assert!(!is_head_alone::<KEEP, { 2 * KEEP }>(&h.0, 30));
+        assert!(!is_head_alone::<KEEP, { 2 * KEEP }>(&head(b"HTTP/1.1 200 OK\r\n").0, KEEP + 1));
+        assert!(!is_head_alone::<KEEP, { 2 * KEEP }>(&head(b"HTTP/1.1\r\n\r\n").0, 12));
     }
 }

@@ -40,6 +40,9 @@ pub const AGG_INTERIM: u16 = 2;
 pub const AGG_CPU: u16 = 4;
 /// `RequestAgg::flags`: `rss_start_pages`/`rss_end_pages` were read.
 pub const AGG_RSS: u16 = 8;
+/// `RequestAgg::flags`: the first response write was the whole response head, alone: later
+/// writes are body, not captured (kernel side only).
+pub const AGG_HEAD_ALONE: u16 = 16;
 /// `RequestAgg::flags`: a response write (or a wait for room to write) slept off CPU: it
 /// waited on the client to read. Without `sched_switch` attached, set by every such call (the
 /// kernel side cannot tell a sleep from a preemption or the hypervisor's steal).

@@ -91,6 +91,7 @@ pub fn stash_fd(op: u32, fd: u64, what: impl FnOnce() -> (u64, u64)) {
             // A slot still holding another thread's call lost its move off the CPU: moved now.
             if slot.op != 0 && slot.tid != p.tid {
                 keep(slot.tid as u64 | ((slot.key >> 32) << 32), slot);
+                set_mark(slot.tid, TASK_CALL_AWAY, true);
             }
             *slot = p;
         }
@@ -177,7 +178,16 @@ pub fn take_for(id: u64, tgid: u32) -> Option<Pending> {
             return Some(p);
         }
     }
-    // The thread left the CPU during the call (or the hand-over is `PENDING` only).
+    // The thread left the CPU during the call (it is marked so), or the hand-over is
+    // `PENDING` only. Exits with nothing stashed (a poll for reading) end here, without a
+    // hash lookup.
+    let tid = id as u32;
+    if on_cpu_enabled() {
+        if !has_mark(tid, TASK_CALL_AWAY) {
+            return None;
+        }
+        set_mark(tid, TASK_CALL_AWAY, false);
+    }
     let entry = PENDING.get_ptr_mut(&id)?;
     // SAFETY: map value pointer valid for this program run; only this thread's calls use it.
     unsafe {

@@ -1,7 +1,8 @@
 //! Writes on a connection while a request is in progress: the response, aggregated per request.
 use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
-    ConnState, Pending, AGG_INTERIM, AGG_WRITE_SLEPT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
+    heads::is_head_alone,
+    ConnState, Pending, AGG_HEAD_ALONE, AGG_INTERIM, AGG_WRITE_SLEPT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
     OP_SENDMSG, OP_WRITE, OP_WRITEV, RESP_HEAD_LEN,
 };
 
@@ -61,14 +62,24 @@ fn write_done(ctx: &TracePointContext) {
     if !short {
         c.agg.last_write_prefix = [0; 8];
     }
-    if short || (c.agg.resp_head_len as usize) < RESP_HEAD_LEN {
+    // After a head written alone, the body is not captured.
+    let head = (c.agg.resp_head_len as usize) < RESP_HEAD_LEN && c.agg.flags & AGG_HEAD_ALONE == 0;
+    if short || head {
         let (src, avail) = first_piece(p.kind(), p.buf, n);
         if short {
             prefix8(&mut c.agg.last_write_prefix, src, avail);
         }
-        append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
-        if c.agg.write_calls == 1 && is_interim(&c.resp_head, c.agg.resp_head_len) {
-            c.agg.flags |= AGG_INTERIM;
+        if head {
+            append_head::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&mut c.resp_head, &mut c.agg.resp_head_len, src, avail);
+        }
+        if c.agg.write_calls == 1 {
+            if is_interim(&c.resp_head, c.agg.resp_head_len) {
+                c.agg.flags |= AGG_INTERIM;
+            } else if c.agg.resp_head_len as u64 == n
+                && is_head_alone::<RESP_HEAD_LEN, { 2 * RESP_HEAD_LEN }>(&c.resp_head, c.agg.resp_head_len as usize)
+            {
+                c.agg.flags |= AGG_HEAD_ALONE;
+            }
         }
     }
 }
