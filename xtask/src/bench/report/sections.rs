@@ -149,7 +149,7 @@ fn redis_costs(md: &mut String, o: &Overhead) {
          wsgiscope follows each call in the kernel (every write and read on the Redis connection \
          looks up the downstream map; one ring-buffer record per call); the middlewares do nothing \
          per call. The workers' CPU includes the BPF programs run in their syscalls; the scheduler \
-         programs run at every context switch (each GET blocks the worker), see section 2 for their \
+         program runs at every context switch (each GET blocks the worker), see section 2 for its \
          cost per switch.\n"
     );
     let _ = writeln!(
