@@ -134,6 +134,10 @@ pub const TASK_SERVING: u32 = 1;
 /// `TaskMark::marks`: a call of the thread left the CPU unfinished (preempted) and waits in
 /// `PENDING`: if the thread sleeps later, that call may be what it sleeps in.
 pub const TASK_CALL_AWAY: u32 = 2;
+/// `TaskMark::marks`: the thread read a request it has not seen end (set at the start, cleared
+/// by the thread itself at an end that leaves it none in progress; an end on another thread
+/// leaves it set): a wait for room to write outside requests is not looked at.
+pub const TASK_IN_REQUEST: u32 = 4;
 
 /// State of one accepted socket, keyed by `conn_key(tgid, fd)`: shared by all threads of a process.
 #[repr(C)]

@@ -44,12 +44,6 @@ pub fn serving(tid: u32) -> bool {
     has_mark(tid, TASK_SERVING)
 }
 
-/// Marks thread `tid` as serving requests, or not.
-#[inline(always)]
-pub fn set_serving(tid: u32, on: bool) {
-    set_mark(tid, TASK_SERVING, on);
-}
-
 /// Has task `tid` the `TASK_*` mark `mark`?
 #[inline(always)]
 pub fn has_mark(tid: u32, mark: u32) -> bool {

@@ -1,7 +1,7 @@
 //! Which processes are traced: the attached master and every descendant, followed on fork in
 //! the kernel (a worker forked between two agent polls keeps its first request).
 use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
-use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SERVER_COMMS, TASK_CALL_AWAY, TASK_SERVING};
+use wsgiscope_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, ReapEvent, SERVER_COMMS, TASK_CALL_AWAY, TASK_IN_REQUEST, TASK_SERVING};
 
 use crate::{
     conn::now,
@@ -47,7 +47,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if serving(tid) {
         let _ = THREADS.remove(&tid);
     }
-    set_mark(tid, TASK_SERVING | TASK_CALL_AWAY, false);
+    set_mark(tid, TASK_SERVING | TASK_CALL_AWAY | TASK_IN_REQUEST, false);
     if tid != tgid {
         untrace_task(tid);
     }

@@ -3,13 +3,16 @@
 //! the serving thread's own clock (`cpu_clock`) read at the request's start and at each of its
 //! response writes (the last one ends the request's CPU time), or at its end if it wrote none.
 //! A thread's entry is made when it reads its first request and dropped when it exits.
-use wsgiscope_common::{conn_key, ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, THREAD_CONCURRENT};
+use wsgiscope_common::{
+    conn_key, ConnState, ThreadReq, AGG_CPU, CONN_IN_REQUEST, STAT_THREAD_TABLE_FULL, TASK_IN_REQUEST, TASK_SERVING,
+    THREAD_CONCURRENT,
+};
 
 use crate::{
     cpu_clock::task_clock,
     downstream::end_open_call,
     conn::response_begun,
-    maps::{bump, conn, serving, set_serving, THREADS},
+    maps::{bump, conn, set_mark, THREADS},
     tp::pid_tgid,
 };
 
@@ -35,9 +38,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
         let t = unsafe { &mut *t };
         // The agent writes a task's marks whole when it traces it (read a moment before): a
         // mark set in between is lost. Set again here.
-        if !serving(tid) {
-            set_serving(tid, true);
-        }
+        set_mark(tid, TASK_SERVING | TASK_IN_REQUEST, true);
         if t.in_flight > 0 && t.fd != fd {
             if let Some(o) = conn(conn_key(tgid, t.fd)) {
                 if o.flags & CONN_IN_REQUEST != 0 && o.agg.start_ns == t.start_ns && !response_begun(o) {
@@ -53,7 +54,7 @@ pub fn request_started(c: &mut ConnState, key: u64, tid: u32) {
     }
     let t = ThreadReq { start_ns, fd, in_flight: 1, flags: 0, tgid };
     if THREADS.insert(&tid, &t, 0).is_ok() {
-        set_serving(tid, true);
+        set_mark(tid, TASK_SERVING | TASK_IN_REQUEST, true);
     } else {
         bump(STAT_THREAD_TABLE_FULL);
     }
@@ -78,8 +79,9 @@ pub fn wrote(c: &mut ConnState, tid: u32, ts: u64) {
 #[inline(always)]
 pub fn request_ending(c: &mut ConnState, key: u64, ts: u64) {
     end_open_call(c, key);
+    let here = c.agg.tid == pid_tgid().0 as u32;
     if c.agg.write_calls == 0 && c.agg.flags & AGG_CPU != 0 {
-        let cpu = (c.agg.tid == pid_tgid().0 as u32).then(|| task_clock(ts)).flatten();
+        let cpu = here.then(|| task_clock(ts)).flatten();
         match cpu {
             Some(cpu) => c.agg.cpu_end_ns = cpu,
             None => c.agg.flags &= !AGG_CPU,
@@ -89,5 +91,8 @@ pub fn request_ending(c: &mut ConnState, key: u64, ts: u64) {
         // SAFETY: map value pointer valid for this program run.
         let t = unsafe { &mut *t };
         t.in_flight = t.in_flight.saturating_sub(1);
+        if t.in_flight == 0 && here {
+            set_mark(c.agg.tid, TASK_IN_REQUEST, false);
+        }
     }
 }

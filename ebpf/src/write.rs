@@ -3,13 +3,13 @@ use aya_ebpf::programs::TracePointContext;
 use wsgiscope_common::{
     heads::is_head_alone,
     ConnState, Pending, AGG_HEAD_ALONE, AGG_INTERIM, AGG_WRITE_SLEPT, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD, END_PIPELINED, OP_POLL, OP_SENDFILE,
-    OP_SENDMSG, OP_WRITE, OP_WRITEV, RESP_HEAD_LEN,
+    OP_SENDMSG, OP_WRITE, OP_WRITEV, RESP_HEAD_LEN, TASK_IN_REQUEST,
 };
 
 use crate::{
     conn::{append_head, finish_request, now, response_begun, start_pipelined},
     downstream, threads,
-    maps::{conn, traced},
+    maps::{conn, has_mark, traced},
     pending::{on_cpu_enabled, stash, stash_fd, take, take_for},
     sniff::{is_interim, is_response_head},
     tp::{arg, pid_tgid, programs, ret},
@@ -118,8 +118,12 @@ fn poll_enter(ctx: &TracePointContext) {
         revents: i16,
     }
     const POLLOUT: i16 = 4;
-    if arg(ctx, 1) != 1 || !traced(pid_tgid().1) {
-        return; // only single-fd polls of traced processes: uWSGI and mod_wsgi write waits
+    let (id, tgid) = pid_tgid();
+    // Only single-fd polls of traced threads with a request in progress: uWSGI and mod_wsgi
+    // write waits (gunicorn's wait for its client's FIN, after the request, is passed over
+    // without reading its pollfd).
+    if arg(ctx, 1) != 1 || !traced(tgid) || !has_mark(id as u32, TASK_IN_REQUEST) {
+        return;
     }
     let Some(pfd) = read_user::<PollFd>(arg(ctx, 0)) else { return };
     if pfd.events & POLLOUT != 0 && pfd.fd >= 0 {
