@@ -1,6 +1,7 @@
 //! What the kernel programs do with captured heads (finding a request head's end, telling a
-//! response head written alone, copying the kept bytes into a record), kept here so that it is unit-tested on the host (the eBPF crate
-//! builds for BPF only) and shared with the bench's probe. Written for the verifier: loops
+//! response head written alone, copying the kept bytes into a record), kept here so that it is
+//! unit-tested on the host (the eBPF crate builds for BPF only) and shared with the bench's
+//! probe. Written for the verifier: loops
 //! bounded by constants, raw reads inside the buffer (an indexing bounds check would leave a
 //! panic path it refuses).
 
@@ -87,6 +88,14 @@ pub unsafe fn copy_head<const KEEP: usize, const BUF: usize>(dst: &mut [u8; KEEP
     }
 }
 
+/// Do the bytes start with `HTTP/1.`? (Compared byte by byte: a slice comparison would call
+/// memcmp, which eBPF does not have.)
+#[inline(always)]
+pub fn is_http1(b: &[u8]) -> bool {
+    const P: &[u8; 7] = b"HTTP/1.";
+    b.len() >= 7 && b[0] == P[0] && b[1] == P[1] && b[2] == P[2] && b[3] == P[3] && b[4] == P[4] && b[5] == P[5] && b[6] == P[6]
+}
+
 /// Is the captured response head (the first `len` bytes of `buf`, all of one write) a whole
 /// HTTP/1.x head, its blank line ending the write? Servers that write the head alone (gunicorn)
 /// are recognised so: what they write next is body, which nothing reads.
@@ -99,12 +108,8 @@ pub fn is_head_alone<const KEEP: usize, const BUF: usize>(buf: &[u8; BUF], len: 
     let p = buf.as_ptr();
     // len - 4 < KEEP: the mask only tells the verifier.
     let i = (len - 4) & (KEEP - 1);
-    // SAFETY: constant offsets below 16 <= len <= KEEP, and i + 3 < KEEP + 4 <= BUF.
-    unsafe {
-        let at = |k: usize| *p.add(k);
-        at(0) == b'H' && at(1) == b'T' && at(2) == b'T' && at(3) == b'P' && at(4) == b'/' && at(5) == b'1' && at(6) == b'.'
-            && at(i) == b'\r' && at(i + 1) == b'\n' && at(i + 2) == b'\r' && at(i + 3) == b'\n'
-    }
+    // SAFETY: i + 3 < KEEP + 4 <= BUF.
+    is_http1(buf) && unsafe { *p.add(i) == b'\r' && *p.add(i + 1) == b'\n' && *p.add(i + 2) == b'\r' && *p.add(i + 3) == b'\n' }
 }
 
 #[cfg(test)]

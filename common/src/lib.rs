@@ -8,7 +8,7 @@
 //! - [`layout`]: names of programs and maps, tracepoint field offsets read at fixed places,
 //!   register numbers, loss counters, the server names the daemon watches for.
 //! - [`heads`]: what the kernel programs do with captured heads: find a request head's end,
-//!   copy the kept bytes into a record (unit-tested here).
+//!   tell a response head written alone, copy the kept bytes into a record (unit-tested here).
 //!
 //! Everything is `#[repr(C)]` plain data: the kernel writes the bytes, the agent reads them back.
 #![no_std]

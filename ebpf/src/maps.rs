@@ -168,8 +168,8 @@ pub fn bump(stat: u32) {
 const PID_MAX_LIMIT: u32 = 4 << 20;
 
 /// What the programs know of each task id (`TaskMark`: its root, 0 for one not traced, and
-/// its marks: whether it serves requests, whether a call of it waits off its CPU): one 8-byte slot per possible id (32 MiB; an array's slots are
-/// 8 bytes whatever the value). Every syscall program asks this first, and the programs that
+/// its `TASK_*` marks): one 8-byte slot per possible id (32 MiB; an array's slots are 8 bytes
+/// whatever the value). Every syscall program asks this first, and the programs that
 /// need the root (accept, fork, exit, connect) read it here: an array lookup is inlined by the
 /// JIT, so neither a process wsgiscope does not trace nor a traced one pays a hash lookup (a
 /// helper call, with this VM's retpoline/return-thunk tax) for it. `TRACED` holds the same

@@ -1,6 +1,9 @@
 //! Recognising HTTP/1.x in the bytes of a syscall: a request line's start, a response head's
 //! start, an interim response, the end of a request head.
-use wsgiscope_common::{heads::blank_line_end, ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN};
+use wsgiscope_common::{
+    heads::{blank_line_end, is_http1},
+    ConnState, REQ_HEAD_LEN, RESP_HEAD_LEN,
+};
 
 use crate::user::read_user;
 
@@ -23,14 +26,6 @@ pub fn looks_like_request(src: u64, n: u64) -> bool {
         i += 1;
     }
     false
-}
-
-/// Do the bytes start with `HTTP/1.`? (Compared byte by byte: a slice comparison would call
-/// memcmp, which eBPF does not have.)
-#[inline(always)]
-fn is_http1(b: &[u8]) -> bool {
-    const P: &[u8; 7] = b"HTTP/1.";
-    b.len() >= 7 && b[0] == P[0] && b[1] == P[1] && b[2] == P[2] && b[3] == P[3] && b[4] == P[4] && b[5] == P[5] && b[6] == P[6]
 }
 
 /// Does user memory at `src` (`avail` bytes) begin a response head, `HTTP/1.x NNN `?

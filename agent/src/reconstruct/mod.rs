@@ -205,8 +205,6 @@ pub struct Request {
     /// CPU time (user + system) of the serving thread from the first request byte read to the
     /// last response byte written; `None` when not measured.
     pub cpu_seconds: Option<f64>,
-    /// The CPU time runs to the request's end, not its last write: the kernel skipped a
-    /// scheduler event it needed (rare; counted).
     /// The change of its process's resident memory from its start to its end (bytes; the
     /// kernel's batched per-mm counters), where measured.
     pub memory_growth: Option<i64>,

@@ -44,7 +44,8 @@ pub enum Mode {
     /// entry and exit; this shows that part alone.
     Getppid,
     /// No write: two threads on one CPU handing a token to each other, so each hand-over is a
-    /// context switch, which runs the agent's sched_switch program whatever the process. The hand-overs are futex calls: one or two syscalls each.
+    /// context switch, which runs the agent's sched_switch program whatever the process. The
+    /// hand-overs are futex calls: one or two syscalls each.
     Switch,
 }
 
