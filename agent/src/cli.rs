@@ -120,6 +120,11 @@ pub struct ExportArgs {
     /// tables, off the request path.
     #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_period)]
     pub memory_every: Period,
+    /// Do not measure each request's CPU time (wsgi_request_cpu_seconds,
+    /// wsgi_worker_cpu_seconds_total, the live views' cpu_time and on_cpu): the kernel programs
+    /// then read no thread's CPU clock, at a request's start nor at each of its response writes.
+    #[arg(long)]
+    pub no_cpu_time: bool,
 }
 
 /// A period that can be turned off (`None`).

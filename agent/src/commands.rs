@@ -26,7 +26,7 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
     let options = args.export.options()?;
     let target = discover::find_target(args.pid, args.service.as_deref())?;
     let listener = bind(&args.export).await?;
-    let (kernel, events) = Kernel::load(false)?;
+    let (kernel, events) = Kernel::load(false, !args.export.no_cpu_time)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let views = args.export.views();
     let mut c = Collector::new(&metrics, views.as_deref(), kernel, options, args.export.memory_every.0);
@@ -38,7 +38,7 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
 pub async fn daemon(args: DaemonArgs) -> Result<()> {
     let options = args.export.options()?;
     let listener = bind(&args.export).await?;
-    let (kernel, events) = Kernel::load(true)?;
+    let (kernel, events) = Kernel::load(true, !args.export.no_cpu_time)?;
     let metrics = Arc::new(Metrics::with_buckets(&args.export.buckets()));
     let views = args.export.views();
     let mut c = Collector::new(&metrics, views.as_deref(), kernel, options, args.export.memory_every.0);
@@ -62,7 +62,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         );
     };
     let listener = bind(&args.export).await?;
-    let (kernel, events) = Kernel::load(false)?;
+    let (kernel, events) = Kernel::load(false, !args.export.no_cpu_time)?;
 
     let mut gate = [0i32; 2];
     // SAFETY: pipe2 fills the two fds.

@@ -303,6 +303,41 @@ fn ui_off_serves_metrics_only() {
     server.stop();
 }
 
+/// `--no-cpu-time`: requests are counted and measured as ever (blocks exact), with no CPU time
+/// anywhere (the kernel programs read no thread's clock), and the agent says so at start.
+#[test]
+fn no_cpu_time_leaves_only_cpu_time_out() {
+    let _serial = serial();
+    let mut server = Server::gunicorn(&["-w", "1"]).unwrap();
+    server.wait_workers(1).unwrap();
+    let agent = Agent::attach(server.master(), &["--no-cpu-time"]).unwrap();
+    let routes = [("/hello", 3u64, 1u64), ("/blocks", 2, 1000)];
+    for (path, n, _) in routes {
+        for _ in 0..n {
+            get(server.port, path).unwrap();
+        }
+    }
+    let m = agent.metrics_when("5 requests", |m| m.sum("wsgi_requests_total", &[]) >= 5.0);
+    assert_eq!(m.sum("wsgi_requests_total", &[]), 5.0, "{}", m.text);
+    assert_eq!(m.sum("wsgi_request_cpu_seconds_count", &[]), 0.0, "{}", m.text);
+    assert_eq!(m.sum("wsgi_worker_cpu_seconds_total", &[]), 0.0, "{}", m.text);
+    let records = all_requests(&agent, 10);
+    assert_eq!(records.len(), 5);
+    for (path, n, blocks) in routes {
+        let rs: Vec<&Value> = records.iter().filter(|r| r["route"] == path).collect();
+        assert_eq!(rs.len() as u64, n, "{path}");
+        for r in rs {
+            assert_eq!(r["blocks"].as_u64(), Some(blocks), "{r}");
+            assert!(r["duration"].as_f64().is_some_and(|d| d > 0.0), "{r}");
+            assert!(r["cpu_time"].is_null(), "{r}: no CPU time");
+        }
+    }
+    let log = agent.log_text();
+    assert!(log.contains("CPU time per request is not measured (--no-cpu-time)"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+    server.stop();
+}
+
 /// A client that does not read its response: the worker shows `writing` (inside its write to
 /// the client) for as long as it has been blocked there.
 #[test]

@@ -109,7 +109,9 @@ impl Kernel {
     /// Loads the kernel programs and attaches every tracepoint.
     /// Returns them and, apart, the ring buffer their records arrive on.
     /// `watch_execs` (daemon): the kernel traces every process that execs a WSGI server name.
-    pub fn load(watch_execs: bool) -> Result<(Self, RingBuf<MapData>)> {
+    /// `cpu_time`: read the serving thread's CPU clock at each request's start and response
+    /// writes (off: no CPU time per request, and none of those reads).
+    pub fn load(watch_execs: bool, cpu_time: bool) -> Result<(Self, RingBuf<MapData>)> {
         check_capabilities()?;
         check_kernel_btf()?;
         ensure_tracefs()?;
@@ -136,20 +138,29 @@ impl Kernel {
                 log::warn!("memory growth per request is not measured: {e:#}");
                 rss::RssLayout { mm: 0, rss_stat: 0, words: [0; 3] }
             });
-            let sum_exec = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
-                log::warn!("CPU time per request is not measured: {e:#}");
+            let sum_exec = if cpu_time {
+                btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(cpu_clock::sum_exec_offset).unwrap_or_else(|e| {
+                    log::warn!("CPU time per request is not measured: {e:#}");
+                    0
+                })
+            } else {
+                // All CPU clock offsets 0: the kernel side reads no clock.
+                log::info!("CPU time per request is not measured (--no-cpu-time)");
                 0
-            });
+            };
             let steal_left_out = btf.as_ref().is_ok_and(cpu_clock::steal_left_out);
-            let steal = btf
-                .as_ref()
-                .map_err(|e| anyhow!("{e:#}"))
-                .and_then(|btf| if steal_left_out { cpu_clock::steal_layout(btf) } else { Err(anyhow!("this kernel leaves none out of task clocks")) })
-                .unwrap_or_else(|e| {
-                    // Bare metal has none to leave out.
-                    log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");
-                    [0; 3]
-                });
+            let steal = if sum_exec == 0 {
+                [0; 3]
+            } else {
+                btf.as_ref()
+                    .map_err(|e| anyhow!("{e:#}"))
+                    .and_then(|btf| if steal_left_out { cpu_clock::steal_layout(btf) } else { Err(anyhow!("this kernel leaves none out of task clocks")) })
+                    .unwrap_or_else(|e| {
+                        // Bare metal has none to leave out.
+                        log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");
+                        [0; 3]
+                    })
+            };
             // What a running task ran since its last charge: its runqueue's clock.
             let rq_clock = btf
                 .as_ref()

@@ -329,19 +329,21 @@ impl Drop for BpfStats {
     }
 }
 
-/// The four measured stretches: /hello and /blocks under wrk, and write(2) loops on an accepted
-/// TCP connection as a child of a worker (traced) and outside the server on a socketpair
-/// (untraced).
+/// The measured stretches: /hello and /blocks under wrk, and write(2) loops on an accepted
+/// TCP connection as a child of a worker (traced; once more with the agent restarted with
+/// `--no-cpu-time`) and outside the server on a socketpair (untraced).
 #[derive(Clone, Debug, Default)]
 pub struct Windows {
     pub hello: Window,
     pub blocks: Window,
     pub traced_loop: Window,
+    pub traced_loop_no_cpu: Window,
     pub untraced_loop: Window,
 }
 
 /// The names the report uses for them.
 pub const TRACED_LOOP: &str = "traced loop";
+pub const TRACED_LOOP_NO_CPU: &str = "traced loop, `--no-cpu-time`";
 pub const UNTRACED_LOOP: &str = "untraced loop";
 
 impl Windows {
@@ -349,6 +351,7 @@ impl Windows {
         match name {
             "/blocks" => &self.blocks,
             TRACED_LOOP => &self.traced_loop,
+            TRACED_LOOP_NO_CPU => &self.traced_loop_no_cpu,
             UNTRACED_LOOP => &self.untraced_loop,
             _ => &self.hello,
         }
@@ -358,6 +361,7 @@ impl Windows {
         self.hello.add(&o.hello);
         self.blocks.add(&o.blocks);
         self.traced_loop.add(&o.traced_loop);
+        self.traced_loop_no_cpu.add(&o.traced_loop_no_cpu);
         self.untraced_loop.add(&o.untraced_loop);
     }
 }
@@ -438,11 +442,11 @@ fn load_run(addr: SocketAddr, metrics: SocketAddr, route: &str, plan: &Plan) -> 
 /// the rounds only. Each round: /hello and /blocks under wrk, then the traced and untraced loops.
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel> {
     let server = procs::gunicorn(root, work, Middleware::None, redis)?;
-    let agent = procs::agent(root, work, server.group.pid())?;
+    let mut agent = procs::agent(root, work, server.group.pid())?;
     let floor = procs::bpftrace(work, &floor_program())?;
     let essential = procs::bpftrace(work, &essential_program())?;
     let emit = EmitProbe::attach(root)?;
-    let owners = Owners {
+    let mut owners = Owners {
         agent: agent.group.pid(),
         floor: floor.pid(),
         essential: essential.pid(),
@@ -476,12 +480,22 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
         }
         let iters = plan.micro_iters;
         r.traced_loop = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        // The same loop with the agent restarted with --no-cpu-time, then back: what reading the
+        // serving thread's CPU clock at each response write costs.
+        drop(agent);
+        let bare = procs::agent_with(root, work, server.group.pid(), &["--no-cpu-time"])?;
+        owners.agent = bare.group.pid();
+        r.traced_loop_no_cpu = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        drop(bare);
+        agent = procs::agent(root, work, server.group.pid())?;
+        owners.agent = agent.group.pid();
         r.untraced_loop = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
         let write = |w: &Window| Window::per_run(&w.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN);
         println!(
-            "bench: round {} kernel write loops: traced {:.0} ns, untraced {:.0} ns per write (enter + exit)",
+            "bench: round {} kernel write loops: traced {:.0} ns ({:.0} ns with --no-cpu-time), untraced {:.0} ns per write (enter + exit)",
             round + 1,
             write(&r.traced_loop),
+            write(&r.traced_loop_no_cpu),
             write(&r.untraced_loop),
         );
         k.total.add(&r);

@@ -82,14 +82,13 @@ pub struct Agent {
 
 /// `wsgiscope attach --pid <master>` on a free port, its output appended to work/agent.log.
 pub fn agent(root: &Path, work: &Path, master: u32) -> Result<Agent> {
+    agent_with(root, work, master, &[])
+}
+
+/// [`agent`] with `extra` options (e.g. `--no-cpu-time`).
+pub fn agent_with(root: &Path, work: &Path, master: u32, extra: &[&str]) -> Result<Agent> {
     let metrics = free_addr()?;
-    let group = group::attach_agent(
-        root,
-        master,
-        metrics,
-        Some(&work.join("agent.log")),
-        &mut [],
-    )?;
+    let group = group::attach_agent_with(root, master, metrics, Some(&work.join("agent.log")), extra)?;
     Ok(Agent { metrics, group })
 }
 
