@@ -1,8 +1,12 @@
 """The app `cargo xtask bench` serves: the test app's routes, optionally wrapped in the
 instrumentation wsgiscope is compared with, plus /loop for the probe-cost microbenchmark.
 
-WSGISCOPE_BENCH_MIDDLEWARE selects the wrapper: "none" (default), "timing" or "prometheus"
-(see bench_middleware.py). WSGISCOPE_BENCH_LOOP is the xtask binary whose hidden `bench-loop`
+WSGISCOPE_BENCH_MIDDLEWARE selects the wrappers: "none" (default), or "all": then requests under
+/timing/ and /prometheus/ (the prefix taken off the path, as a WSGI mount does) go through those
+middlewares (see bench_middleware.py) and the others through the app alone, so one server, the
+same worker processes, serves every configuration the bench compares (on a shared host a process
+can run its whole life faster or slower than another: separate servers made the differences
+between configurations unreliable). WSGISCOPE_BENCH_LOOP is the xtask binary whose hidden `bench-loop`
 command runs the write loop. The bench sets TESTAPP_REDIS, so the test app's /redis route works.
 """
 import os
@@ -36,16 +40,27 @@ def _app(environ, start_response):
     return testapp.app(environ, start_response)
 
 
+def _mounted(wrapped):
+    """(prefix, app) pairs: a request whose path starts with prefix + "/" goes to app."""
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for prefix, inner in wrapped:
+            if path.startswith(prefix + "/"):
+                environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
+                environ["PATH_INFO"] = path[len(prefix):]
+                return inner(environ, start_response)
+        return _app(environ, start_response)
+
+    return app
+
+
 _middleware = os.environ.get("WSGISCOPE_BENCH_MIDDLEWARE", "none")
-if _middleware == "timing":
-    from bench_middleware import Timing
+if _middleware == "all":
+    from bench_middleware import Prometheus, Timing
 
-    app = Timing(_app)
-elif _middleware == "prometheus":
-    from bench_middleware import Prometheus
-
-    app = Prometheus(_app)
+    app = _mounted([("/timing", Timing(_app)), ("/prometheus", Prometheus(_app))])
 elif _middleware == "none":
     app = _app
 else:
-    raise RuntimeError("WSGISCOPE_BENCH_MIDDLEWARE must be none, timing or prometheus")
+    raise RuntimeError("WSGISCOPE_BENCH_MIDDLEWARE must be none or all")

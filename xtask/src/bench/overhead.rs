@@ -1,9 +1,13 @@
 //! Overhead on gunicorn: four configurations side by side in one run, interleaved over rounds
 //! (the order rotates each round, so drift on a shared machine spreads over all of them).
 //!
-//! The app-alone and wsgiscope configurations use the same server; the agent is started for the
-//! wsgiscope block of a round and stopped after it. While it is attached its probes fire for
-//! every process on the machine, so nothing else is measured meanwhile.
+//! Every configuration runs on the same server, the same worker processes: the middlewares wrap
+//! the app for requests under their path prefixes (`benchapp.py`), and the agent is started for
+//! the wsgiscope block of a round and stopped after it. (On this shared host a process can run
+//! its whole life faster or slower than another: with a server per middleware, the
+//! prometheus_client one once measured less worker CPU per request than the app alone.) While
+//! the agent is attached its probes fire for every process on the machine, so nothing else is
+//! measured meanwhile.
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::Result;
@@ -59,11 +63,12 @@ impl Config {
         }
     }
 
-    fn middleware(self) -> Middleware {
+    /// The path prefix under which the server wraps the app in this configuration's middleware.
+    pub fn prefix(self) -> &'static str {
         match self {
-            Config::Alone | Config::Wsgiscope => Middleware::None,
-            Config::Timing => Middleware::Timing,
-            Config::Prometheus => Middleware::Prometheus,
+            Config::Alone | Config::Wsgiscope => "",
+            Config::Timing => "/timing",
+            Config::Prometheus => "/prometheus",
         }
     }
 }
@@ -108,27 +113,14 @@ pub struct Overhead {
 }
 
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhead> {
-    // Started once and kept: an idle gunicorn costs nothing measurable.
-    let servers: Vec<Gunicorn> = [Middleware::None, Middleware::Timing, Middleware::Prometheus]
-        .into_iter()
-        .map(|m| procs::gunicorn(root, work, m, redis))
-        .collect::<Result<_>>()?;
-    let server = |config: Config| {
-        servers
-            .iter()
-            .find(|s| s.middleware == config.middleware())
-            .expect("a server per middleware")
-    };
+    let s: Gunicorn = procs::gunicorn(root, work, Middleware::All, redis)?;
+    // The path a configuration requests `route` at.
+    let path = |config: Config, route: &str| format!("{}{route}", config.prefix());
 
     let mut out = Overhead::default();
-    // Calibration doubles as warm-up for the app-alone server; the others get a short warm-up.
+    // Calibration doubles as warm-up for the app alone; the middlewares get a short warm-up.
     for route in ROUTES {
-        let run = load::wrk(
-            server(Config::Alone).addr,
-            route,
-            plan.wrk_connections,
-            plan.calibrate_secs,
-        )?;
+        let run = load::wrk(s.addr, route, plan.wrk_connections, plan.calibrate_secs)?;
         println!(
             "bench: calibration {route}: {:.0} req/s at saturation",
             run.req_per_s
@@ -137,7 +129,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
         out.fixed_rate
             .insert(route, (run.req_per_s * 0.5).round().max(1.0));
         for config in [Config::Timing, Config::Prometheus] {
-            load::wrk(server(config).addr, route, plan.wrk_connections, 1)?;
+            load::wrk(s.addr, &path(config, route), plan.wrk_connections, 1)?;
         }
     }
 
@@ -145,7 +137,6 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
         let mut order = CONFIGS;
         order.rotate_left(round % CONFIGS.len());
         for config in order {
-            let s = server(config);
             let agent = match config {
                 Config::Wsgiscope => Some(procs::agent(root, work, s.group.pid())?),
                 _ => None,
@@ -161,13 +152,12 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
                 for load in [Load::Saturation, Load::Fixed] {
                     let workers0 = procs::children_cpu_seconds(s.group.pid())?;
                     let agent0 = cpu(ours.first().copied())?;
+                    let at = path(config, route);
                     let run = match load {
-                        Load::Saturation => {
-                            load::wrk(s.addr, route, plan.wrk_connections, plan.run_secs)?
-                        }
+                        Load::Saturation => load::wrk(s.addr, &at, plan.wrk_connections, plan.run_secs)?,
                         Load::Fixed => load::paced(
                             s.addr,
-                            route,
+                            &at,
                             out.fixed_rate[route],
                             Duration::from_secs(plan.run_secs),
                             plan.paced_threads,

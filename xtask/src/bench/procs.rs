@@ -15,27 +15,25 @@ use wsgiscope_devkit::{self as devkit, apps_dir, free_addr, procfs};
 
 use crate::group::{self, wait_until, Group};
 
-/// What a gunicorn instance serves: the bench app alone or wrapped in in-process instrumentation.
+/// What a gunicorn instance serves: the bench app alone, or also (`All`) wrapped in each
+/// in-process instrumentation under a path prefix of its own (`/timing/`, `/prometheus/`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Middleware {
     None,
-    Timing,
-    Prometheus,
+    All,
 }
 
 impl Middleware {
     pub fn env_value(self) -> &'static str {
         match self {
             Middleware::None => "none",
-            Middleware::Timing => "timing",
-            Middleware::Prometheus => "prometheus",
+            Middleware::All => "all",
         }
     }
 }
 
 pub struct Gunicorn {
     pub addr: SocketAddr,
-    pub middleware: Middleware,
     pub group: Group,
 }
 
@@ -61,7 +59,7 @@ pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware, redis: &str) -
         .env("WSGISCOPE_BENCH_LOOP", std::env::current_exe()?)
         .env("TESTAPP_REDIS", redis)
         .env_remove("PROMETHEUS_MULTIPROC_DIR");
-    if middleware == Middleware::Prometheus {
+    if middleware == Middleware::All {
         let dir = work.join("prometheus-multiproc");
         // Multiprocess mode must start from an empty directory.
         let _ = std::fs::remove_dir_all(&dir);
@@ -70,7 +68,6 @@ pub fn gunicorn(root: &Path, work: &Path, middleware: Middleware, redis: &str) -
     }
     Ok(Gunicorn {
         addr,
-        middleware,
         group: group::gunicorn(&name, cmd, addr, &log_path)?,
     })
 }

@@ -173,11 +173,11 @@ fn commands(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "# the servers (one per middleware; PORT = a free loopback port):"
+        "# the server (PORT = a free loopback port; the middlewares under /timing/ and /prometheus/ for the overhead runs, `none` for the other sections):"
     );
     let _ = writeln!(
         md,
-        "WSGISCOPE_BENCH_MIDDLEWARE=none|timing|prometheus WSGISCOPE_BENCH_LOOP=target/debug/xtask \\\n  \
+        "WSGISCOPE_BENCH_MIDDLEWARE=all|none WSGISCOPE_BENCH_LOOP=target/debug/xtask \\\n  \
          TESTAPP_REDIS=redis://127.0.0.1:RPORT/0 \\\n  \
          [PROMETHEUS_MULTIPROC_DIR=target/xtask-bench/prometheus-multiproc] \\\n  \
          {}",
@@ -187,10 +187,11 @@ fn commands(md: &mut String, r: &Results) {
     let _ = writeln!(md, "# saturation (calibration: -d{}s):", p.calibrate_secs);
     let _ = writeln!(
         md,
-        "wrk {} 'http://127.0.0.1:PORT{}'   # and {}",
+        "wrk {} 'http://127.0.0.1:PORT{}'   # and {}; each also under /timing and /prometheus (e.g. /timing{})",
         load::wrk_args(p.wrk_connections, p.run_secs).join(" "),
         ROUTES[0],
-        ROUTES[1..].join(", ")
+        ROUTES[1..].join(", "),
+        ROUTES[1]
     );
     let _ = writeln!(
         md,

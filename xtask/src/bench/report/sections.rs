@@ -28,9 +28,13 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
         "gunicorn sync, 2 workers, serving `tests/apps/benchapp.py` (the test app's routes; \
          {REDIS_ROUTE} makes {REDIS_CALLS} GETs on a connection each worker opened at start to a \
          redis-server the bench runs on loopback, without persistence). Four configurations, each \
-         round running all four in an order rotated by one per round; {} round(s) of {} s per run; every number is the median over rounds. \"app + wsgiscope\" is \
-         the app-alone server with the agent attached for that block of the round (and detached \
-         otherwise, so its probes never run during the other configurations).\n",
+         round running all four in an order rotated by one per round; {} round(s) of {} s per run; every number is the median over rounds. \
+         All four run on one server, the same two worker processes: the middlewares wrap the app for \
+         requests under `/timing/` and `/prometheus/` (the prefix taken off the path, as a WSGI mount \
+         does), and \"app + wsgiscope\" is the app alone with the agent attached for that block of the \
+         round (and detached otherwise, so its probes never run during the other configurations). \
+         On this shared host a process can run its whole life faster or slower than another, so \
+         configurations on separate servers differed by more than what they measure.\n",
         r.plan.rounds, r.plan.run_secs
     );
     let _ = writeln!(
