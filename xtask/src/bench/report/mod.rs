@@ -215,7 +215,8 @@ fn commands(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "# kernel programs: {} round(s) of wrk -d{}s on /hello and /blocks and the write loops above, with\n\
+        "# kernel programs: {} round(s) of wrk -d{}s on /hello and /blocks and the write loops above (the traced\n\
+         # one twice: then again with the agent restarted with --no-cpu-time, and back), with\n\
          sysctl kernel.bpf_stats_enabled=1   # during the rounds only; then the previous value\n\
          bpftrace -e '{}'\n\
          bpftool prog show -j   # before and after each run",
