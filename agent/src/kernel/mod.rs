@@ -148,13 +148,12 @@ impl Kernel {
                 log::info!("CPU time per request is not measured (--no-cpu-time)");
                 0
             };
-            let steal_left_out = btf.as_ref().is_ok_and(cpu_clock::steal_left_out);
             let steal = if sum_exec == 0 {
                 [0; 3]
             } else {
                 btf.as_ref()
                     .map_err(|e| anyhow!("{e:#}"))
-                    .and_then(|btf| if steal_left_out { cpu_clock::steal_layout(btf) } else { Err(anyhow!("this kernel leaves none out of task clocks")) })
+                    .and_then(|btf| if cpu_clock::steal_left_out(btf) { cpu_clock::steal_layout(btf) } else { Err(anyhow!("this kernel leaves none out of task clocks")) })
                     .unwrap_or_else(|e| {
                         // Bare metal has none to leave out.
                         log::info!("CPU clocks do not leave out a hypervisor's steal time: {e:#}");

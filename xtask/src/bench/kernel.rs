@@ -479,13 +479,14 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
             }
         }
         let iters = plan.micro_iters;
-        r.traced_loop = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        let traced_loop = |owners: &Owners| owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)));
+        r.traced_loop = traced_loop(&owners)?;
         // The same loop with the agent restarted with --no-cpu-time, then back: what reading the
         // serving thread's CPU clock at each response write costs.
         drop(agent);
         let bare = procs::agent_with(root, work, server.group.pid(), &["--no-cpu-time"])?;
         owners.agent = bare.group.pid();
-        r.traced_loop_no_cpu = owners.measure(|| Ok((0.0, micro::traced(&server, Mode::Tcp, iters).map(|_| iters)?)))?;
+        r.traced_loop_no_cpu = traced_loop(&owners)?;
         drop(bare);
         agent = procs::agent(root, work, server.group.pid())?;
         owners.agent = agent.group.pid();

@@ -202,12 +202,15 @@ fn cpu_clock_ns(k: &Kernel) -> Option<f64> {
     Some(with - without).filter(|c| c.is_finite())
 }
 
+/// The CPU clock's part of a traced write, where measured above zero (a claim is made of it).
+fn cpu_clock_part(k: &Kernel) -> Option<f64> {
+    cpu_clock_ns(k).filter(|c| *c > 0.0)
+}
+
 /// The least a traced write can cost as the agent runs: the primitives' least, plus the CPU
-/// clock read at each response write where measured above zero. (least, clock part)
-fn traced_write_least(k: &Kernel) -> Option<(f64, Option<f64>)> {
-    let l = least(k, Least::TracedWrite)?;
-    let clock = cpu_clock_ns(k).filter(|c| *c > 0.0);
-    Some((l + clock.unwrap_or(0.0), clock))
+/// clock read at each response write where measured above zero.
+fn traced_write_least(k: &Kernel) -> Option<f64> {
+    Some(least(k, Least::TracedWrite)? + cpu_clock_part(k).unwrap_or(0.0))
 }
 
 fn primitives(md: &mut String, k: &Kernel) {
@@ -392,19 +395,15 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         let essential = (h.window == "/hello" && h.names.len() == 1).then(|| essential_ns(k, h.names[0])).flatten();
         // The request's end also emits its record: the emit probe's part above the floor.
         let emit = (h.names == [EMIT_HOOK]).then(|| emit_above_floor(k)).flatten();
-        let with_clock = (h.least == Least::TracedWrite).then(|| traced_write_least(k)).flatten();
-        let below = match least(k, h.least) {
+        let clock = (h.least == Least::TracedWrite).then(|| cpu_clock_part(k)).flatten();
+        let below = match (least(k, h.least), clock) {
             _ if floor.is_some_and(|f| f >= max) => " (the bound is below the floor)".to_string(),
             // A least above the measure itself says the primitives' run was the noisier: no claim.
-            Some(_) if with_clock.is_some_and(|(l, c)| c.is_some() && l > max && ours.is_some_and(|o| l <= o)) => {
-                let (l, c) = with_clock.unwrap_or_default();
-                format!(
-                    " (the least it can cost here is {l:.0} ns: {:.0} ns from the primitives, and {:.0} ns for the serving thread's CPU clock read at each response write, the traced loop with less without `--no-cpu-time`)",
-                    l - c.unwrap_or(0.0),
-                    c.unwrap_or(0.0)
-                )
-            }
-            Some(l) if l > max && ours.is_some_and(|o| l <= o) => {
+            (Some(l), Some(c)) if l + c > max && ours.is_some_and(|o| l + c <= o) => format!(
+                " (the least it can cost here is {:.0} ns: {l:.0} ns from the primitives, and {c:.0} ns for the serving thread's CPU clock read at each response write, the traced loop with less without `--no-cpu-time`)",
+                l + c
+            ),
+            (Some(l), _) if l > max && ours.is_some_and(|o| l <= o) => {
                 format!(" (the least it can cost here is {l:.0} ns, from the primitives)")
             }
             _ => match (essential, emit) {
@@ -511,7 +510,7 @@ fn hello_least(k: &Kernel) -> Option<HelloLeast> {
     let accept = above("sys_exit_accept4")?;
     let end = above(EMIT_HOOK)? + emit_above_floor(k)?;
     let writes = w.runs_per_request("sys_enter_sendto")?;
-    let write = traced_write_least(k)?.0 - 2.0 * primitive_ns(k)?[0];
+    let write = traced_write_least(k)? - 2.0 * primitive_ns(k)?[0];
     let total = runs * floor + accept + end + writes * write;
     total.is_finite().then_some(HelloLeast { total, runs, floor, accept, end, writes, write })
 }
