@@ -3,7 +3,7 @@
 //! agent) attached to the hook that ends a request, its ring drained every 50 ms as the agent
 //! drains its own. Its programs are this process's (that is how the listing tells them apart).
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -15,9 +15,9 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use aya::{maps::RingBuf, programs::TracePoint, Ebpf};
 
-use crate::{cargo, output_text};
+use super::objects::object_path;
 
-/// The probe's object, as the agent's build script leaves it (its OUT_DIR).
+/// The probe's object, as the agent's build script leaves it (`objects.rs`).
 const OBJECT: &str = "wsgiscope-bench-emit";
 /// Its program, and the hook it is attached to (its name).
 pub const HOOK: &str = "sys_enter_shutdown";
@@ -28,23 +28,9 @@ pub struct EmitProbe {
     drain: Option<JoinHandle<u64>>,
 }
 
-/// Where the release build of the agent put the bench probe: its build script's OUT_DIR, as
-/// cargo reports it.
-fn object_path(root: &Path) -> Result<PathBuf> {
-    let json = output_text(cargo(root).args(["build", "--release", "-p", "wsgiscope", "--message-format=json"]))
-        .context("cargo build --release -p wsgiscope failed")?;
-    json.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "build-script-executed")
-        .filter(|m| m["package_id"].as_str().is_some_and(|id| id.contains("/agent#wsgiscope@")))
-        .find_map(|m| m["out_dir"].as_str().map(|d| Path::new(d).join(OBJECT)))
-        .filter(|p| p.exists())
-        .ok_or_else(|| anyhow!("the agent's build left no {OBJECT} (ebpf/Cargo.toml builds it)"))
-}
-
 impl EmitProbe {
     pub fn attach(root: &Path) -> Result<EmitProbe> {
-        let path = object_path(root)?;
+        let path = object_path(root, OBJECT)?;
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut ebpf = Ebpf::load(&bytes).with_context(|| format!("cannot load {}", path.display()))?;
         let prog: &mut TracePoint = ebpf

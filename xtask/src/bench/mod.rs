@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: what wsgiscope costs, measured on real gunicorn, and BENCHMARKS.md.
 //!
-//! 1. Overhead (`overhead.rs`): gunicorn alone, with the agent attached, with an in-process
-//!    timing middleware, and with prometheus_client, interleaved over rounds; on a one-block, a
-//!    1000-block and a DB-heavy route (20 Redis GETs per request, a Redis started for the bench).
+//! 1. Overhead (`overhead.rs`): gunicorn alone, with do-nothing programs on the agent's
+//!    tracepoints, with the agent attached, with an in-process timing middleware, and with
+//!    prometheus_client, interleaved over rounds; on a one-block, a 1000-block and a DB-heavy
+//!    route (20 Redis GETs per request, a Redis started for the bench).
 //! 2. Probe cost per syscall (`micro.rs`): a write loop, traced and untraced, agent on and off;
 //!    and a context-switch loop (the scheduler hooks fire for every process).
 //! 3. Capacity (`capacity.rs`): the 102,400-block response and a closed-loop burst, counted exactly.
@@ -19,6 +20,7 @@ mod emit;
 mod kernel;
 mod load;
 mod memory;
+mod objects;
 pub mod micro;
 mod overhead;
 mod procs;
@@ -88,7 +90,7 @@ pub fn paced_main(a: &PacedArgs) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
-    /// Overhead: rounds over the four configurations, seconds per load run.
+    /// Overhead: rounds over the five configurations, seconds per load run.
     pub rounds: usize,
     pub run_secs: u64,
     /// Saturation calibration per route (sets the fixed rate), seconds.

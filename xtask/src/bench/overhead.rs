@@ -1,9 +1,11 @@
-//! Overhead on gunicorn: four configurations side by side in one run, interleaved over rounds
+//! Overhead on gunicorn: five configurations side by side in one run, interleaved over rounds
 //! (the order rotates each round, so drift on a shared machine spreads over all of them).
 //!
 //! Every configuration runs on the same server, the same worker processes: the middlewares wrap
 //! the app for requests under their path prefixes (`benchapp.py`), and the agent is started for
-//! the wsgiscope block of a round and stopped after it. (On this shared host a process can run
+//! the wsgiscope block of a round and stopped after it. The fifth is the floor of any design on
+//! the agent's hooks: bpftrace with programs that do nothing on every tracepoint the agent
+//! attaches to, for its block of the round. (On this shared host a process can run
 //! its whole life faster or slower than another: with a server per middleware, the
 //! prometheus_client one once measured less worker CPU per request than the app alone.) While
 //! the agent is attached its probes fire for every process on the machine, so nothing else is
@@ -15,6 +17,7 @@ use anyhow::Result;
 use super::{
     capacity::{wait_counted, Snapshot},
     load::{self, Run},
+    objects,
     procs::{self, Gunicorn, Middleware},
     Plan,
 };
@@ -41,13 +44,15 @@ pub fn route_description(route: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Config {
     Alone,
+    Hooks,
     Wsgiscope,
     Timing,
     Prometheus,
 }
 
-pub const CONFIGS: [Config; 4] = [
+pub const CONFIGS: [Config; 5] = [
     Config::Alone,
+    Config::Hooks,
     Config::Wsgiscope,
     Config::Timing,
     Config::Prometheus,
@@ -57,6 +62,7 @@ impl Config {
     pub fn label(self) -> &'static str {
         match self {
             Config::Alone => "app alone",
+            Config::Hooks => "app + do-nothing programs on the agent's tracepoints",
             Config::Wsgiscope => "app + wsgiscope attached",
             Config::Timing => "app + timing middleware (in-process)",
             Config::Prometheus => "app + prometheus_client (multiprocess)",
@@ -66,7 +72,7 @@ impl Config {
     /// The path prefix under which the server wraps the app in this configuration's middleware.
     pub fn prefix(self) -> &'static str {
         match self {
-            Config::Alone | Config::Wsgiscope => "",
+            Config::Alone | Config::Hooks | Config::Wsgiscope => "",
             Config::Timing => "/timing",
             Config::Prometheus => "/prometheus",
         }
@@ -97,6 +103,9 @@ pub struct Measurement {
 
 #[derive(Clone, Debug, Default)]
 pub struct Overhead {
+    /// The tracepoints the agent attaches to (`category:name`), where `Config::Hooks` runs
+    /// programs that do nothing.
+    pub hooks: Vec<String>,
     /// Saturation throughput of the app alone per route (calibration), and the fixed rate used.
     pub calibration: BTreeMap<&'static str, f64>,
     pub fixed_rate: BTreeMap<&'static str, f64>,
@@ -117,7 +126,8 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
     // The path a configuration requests `route` at.
     let path = |config: Config, route: &str| format!("{}{route}", config.prefix());
 
-    let mut out = Overhead::default();
+    let mut out = Overhead { hooks: objects::agent_tracepoints(root)?, ..Overhead::default() };
+    let floor_program = do_nothing_program(&out.hooks);
     // Calibration doubles as warm-up for the app alone; the middlewares get a short warm-up.
     for route in ROUTES {
         let run = load::wrk(s.addr, route, plan.wrk_connections, plan.calibrate_secs)?;
@@ -139,6 +149,11 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
         for config in order {
             let agent = match config {
                 Config::Wsgiscope => Some(procs::agent(root, work, s.group.pid())?),
+                _ => None,
+            };
+            // Held for the block: stopped when it ends.
+            let _floor = match config {
+                Config::Hooks => Some(procs::bpftrace(work, &floor_program)?),
                 _ => None,
             };
             let ours: Vec<u32> = agent.iter().map(|a| a.group.pid()).collect();
@@ -209,4 +224,9 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Overhea
         }
     }
     Ok(out)
+}
+
+/// bpftrace's program for `Config::Hooks`: an empty action on each of `hooks`.
+pub fn do_nothing_program(hooks: &[String]) -> String {
+    hooks.iter().map(|h| format!("tracepoint:{h} {{}}")).collect::<Vec<_>>().join(" ")
 }

@@ -24,10 +24,10 @@ pub fn render(r: &Results) -> String {
     super::views::section(&mut md, &r.views);
     super::memory::section(&mut md, &r.memory);
     let blocks_cpu = |config| figures::added_cpu_us(&r.overhead, "/blocks", super::overhead::Load::Saturation, config);
-    let write_hook_floor_ns = figures::write_hook_floor(&r.micro);
+    let hooks_us = blocks_cpu(super::overhead::Config::Hooks);
     let cpu = blocks_cpu(super::overhead::Config::Wsgiscope)
         .zip(blocks_cpu(super::overhead::Config::Timing))
-        .map(|(wsgiscope_us, timing_us)| kernel::MiddlewareCpu { wsgiscope_us, timing_us, write_hook_floor_ns });
+        .map(|(wsgiscope_us, timing_us)| kernel::MiddlewareCpu { wsgiscope_us, timing_us, hooks_us });
     kernel::section(&mut md, &r.kernel, cpu);
     commands(&mut md, r);
     versions(&mut md, r);
@@ -184,6 +184,11 @@ fn commands(md: &mut String, r: &Results) {
         procs::gunicorn_spec("127.0.0.1:PORT", "tests/apps").shell_line()
     );
     let _ = writeln!(md, "target/release/wsgiscope attach --pid <gunicorn master pid> --listen 127.0.0.1:<free port>");
+    let _ = writeln!(
+        md,
+        "# the floor of the agent's hooks (section 1's do-nothing programs):\nbpftrace -e '{}'",
+        super::overhead::do_nothing_program(&r.overhead.hooks)
+    );
     let _ = writeln!(md, "# saturation (calibration: -d{}s):", p.calibrate_secs);
     let _ = writeln!(
         md,

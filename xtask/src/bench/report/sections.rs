@@ -27,15 +27,20 @@ pub(super) fn overhead(md: &mut String, r: &Results) {
         md,
         "gunicorn sync, 2 workers, serving `tests/apps/benchapp.py` (the test app's routes; \
          {REDIS_ROUTE} makes {REDIS_CALLS} GETs on a connection each worker opened at start to a \
-         redis-server the bench runs on loopback, without persistence). Four configurations, each \
-         round running all four in an order rotated by one per round; {} round(s) of {} s per run; every number is the median over rounds. \
-         All four run on one server, the same two worker processes: the middlewares wrap the app for \
+         redis-server the bench runs on loopback, without persistence). Five configurations, each \
+         round running all five in an order rotated by one per round; {} round(s) of {} s per run; every number is the median over rounds. \
+         All five run on one server, the same two worker processes: the middlewares wrap the app for \
          requests under `/timing/` and `/prometheus/` (the prefix taken off the path, as a WSGI mount \
          does), and \"app + wsgiscope\" is the app alone with the agent attached for that block of the \
          round (and detached otherwise, so its probes never run during the other configurations). \
-         On this shared host a process can run its whole life faster or slower than another, so \
+         \"app + do-nothing programs\" is the app alone with bpftrace attached for its block, running a \
+         program that does nothing on each of the {} tracepoints the agent attaches to (read from the \
+         agent's eBPF object; the command is under Exact commands): what any programs on those hooks \
+         cost the workers before they do anything, the floor under wsgiscope's row. (The agent's \
+         uprobes, which run at the start and end of the interpreter's garbage collections, are not \
+         in it.) On this shared host a process can run its whole life faster or slower than another, so \
          configurations on separate servers differed by more than what they measure.\n",
-        r.plan.rounds, r.plan.run_secs
+        r.plan.rounds, r.plan.run_secs, o.hooks.len()
     );
     let _ = writeln!(
         md,

@@ -96,8 +96,7 @@ pub(super) fn targets(md: &mut String, r: &Results) {
     if floor.is_some() {
         let _ = writeln!(
             md,
-            "{}, untraced process, socketpair | - | {} ns | floor of any tracepoint program |",
-            super::kernel::WRITE_HOOK_FLOOR_ROW,
+            "| (reference) two programs that do nothing on the write tracepoints, untraced process, socketpair | - | {} ns | floor of any tracepoint program |",
             num(floor, 0)
         );
     }
