@@ -17,6 +17,7 @@ pub mod events;
 pub mod heads;
 pub mod layout;
 pub mod state;
+pub mod words;
 
 pub use events::*;
 pub use layout::*;

@@ -1,7 +1,7 @@
 //! Accepted sockets of traced processes become connections, with their address family
 //! (the transport: TCP or a UNIX socket).
 use aya_ebpf::programs::TracePointContext;
-use wsgiscope_common::{conn_key, ConnState, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE_FULL};
+use wsgiscope_common::{conn_key, words::set, ConnState, AGG_ACCEPT_WAIT, END_FD_REUSED, STAT_CONN_TABLE_FULL};
 
 use crate::{
     conn::{finish_request, now},
@@ -79,15 +79,16 @@ fn accepted(ctx: &TracePointContext) {
 /// A new connection's state: root, transport and accept wait; no request yet.
 #[inline(always)]
 fn reset(c: &mut ConnState, root: u32, family: u16, flags: u16, wait: u64) {
-    c.root = root;
-    c.flags = 0;
-    c.partial_left = 0;
-    c.call_fd = 0;
-    c.agg.req_head_len = 0;
-    c.agg.resp_head_len = 0;
-    c.agg.family = family;
-    c.agg.flags = flags;
-    c.agg.accept_wait_ns = wait;
+    // `set`: stores kept as written, not merged into a memset call.
+    set(&mut c.root, root);
+    set(&mut c.flags, 0);
+    set(&mut c.partial_left, 0);
+    set(&mut c.call_fd, 0);
+    set(&mut c.agg.req_head_len, 0);
+    set(&mut c.agg.resp_head_len, 0);
+    set(&mut c.agg.family, family);
+    set(&mut c.agg.flags, flags);
+    set(&mut c.agg.accept_wait_ns, wait);
 }
 
 programs!(sys_exit_accept, sys_exit_accept4 => |ctx| accepted(&ctx));

@@ -1,7 +1,9 @@
 //! Connection state helpers: start a request, append head bytes, emit the finished request.
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user};
 use wsgiscope_common::{
-    heads::copy_head, ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
+    heads::copy_head,
+    words::{self, set},
+    ConnState, EventKind, RequestEvent, AGG_ACCEPT_WAIT, AGG_INTERIM, CONN_IN_REQUEST, CONN_MORE_AFTER_HEAD,
     CONN_SERVED, REQ_HEAD_LEN,
 };
 
@@ -31,29 +33,30 @@ pub fn append_head<const KEEP: usize, const BUF: usize>(buf: &mut [u8; BUF], len
     }
 }
 
-/// Clears the per-request counters of `c` for a request that starts at `ts`.
+/// Clears the per-request counters of `c` for a request that starts at `ts` (`set`: stores
+/// kept as written, not merged into a memset call).
 #[inline(always)]
 fn reset(c: &mut ConnState, ts: u64) {
     let a = &mut c.agg;
-    a.start_ns = ts;
-    a.first_write_ns = 0;
-    a.last_write_ns = 0;
-    a.write_ns = 0;
-    a.write_bytes = 0;
-    a.read_bytes = 0;
-    a.write_calls = 0;
-    a.continuations = 0;
-    a.read_calls = 0;
-    a.first_write_len = 0;
-    a.last_write_len = 0;
-    a.last_write_prefix = [0; 8];
-    a.resp_head_len = 0;
-    a.pipeline_index = 0;
-    c.partial_left = 0;
+    set(&mut a.start_ns, ts);
+    set(&mut a.first_write_ns, 0);
+    set(&mut a.last_write_ns, 0);
+    set(&mut a.write_ns, 0);
+    set(&mut a.write_bytes, 0);
+    set(&mut a.read_bytes, 0);
+    set(&mut a.write_calls, 0);
+    set(&mut a.continuations, 0);
+    set(&mut a.read_calls, 0);
+    set(&mut a.first_write_len, 0);
+    set(&mut a.last_write_len, 0);
+    set(&mut a.last_write_prefix, [0; 8]);
+    set(&mut a.resp_head_len, 0);
+    set(&mut a.pipeline_index, 0);
+    set(&mut c.partial_left, 0);
     // Only a connection's first request waited for accept.
     if c.flags & CONN_SERVED != 0 {
-        a.flags = 0;
-        a.accept_wait_ns = 0;
+        set(&mut a.flags, 0);
+        set(&mut a.accept_wait_ns, 0);
     } else {
         a.flags &= AGG_ACCEPT_WAIT;
     }
@@ -121,7 +124,7 @@ pub fn finish_request(c: &mut ConnState, key: u64, reason: u32, ts: u64) {
         (*e).root = c.root;
         (*e)._pad = 0;
         (*e).end_ns = ts;
-        (*e).agg = c.agg;
+        words::copy(&mut (*e).agg, &c.agg);
         // The kept bytes only (the agent reads no further): a short head is a cache line or
         // two, not the 768 bytes of the buffers.
         copy_head(&mut (*e).req_head, &c.req_head, c.agg.req_head_len);

@@ -13,7 +13,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use wsgiscope_common::{
-    conn_key, heads::copy_head, CallEvent, ConnState, ConnectEvent, Downstream, EventKind, Pending, CALL_AMBIGUOUS, CALL_END_CLOSE,
+    conn_key,
+    heads::copy_head,
+    words::{self, set},
+    CallEvent, ConnState, ConnectEvent, Downstream, EventKind, Pending, CALL_AMBIGUOUS, CALL_END_CLOSE,
     CALL_END_NEXT, CALL_END_OTHER_CALL, CALL_END_REQUEST, CALL_IDLE, CALL_READING, CALL_REQ_LEN, CALL_RESP_LEN,
     CALL_WRITING, CONN_IN_REQUEST, CONN_OPEN_CALL, OP_CONNECT, STAT_DOWNSTREAM_TABLE_FULL, THREAD_CONCURRENT,
     UNIX_PATH_LEN,
@@ -168,19 +171,20 @@ fn attribute(d: &mut Downstream, key: u64, tid: u32) {
 
 #[inline(always)]
 fn start_call(d: &mut Downstream, key: u64, ts: u64, tid: u32, state: u32) {
+    // `set`: stores kept as written, not merged into a memset call.
     let a = &mut d.call;
-    a.start_ns = ts;
-    a.end_ns = ts;
-    a.req_start_ns = 0;
-    a.req_fd = 0;
-    a.tid = tid;
-    a.write_bytes = 0;
-    a.read_bytes = 0;
-    a.write_calls = 0;
-    a.read_calls = 0;
-    a.req_len = 0;
-    a.resp_len = 0;
-    a.flags = 0;
+    set(&mut a.start_ns, ts);
+    set(&mut a.end_ns, ts);
+    set(&mut a.req_start_ns, 0);
+    set(&mut a.req_fd, 0);
+    set(&mut a.tid, tid);
+    set(&mut a.write_bytes, 0);
+    set(&mut a.read_bytes, 0);
+    set(&mut a.write_calls, 0);
+    set(&mut a.read_calls, 0);
+    set(&mut a.req_len, 0);
+    set(&mut a.resp_len, 0);
+    set(&mut a.flags, 0);
     d.state = state;
     attribute(d, key, tid);
 }
@@ -210,7 +214,7 @@ fn finish_call(d: &mut Downstream, key: u64, reason: u32) {
         (*e).fd = key as u32;
         (*e).root = d.root;
         (*e)._pad = 0;
-        (*e).call = d.call;
+        words::copy(&mut (*e).call, &d.call);
         copy_head(&mut (*e).req_head, &d.req_head, d.call.req_len);
         copy_head(&mut (*e).resp_head, &d.resp_head, d.call.resp_len);
     }
