@@ -76,10 +76,13 @@ fn connect_done(ctx: &TracePointContext) {
         (*e).tgid = tgid;
         (*e).fd = p.key as u32;
         (*e).root = root;
-        (*e).family = family;
-        (*e).port = 0;
-        (*e).path_len = 0;
-        (*e).addr = [0; 16];
+        set(&mut (*e).family, family);
+        set(&mut (*e).port, 0);
+        set(&mut (*e).path_len, 0);
+        // Two words (a store of the 16-byte array would be a memset call).
+        let addr = (*e).addr.as_mut_ptr().cast::<u64>();
+        set(&mut *addr, 0);
+        set(&mut *addr.add(1), 0);
         if family == AF_UNIX {
             // sockaddr_un: family, then the path (its length is the address length's rest).
             let len = p.len.saturating_sub(2);
@@ -96,7 +99,8 @@ fn connect_done(ctx: &TracePointContext) {
                 (*e).addr[2] = a[2];
                 (*e).addr[3] = a[3];
             } else {
-                (*e).addr = read_user::<[u8; 16]>(p.buf + 8).unwrap_or([0; 16]);
+                // Into the record (zeroed on a fault).
+                bpf_probe_read_user((*e).addr.as_mut_ptr().cast(), 16, (p.buf + 8) as *const _);
             }
         }
     }
@@ -189,9 +193,11 @@ fn start_call(d: &mut Downstream, key: u64, ts: u64, tid: u32, state: u32) {
     attribute(d, key, tid);
 }
 
-// `copy_head` moves whole words: the heads start 8-byte aligned in the record and the state.
+// `copy_head` moves whole words: the heads start 8-byte aligned in the record and the state
+// (and a connect record's address is cleared as two words).
 const _: () = {
     use core::mem::offset_of;
+    assert!(offset_of!(ConnectEvent, addr) % 8 == 0);
     assert!(offset_of!(CallEvent, req_head) % 8 == 0 && offset_of!(CallEvent, resp_head) % 8 == 0);
     assert!(offset_of!(Downstream, req_head) % 8 == 0 && offset_of!(Downstream, resp_head) % 8 == 0);
 };

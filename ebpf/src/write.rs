@@ -127,7 +127,8 @@ fn poll_enter(ctx: &TracePointContext) {
     }
     let Some(pfd) = read_user::<PollFd>(arg(ctx, 0)) else { return };
     if pfd.events & POLLOUT != 0 && pfd.fd >= 0 {
-        stash_fd(OP_POLL, pfd.fd as u64, || (0, 0));
+        // The buffer is the pollfd (unused; two zeros here became a memset call).
+        stash_fd(OP_POLL, pfd.fd as u64, || (arg(ctx, 0), 0));
     }
 }
 

@@ -20,7 +20,8 @@ attaches to the running server. DOWNSTREAM_THREADS sets of connections (each: Po
 MySQL and Redis over TCP and over the UNIX socket, and a requests.Session holding one
 keep-alive connection to the backend) wait in a queue; a request takes one set for its
 duration, so threads never share a connection. Give gthread workers as many sets as
---threads. Only /pg/fresh opens (and closes) a connection during a request.
+--threads. Only /pg/fresh opens (and closes) a connection during a request, and each /hostile
+route opens its own at its first request.
 psycopg and PyMySQL run in autocommit mode: no implicit BEGIN/COMMIT round trips.
 
 On the wire: psycopg sends a query with parameters as Parse/Bind/Describe/Execute/Sync in one
@@ -197,12 +198,14 @@ class Connections:
         self.http = requests.Session()
         # Opens the session's keep-alive connection now.
         self.http.get(HTTP + "/ok", timeout=10).raise_for_status()
-        # Hostile peers (DOWNSTREAM_HOSTILE: garbage,truncated,silent as host:port each).
+        # Hostile peers (DOWNSTREAM_HOSTILE: garbage,truncated,silent as host:port each, an
+        # IPv6 one as [::1]:port), connected at their route's first request (see _hostile).
         self.hostile = {}
+        self.hostile_addr = {}
         if HOSTILE:
             for name, addr in zip(("garbage", "truncated", "silent"), HOSTILE.split(",")):
                 host, port = addr.rsplit(":", 1)
-                self.hostile[name] = socket.create_connection((host, int(port)), timeout=10)
+                self.hostile_addr[name] = (host.strip("[]"), int(port))
 
 
 _pool = queue.Queue()
@@ -395,7 +398,11 @@ PING = b"*1\r\n$4\r\nPING\r\n"
 
 def _hostile(c, name):
     # One Redis PING to a peer that answers garbage, a truncated reply, or nothing (50 ms);
-    # read once: whatever comes is the answer. No error reply on the wire: logged as ok.
+    # read once: whatever comes is the answer. No error reply on the wire: logged as ok. The
+    # connection is opened at the route's first request, while a profiler watches: it learns
+    # the peer from the connect itself, not from the sockets it finds when it attaches.
+    if name not in c.hostile:
+        c.hostile[name] = socket.create_connection(c.hostile_addr[name], timeout=10)
     sock = c.hostile[name]
 
     def run():

@@ -506,11 +506,11 @@ fn templates_follow_the_agent_s_normalisation() {
 }
 
 
-/// A peer on loopback that answers every read `how`: with garbage bytes, with a truncated RESP
-/// reply, or not at all.
-fn hostile_peer(how: &'static str) -> std::net::SocketAddr {
+/// A peer on loopback (`bind`) that answers every read `how`: with garbage bytes, with a
+/// truncated RESP reply, or not at all.
+fn hostile_peer(how: &'static str, bind: &str) -> std::net::SocketAddr {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind(bind).unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         for stream in listener.incoming() {
@@ -539,7 +539,8 @@ fn hostile_peer(how: &'static str) -> std::net::SocketAddr {
 fn hostile_peers_and_ten_thousand_statements_are_counted_and_capped() {
     let _serial = serial();
     let d = downstream();
-    let peers = ["garbage", "truncated", "silent"].map(hostile_peer);
+    // The silent one on IPv6: its address is read into the connect record (`[::1]:port`).
+    let peers = [("garbage", "127.0.0.1:0"), ("truncated", "127.0.0.1:0"), ("silent", "[::1]:0")].map(|(how, bind)| hostile_peer(how, bind));
     let hostile = peers.map(|a| a.to_string()).join(",");
     let server = d.serve_with(".venv", &["-w", "1", "-k", "sync"], 1, &[("DOWNSTREAM_HOSTILE", hostile)]).unwrap();
     let agent = Agent::attach(server.master(), &[]).unwrap();

@@ -435,4 +435,35 @@ mod tests {
             assert!(tracepoints.contains(&l.name), "{}", l.name);
         }
     }
+
+    /// No program on a syscall, scheduler or socket hook calls `memset`, `memmove`, `memcpy` or
+    /// `memcmp`: on BPF they are byte loops (~7 instructions a byte), which LLVM calls for struct
+    /// copies and runs of zeroing stores unless they are written word by word
+    /// (`wsgiscope_common::words`). Only the exec program of `daemon`, once per exec of a
+    /// server's name, compares a command name with one.
+    #[test]
+    fn no_hot_program_calls_a_byte_loop() {
+        let obj = object::File::parse(OBJECT).unwrap();
+        let mut callers = HashSet::new();
+        for section in obj.sections().filter(|s| s.name().is_ok_and(|n| n.starts_with("tracepoint"))) {
+            let functions: Vec<_> = obj
+                .symbols()
+                .filter(|s| s.kind() == SymbolKind::Text && s.section_index() == Some(section.index()))
+                .collect();
+            for (offset, reloc) in section.relocations() {
+                let object::RelocationTarget::Symbol(target) = reloc.target() else { continue };
+                let target = obj.symbol_by_index(target).unwrap().name().unwrap();
+                if !["memset", "memmove", "memcpy", "memcmp"].contains(&target) {
+                    continue;
+                }
+                let caller = functions
+                    .iter()
+                    .find(|f| (f.address()..f.address() + f.size()).contains(&offset))
+                    .map_or("?", |f| f.name().unwrap());
+                callers.insert(caller);
+            }
+        }
+        callers.remove("sched_process_exec");
+        assert!(callers.is_empty(), "programs calling a byte-loop mem function: {callers:?}");
+    }
 }
