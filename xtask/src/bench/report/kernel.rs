@@ -460,7 +460,12 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
             let floor = c.hooks_us.map_or(String::new(), |h| {
                 format!("; programs that do nothing on the agent's tracepoints: {h:.0} µs ({:.2}×)", h / c.timing_us)
             });
+            // Below the programs that do nothing on its own hooks: the run cannot tell.
+            let unresolved = c.hooks_us.is_some_and(|h| c.wsgiscope_us < h);
             let why = match (c.hooks_us, writes) {
+                (Some(h), _) if unresolved => format!(
+                    " (wsgiscope measured less than the programs that do nothing on its own tracepoints, {h:.0} µs, which it cannot cost: this run's noise is larger than the difference, the bound is not judged)"
+                ),
                 (Some(h), _) if !pass && allowed > 0.0 && h > allowed => format!(
                     " (programs that do nothing on the same tracepoints add {h:.0} µs, more than half the middleware's, {allowed:.0} µs: the bound is below the floor of these hooks)"
                 ),
@@ -477,7 +482,7 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
                 c.wsgiscope_us,
                 c.timing_us,
                 blocks_bpf.map_or("-".into(), |v| format!("{v:.0}")),
-                met(pass)
+                if unresolved { "**not resolved**" } else { met(pass) }
             );
         }
         None => {
@@ -663,6 +668,12 @@ mod tests {
         let md = rendered(&k, Some(MiddlewareCpu { wsgiscope_us: 400.0, timing_us: 700.0, hooks_us: Some(250.0) }));
         assert!(
             md.contains("400 µs vs 700 µs (0.57×); programs that do nothing on the agent's tracepoints: 250 µs (0.36×); BPF run time here: 200 µs | **missed** (above the floor of these hooks, 250 µs, the bound leaves the programs 100 µs: 100 ns for each of the 1001 writes per request) |"),
+            "{md}"
+        );
+        // Under its own floor: noise, not judged.
+        let md = rendered(&k, Some(MiddlewareCpu { wsgiscope_us: 200.0, timing_us: 1000.0, hooks_us: Some(350.0) }));
+        assert!(
+            md.contains("200 µs vs 1000 µs (0.20×); programs that do nothing on the agent's tracepoints: 350 µs (0.35×); BPF run time here: 200 µs | **not resolved** (wsgiscope measured less than the programs that do nothing on its own tracepoints, 350 µs, which it cannot cost: this run's noise is larger than the difference, the bound is not judged) |"),
             "{md}"
         );
         // Missed, and shown impossible: the do-nothing programs alone add more than half.
