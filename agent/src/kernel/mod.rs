@@ -129,9 +129,9 @@ impl Kernel {
         let pending_on_cpu = layout_matches("sched_switch");
 
         // Offsets from the kernel's BTF: the resident-page counters (memory growth per request)
-        // and the task's own CPU clock (read where a request needs it). The parsed BTF (tens of
-        // MB) is freed before aya parses its own copy to load the programs, so the two never add
-        // up in the agent's peak memory.
+        // and the task's own CPU clock (read where a request needs it). The BTF (mapped, or
+        // parsed whole on kernels before 6.16: tens of MB) is freed before aya parses its own
+        // copy to load the programs, so the two never add up in the agent's peak memory.
         let (rss, sum_exec, steal, rq_clock) = {
             let btf = rss::kernel_btf();
             let rss = btf.as_ref().map_err(|e| anyhow!("{e:#}")).and_then(rss::layout).unwrap_or_else(|e| {
