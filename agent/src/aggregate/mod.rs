@@ -1,19 +1,23 @@
 //! Aggregate: reconstructed requests into per-route and per-worker series. Workers hold stable
 //! slots (lowest free number, freed on exit) so series survive worker recycling.
 mod downstream;
+mod handles;
 mod live;
 mod memory;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
+use prometheus_client::metrics::histogram::Histogram;
+
+use handles::{Handles, RequestSeries, RouteHandles, RouteSeries, WorkerSeries};
 
 use crate::{
     downstream::RequestCalls,
     exits::ExitReason,
     labels::{label, Labels},
     metrics::Metrics,
-    reconstruct::Request,
+    reconstruct::{Request, Status},
     record::InProgress,
     slots::Slots,
     views::Views,
@@ -117,6 +121,10 @@ pub struct Aggregator<'m> {
     warned_repeats: HashSet<String>,
     /// The live views each request is also kept for (`--ui on`).
     views: Option<&'m Views>,
+    /// Handles on the series records update (see `handles`).
+    handles: Handles,
+    /// `wsgi_accept_wait_seconds` of this server, once a request had one.
+    accept_wait: Option<Histogram>,
 }
 
 impl<'m> Aggregator<'m> {
@@ -142,6 +150,8 @@ impl<'m> Aggregator<'m> {
             peers: HashSet::new(),
             warned_repeats: HashSet::new(),
             views: None,
+            handles: Handles::default(),
+            accept_wait: None,
         };
         for reason in ExitReason::ALL {
             let mut l = a.service_labels();
@@ -321,6 +331,7 @@ impl<'m> Aggregator<'m> {
         }
         self.warned_repeats.remove(route);
         self.warned_routes.remove(route);
+        self.handles.forget_route(route);
     }
 
     pub fn record(&mut self, r: &Request, calls: &RequestCalls) {
@@ -328,76 +339,124 @@ impl<'m> Aggregator<'m> {
         let slot = self.worker_started(r.tgid).unwrap_or_default();
         self.learn_wire(slot, r);
         let (route, capped) = self.route(r);
-        let mut by_route = self.service_labels();
-        by_route.extend([label("method", r.method.clone()), label("route", route.clone())]);
-        if self.options.per_worker {
-            by_route.push(label("worker", slot.to_string()));
-        }
-        let mut by_status = by_route.clone();
-        by_status.push(label("status", r.status.to_string()));
-        let mut route_only = self.service_labels();
-        route_only.push(label("route", route.clone()));
-        if capped {
-            // Cloned only the first time a label set is seen (this runs per request).
-            let sets = self.route_series.entry(route.clone()).or_default();
-            for (set, labels) in sets.iter_mut().zip([&by_status, &by_route, &route_only]) {
-                if !set.contains(labels) {
-                    set.insert(labels.clone());
-                }
-            }
-        }
         let m = self.metrics;
-        m.requests.get_or_create(&by_status).inc();
-        m.duration.get_or_create(&by_status).observe(r.duration);
-        m.write_seconds.get_or_create(&by_route).observe(r.write_seconds);
-        m.blocks.get_or_create(&by_route).observe(r.blocks as f64);
-        m.write_calls.get_or_create(&by_route).inc_by(r.write_calls);
-        m.partial_writes.get_or_create(&by_route).inc_by(r.partial_writes);
-        m.bytes.get_or_create(&by_route).observe(r.bytes as f64);
-        m.request_gc.get_or_create(&by_route).observe(r.gc_seconds);
+        let per_worker = self.options.per_worker.then_some(slot);
+        let (route_series, s) = self.series(&route, capped, &r.method, per_worker, r.status);
+        s.requests.inc();
+        s.duration.observe(r.duration);
+        s.write_seconds.observe(r.write_seconds);
+        s.blocks.observe(r.blocks as f64);
+        s.write_calls.inc_by(r.write_calls);
+        s.partial_writes.inc_by(r.partial_writes);
+        s.bytes.observe(r.bytes as f64);
+        s.request_gc.observe(r.gc_seconds);
         if let Some(cpu) = r.cpu_seconds {
-            m.cpu.get_or_create(&by_route).observe(cpu);
+            s.cpu.get_or_insert_with(|| m.cpu.get_or_create(&s.by_route).clone()).observe(cpu);
         }
-        let w = self.worker_labels(slot);
-        m.worker_requests.get_or_create(&w).inc();
-        m.worker_blocks.get_or_create(&w).inc_by(r.blocks);
-        m.worker_bytes.get_or_create(&w).inc_by(r.bytes);
-        m.worker_write_seconds.get_or_create(&w).inc_by(r.write_seconds);
-        if let Some(cpu) = r.cpu_seconds {
-            m.worker_cpu.get_or_create(&w).inc_by(cpu);
-        }
-        // Busy time: what the scans of requests in progress did not credit yet.
-        let credited = self.busy_credited.remove(&(r.tgid, r.fd, r.start_ns)).unwrap_or(0.0);
-        if r.duration > credited {
-            m.worker_busy.get_or_create(&w).inc_by(r.duration - credited);
-        }
-        if let Some(wait) = r.accept_wait {
-            m.accept_wait.get_or_create(&self.service_labels()).observe(wait);
-        }
+        let only = &route_series.labels;
         if r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN {
-            m.small_blocks.get_or_create(&route_only).inc();
-            if self.warned_routes.insert(route.clone()) {
-                warn!(
-                    "route {} answered in {} blocks of {:.1} bytes on average: the application likely returns a \
-                     str/bytes object as the response iterable (iterated one byte at a time) or a generator \
-                     yielding tiny pieces; each block costs a write syscall. Return a list holding one bytes \
-                     object (`return [body]`) or join the pieces before yielding",
-                    route,
-                    r.blocks,
-                    r.bytes as f64 / r.blocks as f64
-                );
-            }
+            route_series.small_blocks.get_or_insert_with(|| m.small_blocks.get_or_create(only).clone()).inc();
         }
         if let Some(growth) = r.memory_growth {
-            m.memory_growth.get_or_create(&route_only).observe(growth.max(0) as f64);
+            route_series.memory_growth.get_or_insert_with(|| m.memory_growth.get_or_create(only).clone()).observe(growth.max(0) as f64);
         }
         // Time in writes is wall time: a write preempted, or robbed by the hypervisor, on a
         // busy host is long too. Only one that slept waited on the client.
         if r.write_slept && r.write_seconds > r.duration / 2.0 && r.write_seconds >= SLOW_CLIENT_MIN_WRITE {
-            m.slow_clients.get_or_create(&route_only).inc();
+            route_series.slow_clients.get_or_insert_with(|| m.slow_clients.get_or_create(only).clone()).inc();
         }
-        self.request_calls(&route, capped, &by_route, &route_only, calls);
+        // The request's calls, if it made any (their series carry its labels).
+        let labels = (!calls.by_operation.is_empty() || !calls.by_protocol.is_empty())
+            .then(|| (s.by_route.clone(), route_series.labels.clone()));
+        // Busy time: what the scans of requests in progress did not credit yet.
+        let credited = self.busy_credited.remove(&(r.tgid, r.fd, r.start_ns)).unwrap_or(0.0);
+        let w = self.worker_series(slot);
+        w.requests.inc();
+        w.blocks.inc_by(r.blocks);
+        w.bytes.inc_by(r.bytes);
+        w.write_seconds.inc_by(r.write_seconds);
+        if let Some(cpu) = r.cpu_seconds {
+            w.cpu.inc_by(cpu);
+        }
+        if r.duration > credited {
+            w.busy.inc_by(r.duration - credited);
+        }
+        if let Some(wait) = r.accept_wait {
+            let base = &self.base;
+            self.accept_wait.get_or_insert_with(|| m.accept_wait.get_or_create(base).clone()).observe(wait);
+        }
+        if r.blocks >= SMALL_BLOCK_MIN_BLOCKS
+            && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN
+            && self.warned_routes.insert(route.clone())
+        {
+            warn!(
+                "route {} answered in {} blocks of {:.1} bytes on average: the application likely returns a \
+                 str/bytes object as the response iterable (iterated one byte at a time) or a generator \
+                 yielding tiny pieces; each block costs a write syscall. Return a list holding one bytes \
+                 object (`return [body]`) or join the pieces before yielding",
+                route,
+                r.blocks,
+                r.bytes as f64 / r.blocks as f64
+            );
+        }
+        if let Some((by_route, route_only)) = labels {
+            self.request_calls(&route, capped, &by_route, &route_only, calls);
+        }
         self.keep(r, slot, &route, calls);
+    }
+
+    /// The series of a request on `route` (by `method`, worker `slot` if per-worker, `status`)
+    /// and those of its route alone: handles made at the label set's first request, and for a
+    /// capped route the label sets noted to remove them with it.
+    fn series(
+        &mut self,
+        route: &str,
+        capped: bool,
+        method: &str,
+        slot: Option<usize>,
+        status: Status,
+    ) -> (&mut RouteSeries, &mut RequestSeries) {
+        let m = self.metrics;
+        if !self.handles.routes.contains_key(route) {
+            let mut labels = self.service_labels();
+            labels.push(label("route", route.to_string()));
+            if capped {
+                self.route_series.entry(route.to_string()).or_default()[2].insert(labels.clone());
+            }
+            let route_series = RouteSeries { labels, small_blocks: None, slow_clients: None, memory_growth: None };
+            self.handles.routes.insert(route.to_string(), RouteHandles { route: route_series, requests: HashMap::new() });
+        }
+        let key = (slot, status);
+        let made = self.handles.routes[route].requests.get(method).is_some_and(|by| by.contains_key(&key));
+        if !made {
+            let mut by_route = self.service_labels();
+            by_route.extend([label("method", method), label("route", route)]);
+            if let Some(slot) = slot {
+                by_route.push(label("worker", slot.to_string()));
+            }
+            let mut by_status = by_route.clone();
+            by_status.push(label("status", status.to_string()));
+            if capped {
+                let sets = self.route_series.entry(route.to_string()).or_default();
+                sets[0].insert(by_status.clone());
+                sets[1].insert(by_route.clone());
+            }
+            let series = RequestSeries::new(m, &by_status, by_route);
+            let handles = self.handles.routes.get_mut(route).expect("made above");
+            handles.requests.entry(method.to_string()).or_default().insert(key, series);
+        }
+        let RouteHandles { route: route_series, requests } = self.handles.routes.get_mut(route).expect("made above");
+        let series = requests.get_mut(method).and_then(|by| by.get_mut(&key)).expect("made above");
+        (route_series, series)
+    }
+
+    /// Slot `slot`'s series.
+    fn worker_series(&mut self, slot: usize) -> &mut WorkerSeries {
+        if !self.handles.workers.contains_key(&slot) {
+            let series = WorkerSeries::new(self.metrics, &self.worker_labels(slot));
+            self.handles.workers.insert(slot, series);
+        }
+        self.handles.workers.get_mut(&slot).expect("made above")
     }
 
     /// The requests in progress now (a scan of the kernel's connection table): credits their

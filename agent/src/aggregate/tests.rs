@@ -107,6 +107,53 @@ fn a_route_displaced_under_the_cap_keeps_its_series_until_more_are_displaced() {
 }
 
 #[test]
+fn a_removed_route_that_comes_back_is_counted_in_new_series() {
+    // The aggregator keeps handles on a route's series: once its series are removed, a handle
+    // kept would count into a series no longer exported.
+    let m = Metrics::new();
+    let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(false, 1));
+    let mut slow = request("/old", 1);
+    slow.write_seconds = 0.04;
+    slow.write_slept = true;
+    a.record(&slow, &Default::default());
+    for p in ["/new", "/new", "/newer", "/newer", "/newer"] {
+        a.record(&request(p, 1), &Default::default());
+    }
+    assert!(!m.encode().contains(r#"route="/old""#), "removed");
+    // /old comes back: it waits as other until requested more often than /newer (3), then
+    // takes its place.
+    for _ in 0..5 {
+        a.record(&slow, &Default::default());
+    }
+    let text = m.encode();
+    assert!(text.contains(r#"wsgi_requests_total{service="app",method="GET",route="/old",status="200"} 2"#), "{text}");
+    assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/old"} 6"#), "{text}");
+    assert!(text.contains(r#"wsgi_slow_client_responses_total{service="app",route="/old"} 2"#), "{text}");
+    assert!(text.contains(r#"wsgi_worker_requests_total{service="app",worker="0"} 11"#), "{text}");
+}
+
+#[test]
+fn methods_statuses_and_workers_each_have_their_series() {
+    let m = Metrics::new();
+    let mut a = Aggregator::new(&m, base("app"), "gunicorn", opts(true, 10));
+    for (method, status, tgid) in [("GET", 200, 5), ("GET", 200, 5), ("POST", 200, 5), ("GET", 404, 5), ("GET", 200, 6)] {
+        let mut r = request("/a", tgid);
+        r.method = method.into();
+        r.status = crate::reconstruct::Status::Code(status);
+        a.record(&r, &Default::default());
+    }
+    let text = m.encode();
+    let requests = |labels: &str| format!("wsgi_requests_total{{service=\"app\",{labels}}}");
+    assert!(text.contains(&format!("{} 2", requests(r#"method="GET",route="/a",worker="0",status="200""#))), "{text}");
+    assert!(text.contains(&format!("{} 1", requests(r#"method="POST",route="/a",worker="0",status="200""#))));
+    assert!(text.contains(&format!("{} 1", requests(r#"method="GET",route="/a",worker="0",status="404""#))));
+    assert!(text.contains(&format!("{} 1", requests(r#"method="GET",route="/a",worker="1",status="200""#))));
+    // By route without the status: GET's two statuses share one series.
+    assert!(text.contains(r#"wsgi_response_write_calls_total{service="app",method="GET",route="/a",worker="0"} 9"#), "{text}");
+    assert!(text.contains(r#"wsgi_request_cpu_seconds_count{service="app",method="GET",route="/a",worker="0"} 3"#), "{text}");
+}
+
+#[test]
 fn hostile_label_values_cannot_break_the_exposition() {
     let m = Metrics::new();
     let mut base = base("shop \"eu\"");

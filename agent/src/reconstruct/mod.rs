@@ -131,7 +131,7 @@ pub fn parse_request_head(head: &[u8], index: u16) -> Option<Head> {
 }
 
 /// How a request ended, as far as its response shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Status {
     /// The final status code of the response.
     Code(u16),
