@@ -230,13 +230,8 @@ impl<'m> Aggregator<'m> {
         if new {
             self.set_info(slot, pid, self.wire);
             // Per-worker counters exist from the start, at zero.
+            let _ = self.worker_series(slot);
             let w = self.worker_labels(slot);
-            let _ = self.metrics.worker_requests.get_or_create(&w);
-            let _ = self.metrics.worker_blocks.get_or_create(&w);
-            let _ = self.metrics.worker_bytes.get_or_create(&w);
-            let _ = self.metrics.worker_write_seconds.get_or_create(&w);
-            let _ = self.metrics.worker_cpu.get_or_create(&w);
-            let _ = self.metrics.worker_busy.get_or_create(&w);
             self.metrics.worker_active.get_or_create(&w).set(0);
             self.metrics.worker_oldest.get_or_create(&w).set(0.0);
             self.metrics.workers.get_or_create(&self.service_labels()).set(self.slots.in_use() as i64);
@@ -354,7 +349,8 @@ impl<'m> Aggregator<'m> {
             s.cpu.get_or_insert_with(|| m.cpu.get_or_create(&s.by_route).clone()).observe(cpu);
         }
         let only = &route_series.labels;
-        if r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN {
+        let small_blocks = r.blocks >= SMALL_BLOCK_MIN_BLOCKS && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN;
+        if small_blocks {
             route_series.small_blocks.get_or_insert_with(|| m.small_blocks.get_or_create(only).clone()).inc();
         }
         if let Some(growth) = r.memory_growth {
@@ -385,10 +381,7 @@ impl<'m> Aggregator<'m> {
             let base = &self.base;
             self.accept_wait.get_or_insert_with(|| m.accept_wait.get_or_create(base).clone()).observe(wait);
         }
-        if r.blocks >= SMALL_BLOCK_MIN_BLOCKS
-            && (r.bytes as f64 / r.blocks as f64) < SMALL_BLOCK_MAX_MEAN
-            && self.warned_routes.insert(route.clone())
-        {
+        if small_blocks && self.warned_routes.insert(route.clone()) {
             warn!(
                 "route {} answered in {} blocks of {:.1} bytes on average: the application likely returns a \
                  str/bytes object as the response iterable (iterated one byte at a time) or a generator \
@@ -472,11 +465,11 @@ impl<'m> Aggregator<'m> {
             // (a keep-alive request looks open until the next one).
             let end = if r.write_calls == 0 { now_ns } else { r.last_write_ns };
             let so_far = end.saturating_sub(r.start_ns) as f64 / 1e9;
-            let w = self.worker_labels(slot);
             let credited = self.busy_credited.entry(key).or_insert(0.0);
             if so_far > *credited {
-                self.metrics.worker_busy.get_or_create(&w).inc_by(so_far - *credited);
+                let more = so_far - *credited;
                 *credited = so_far;
+                self.worker_series(slot).busy.inc_by(more);
             }
             if r.write_calls == 0 || now_ns.saturating_sub(r.last_write_ns) < ACTIVE_AFTER_LAST_WRITE_NS {
                 let (n, oldest) = active.entry(slot).or_default();
