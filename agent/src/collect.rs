@@ -474,8 +474,8 @@ pub async fn collect(
     }
     c.kernel_stats.update(c.kernel.stats());
     // The listener closes before the detach (which takes a while): a client then sees its
-    // connection refused, not accepted by the kernel and reset when the agent exits. On the
-    // one-thread runtime an aborted task is dropped only when it is polled again: awaited here.
+    // connection refused, not accepted by the kernel and reset when the agent exits. An aborted
+    // task is dropped when the runtime next polls it: awaited here.
     server.abort();
     let _ = server.await;
     c.kernel.detach();
