@@ -17,6 +17,7 @@ use super::{
     load,
     micro::{self, Mode},
     emit::EmitProbe,
+    write_probe::WriteProbe,
     procs::{self, Middleware},
     Plan,
 };
@@ -239,8 +240,8 @@ pub struct Window {
     pub floor: BTreeMap<String, Cost>,
     /// ESSENTIALS' programs, by hook.
     pub essential: BTreeMap<String, Cost>,
-    /// The bench's emit probe (`emit.rs`), by hook.
-    pub emit: BTreeMap<String, Cost>,
+    /// The bench's own probes (`emit.rs`, `write_probe.rs`), by hook.
+    pub probes: BTreeMap<String, Cost>,
 }
 
 impl Window {
@@ -253,7 +254,7 @@ impl Window {
             (&mut self.agent, &o.agent),
             (&mut self.floor, &o.floor),
             (&mut self.essential, &o.essential),
-            (&mut self.emit, &o.emit),
+            (&mut self.probes, &o.probes),
         ] {
             for (name, c) in from {
                 let e = into.entry(name.clone()).or_default();
@@ -390,8 +391,8 @@ struct Owners {
     agent: u32,
     floor: u32,
     essential: u32,
-    /// This process: it holds the emit probe.
-    emit: u32,
+    /// This process: it holds the bench's probes.
+    probes: u32,
 }
 
 impl Owners {
@@ -411,11 +412,11 @@ impl Owners {
             }
             Ok(out)
         };
-        let (floor, essential, emit) = (by_hook(self.floor)?, by_hook(self.essential)?, by_hook(self.emit)?);
+        let (floor, essential, probes) = (by_hook(self.floor)?, by_hook(self.essential)?, by_hook(self.probes)?);
         if agent.is_empty() {
             bail!("no program of the agent (pid {}) found in bpftool's listing", self.agent);
         }
-        Ok(Window { agent, floor, essential, emit, ..Window::default() })
+        Ok(Window { agent, floor, essential, probes, ..Window::default() })
     }
 
     /// Lists the programs around `f`, which returns (requests, calls).
@@ -446,11 +447,12 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     let floor = procs::bpftrace(work, &floor_program())?;
     let essential = procs::bpftrace(work, &essential_program())?;
     let emit = EmitProbe::attach(root)?;
+    let mut write_probe = WriteProbe::attach(root, work, agent.group.pid())?;
     let mut owners = Owners {
         agent: agent.group.pid(),
         floor: floor.pid(),
         essential: essential.pid(),
-        emit: std::process::id(),
+        probes: std::process::id(),
     };
     let mut k = Kernel {
         rounds: plan.kernel_rounds,
@@ -483,13 +485,18 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
         r.traced_loop = traced_loop(&owners)?;
         // The same loop with the agent restarted with --no-cpu-time, then back: what reading the
         // serving thread's CPU clock at each response write costs.
+        // The write probe reads the agent's maps: a new one for each agent started.
+        drop(write_probe);
         drop(agent);
         let bare = procs::agent_with(root, work, server.group.pid(), &["--no-cpu-time"])?;
         owners.agent = bare.group.pid();
+        write_probe = WriteProbe::attach(root, work, bare.group.pid())?;
         r.traced_loop_no_cpu = traced_loop(&owners)?;
+        drop(write_probe);
         drop(bare);
         agent = procs::agent(root, work, server.group.pid())?;
         owners.agent = agent.group.pid();
+        write_probe = WriteProbe::attach(root, work, agent.group.pid())?;
         r.untraced_loop = owners.measure(|| Ok((0.0, micro::untraced(Mode::Unix, iters).map(|_| iters)?)))?;
         let write = |w: &Window| Window::per_run(&w.agent, &["sys_enter_write", "sys_exit_write"]).unwrap_or(f64::NAN);
         println!(
@@ -504,6 +511,7 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     }
     k.load_after = procs::loadavg();
     println!("bench: kernel programs: load average after: {}", k.load_after);
+    drop(write_probe);
     drop(emit);
     drop(essential);
     drop(floor);

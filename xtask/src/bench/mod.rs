@@ -27,6 +27,7 @@ mod procs;
 mod report;
 mod stats;
 mod views;
+mod write_probe;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,6 +1,6 @@
 //! The eBPF objects the agent's release build leaves in its build script's OUT_DIR: the agent's
 //! own (`wsgiscope-ebpf`, read here for the tracepoints it attaches to) and the bench probe
-//! (`wsgiscope-bench-emit`, section 6).
+//! (`wsgiscope-bench-emit` and `wsgiscope-bench-write`, section 6).
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
