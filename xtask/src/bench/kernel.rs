@@ -16,6 +16,7 @@ use super::{
     capacity::{wait_counted, Snapshot},
     load,
     micro::{self, Mode},
+    blocks_ab::{self, BlocksAb},
     emit::EmitProbe,
     write_probe::WriteProbe,
     procs::{self, Middleware},
@@ -378,6 +379,8 @@ pub struct Kernel {
     /// `PRIMITIVES`' run time, in their order (measured once, after the rounds).
     pub primitives: Vec<Cost>,
     pub stats_previous: String,
+    /// The /blocks comparison with the timing middleware (`blocks_ab.rs`), after the rounds.
+    pub blocks: Option<BlocksAb>,
     pub load_before: String,
     pub load_after: String,
     /// Set by `--only kernel` (the full bench's header has them).
@@ -519,6 +522,10 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Kernel>
     drop(server);
     k.primitives = primitives(work, plan.micro_iters)?;
     drop(stats);
+    // With the counting off: it would add to every program run of the agent's.
+    let off = BpfStats::disable()?;
+    k.blocks = Some(blocks_ab::run(root, work, plan, redis)?);
+    drop(off);
     Ok(k)
 }
 

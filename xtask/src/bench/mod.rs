@@ -15,6 +15,7 @@
 //!    request and per hook, next to do-nothing programs on the same hooks (`--only kernel`).
 //!
 //! `report.rs` writes the markdown; `procs.rs` starts and stops processes; `load.rs` makes traffic.
+mod blocks_ab;
 mod capacity;
 mod emit;
 mod kernel;
@@ -116,6 +117,9 @@ pub struct Plan {
     /// Kernel programs: rounds, and seconds per wrk run (the write loops take micro_iters).
     pub kernel_rounds: usize,
     pub kernel_secs: u64,
+    /// Section 6's /blocks comparison with the timing middleware: paired cycles, seconds per run.
+    pub blocks_cycles: usize,
+    pub blocks_secs: u64,
 }
 
 impl Plan {
@@ -140,6 +144,8 @@ impl Plan {
                 memory_big_reads: 5,
                 kernel_rounds: 1,
                 kernel_secs: 2,
+                blocks_cycles: 2,
+                blocks_secs: 1,
             }
         } else {
             Plan {
@@ -161,6 +167,8 @@ impl Plan {
                 memory_big_reads: 50,
                 kernel_rounds: 3,
                 kernel_secs: 8,
+                blocks_cycles: 25,
+                blocks_secs: 2,
             }
         }
     }

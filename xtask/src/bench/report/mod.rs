@@ -224,10 +224,16 @@ fn commands(md: &mut String, r: &Results) {
          # one twice: then again with the agent restarted with --no-cpu-time, and back), with\n\
          sysctl kernel.bpf_stats_enabled=1   # during the rounds only; then the previous value\n\
          bpftrace -e '{}'\n\
-         bpftool prog show -j   # before and after each run",
+         bpftool prog show -j   # before and after each run\n\
+         # the bench's probes (ebpf/src/bench_emit.rs, ebpf/src/bench_write.rs) loaded by xtask beside the agent\n\
+         # then, the counting off, {} cycles of: wrk -t1 -c{} -d{}s on /blocks (app alone), /timing/blocks, and\n\
+         # /blocks with the agent attached (those two in alternating order); workers' CPU from /proc/PID/schedstat",
         p.kernel_rounds,
         p.kernel_secs,
-        super::kernel::floor_program()
+        super::kernel::floor_program(),
+        p.blocks_cycles,
+        p.wrk_connections,
+        p.blocks_secs,
     );
     let _ = writeln!(md, "```");
     let _ = writeln!(
