@@ -1,8 +1,11 @@
 //! Kernel programs' run time, per program (issue 17): the kernel's own counters
 //! (`kernel.bpf_stats_enabled`, read with `bpftool prog show -j`) differenced over load runs and
 //! write loops, for the agent's programs and, in the same runs, for do-nothing bpftrace programs
-//! on the same hooks (the floor any program there costs) and for bpftrace programs doing only
-//! what accept and a request's end cannot do without. The report is `report/kernel.rs`.
+//! on the same hooks (the floor any program there costs), for bpftrace programs doing only
+//! what accept and a request's end cannot do without, and for the bench's own probes (a record
+//! emitted, `emit.rs`; a timed write on the agent's connections, `write_probe.rs`). After the
+//! rounds, with the counting off, the /blocks comparison with the timing middleware
+//! (`blocks_ab.rs`). The report is `report/kernel.rs`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
