@@ -13,7 +13,6 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use wsgiscope_devkit::procfs;
 
 use super::{
     load,
@@ -109,20 +108,11 @@ fn binomial_tail_at_least(n: u64, k: u64) -> f64 {
     sum
 }
 
-/// Nanoseconds the children of `parent` (gunicorn's workers) have run on a CPU so far.
-fn workers_run_ns(parent: u32) -> u64 {
-    procfs::children(parent)
-        .into_iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// wrk on `path` for `secs`: the workers' CPU per request, µs.
 fn cpu_per_request(server: &procs::Gunicorn, path: &str, plan: &Plan, secs: u64) -> Result<f64> {
-    let before = workers_run_ns(server.group.pid());
+    let before = procs::children_run_ns(server.group.pid());
     let run = load::wrk(server.addr, path, plan.wrk_connections, secs)?;
-    let after = workers_run_ns(server.group.pid());
+    let after = procs::children_run_ns(server.group.pid());
     ensure!(run.requests > 0 && run.errors == 0, "{path}: {} requests, {} errors", run.requests, run.errors);
     Ok(after.saturating_sub(before) as f64 / run.requests as f64 / 1e3)
 }

@@ -194,11 +194,21 @@ pub fn bpftool_progs() -> Result<Vec<Prog>> {
 /// The ids of the BPF programs a process holds a descriptor of (program or link), from
 /// /proc/PID/fdinfo: what bpftool's `pids` shows, for builds that cannot show it.
 pub fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
+    fdinfo_ids(pid, "prog_id:")
+}
+
+/// The ids of the BPF maps a process holds a descriptor of, from /proc/PID/fdinfo.
+pub fn map_ids_of(pid: u32) -> BTreeSet<u32> {
+    fdinfo_ids(pid, "map_id:")
+}
+
+/// The `field` (e.g. `prog_id:`) of each of the process's descriptors that has one.
+fn fdinfo_ids(pid: u32, field: &str) -> BTreeSet<u32> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return BTreeSet::new() };
     fds.flatten()
         .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
         .filter_map(|info| {
-            let line = info.lines().find(|l| l.starts_with("prog_id:"))?;
+            let line = info.lines().find(|l| l.starts_with(field))?;
             line.split_whitespace().nth(1)?.parse().ok()
         })
         .collect()

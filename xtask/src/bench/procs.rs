@@ -141,6 +141,17 @@ pub fn children_cpu_seconds(parent: u32) -> Result<f64> {
         .sum())
 }
 
+/// Nanoseconds the children of `parent` have run on a CPU so far (the first field of
+/// /proc/PID/schedstat): `children_cpu_seconds` to the nanosecond, for differences of a few
+/// hundred µs per request over short runs.
+pub fn children_run_ns(parent: u32) -> u64 {
+    procfs::children(parent)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

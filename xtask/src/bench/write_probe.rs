@@ -9,7 +9,6 @@
 //! loaded (the loaded programs hold the maps). A restarted agent has new maps: the bench
 //! attaches a new probe for it.
 use std::{
-    collections::BTreeSet,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -22,7 +21,7 @@ use aya::{
 };
 use wsgiscope_common::{MAP_CONNS, MAP_TRACED_TASKS};
 
-use super::objects::object_path;
+use super::{kernel::map_ids_of, objects::object_path};
 
 /// The probe's object, as the agent's build script leaves it (`objects.rs`).
 const OBJECT: &str = "wsgiscope-bench-write";
@@ -77,18 +76,6 @@ fn agent_map(agent: u32, name: &str) -> Result<u32> {
         [] => bail!("the agent (pid {agent}) holds no map named {name}"),
         _ => bail!("the agent (pid {agent}) holds {} maps named {name}", found.len()),
     }
-}
-
-/// The ids of the BPF maps a process holds a descriptor of, from /proc/PID/fdinfo.
-fn map_ids_of(pid: u32) -> BTreeSet<u32> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return BTreeSet::new() };
-    fds.flatten()
-        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
-        .filter_map(|info| {
-            let line = info.lines().find(|l| l.starts_with("map_id:"))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .collect()
 }
 
 /// A bpffs mounted for the hand-over, unmounted (its pins with it) when dropped.

@@ -17,8 +17,6 @@ const UNTRACED_WRITE_MAX: f64 = 80.0;
 const ACCEPT_MAX: f64 = 300.0;
 const REQUEST_END_MAX: f64 = 400.0;
 const HELLO_TOTAL_MAX: f64 = 3000.0;
-/// wsgiscope's added worker CPU per /blocks request, at most this share of the middleware's.
-const MIDDLEWARE_SHARE_MAX: f64 = SHARE_MAX;
 
 /// Worker CPU per /blocks request that wsgiscope and the timing middleware add to the app alone
 /// (µs, saturation medians of section 1).
@@ -511,7 +509,7 @@ fn targets(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
 
 /// The /blocks bound, judged on the paired cycles.
 fn blocks_row(md: &mut String, ab: &BlocksAb, blocks_bpf: Option<f64>) {
-    let (ws, mw) = (ab.wsgiscope_added().unwrap_or(f64::NAN), ab.timing_added().unwrap_or(f64::NAN));
+    let (ws, mw) = medians(ab);
     let (result, why) = match ab.verdict() {
         Verdict::Met => ("met", String::new()),
         Verdict::Missed => ("**missed**", String::new()),
@@ -570,15 +568,13 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
             if c.within() { "yes" } else { "no" }
         );
     }
-    let _ = writeln!(
-        md,
-        "| **median** | - | {:.0} | {:.0} | {:.2} | {} of {} |\n",
-        ab.timing_added().unwrap_or(f64::NAN),
-        ab.wsgiscope_added().unwrap_or(f64::NAN),
-        ab.wsgiscope_added().unwrap_or(f64::NAN) / ab.timing_added().unwrap_or(f64::NAN),
-        ab.within(),
-        ab.cycles.len()
-    );
+    let (ws, mw) = medians(ab);
+    let _ = writeln!(md, "| **median** | - | {mw:.0} | {ws:.0} | {:.2} | {} of {} |\n", ws / mw, ab.within(), ab.cycles.len());
+}
+
+/// The medians of what wsgiscope and the middleware add (NaN where none were measured).
+fn medians(ab: &BlocksAb) -> (f64, f64) {
+    (ab.wsgiscope_added().unwrap_or(f64::NAN), ab.timing_added().unwrap_or(f64::NAN))
 }
 
 /// The /blocks bound from section 1's saturation medians (no cycles measured).
@@ -588,8 +584,8 @@ fn blocks_row_from_section_1(md: &mut String, k: &Kernel, cpu: Option<Middleware
             let share = c.wsgiscope_us / c.timing_us;
             // Writes per /blocks request, as the agent's sendto program counted them.
             let writes = k.total.blocks.runs_per_request("sys_enter_sendto");
-            let allowed = MIDDLEWARE_SHARE_MAX * c.timing_us;
-            let pass = c.timing_us > 0.0 && share <= MIDDLEWARE_SHARE_MAX;
+            let allowed = SHARE_MAX * c.timing_us;
+            let pass = c.timing_us > 0.0 && share <= SHARE_MAX;
             // The floor's share: above half, no programs on these hooks can meet the bound.
             let floor = c.hooks_us.map_or(String::new(), |h| {
                 format!("; programs that do nothing on the agent's tracepoints: {h:.0} µs ({:.2}×)", h / c.timing_us)
@@ -777,11 +773,14 @@ mod tests {
             app_after: 2600.0,
         };
         let section1 = Some(MiddlewareCpu { wsgiscope_us: -140.0, timing_us: 767.0, hooks_us: Some(115.0) });
+        // `within` cycles where wsgiscope adds 350 of the middleware's 800 µs, `outside` where 450.
+        let cycles = |within: usize, outside: usize| {
+            let cycles = (0..within).map(|_| cycle(800.0, 350.0)).chain((0..outside).map(|_| cycle(800.0, 450.0)));
+            Some(BlocksAb { cycles: cycles.collect(), secs: 2 })
+        };
         let mut k = Kernel { rounds: 1, ..Kernel::default() };
         // 14 of 25 within ½: even odds give 14 or more (or 11 or fewer) often.
-        let mut cycles: Vec<Cycle> = (0..14).map(|_| cycle(800.0, 350.0)).collect();
-        cycles.extend((0..11).map(|_| cycle(800.0, 450.0)));
-        k.blocks = Some(BlocksAb { cycles, secs: 2 });
+        k.blocks = cycles(14, 11);
         let md = rendered(&k, section1);
         assert!(
             md.contains("| workers' CPU per /blocks request that wsgiscope adds, vs the in-process timing middleware (25 paired cycles, below) | ≤ ½ of the middleware's | 350 µs vs 800 µs (0.44×, medians); within ½ in 14 of 25 cycles; BPF run time here: - µs | **not resolved** (were wsgiscope's share exactly ½, each cycle would fall on either side of it with even odds, and 14 of 25 within it is no rarer than 2.5 % on either side: this run cannot tell) |"),
@@ -795,13 +794,9 @@ mod tests {
         // Section 1's row is not used when cycles were measured.
         assert!(!md.contains("(section 1, saturation)"), "{md}");
         // 18 of 25 within: met; 7 of 25: missed.
-        let mut cycles: Vec<Cycle> = (0..18).map(|_| cycle(800.0, 350.0)).collect();
-        cycles.extend((0..7).map(|_| cycle(800.0, 450.0)));
-        k.blocks = Some(BlocksAb { cycles, secs: 2 });
+        k.blocks = cycles(18, 7);
         assert!(rendered(&k, section1).contains("within ½ in 18 of 25 cycles; BPF run time here: - µs | met |"));
-        let mut cycles: Vec<Cycle> = (0..7).map(|_| cycle(800.0, 350.0)).collect();
-        cycles.extend((0..18).map(|_| cycle(800.0, 450.0)));
-        k.blocks = Some(BlocksAb { cycles, secs: 2 });
+        k.blocks = cycles(7, 18);
         assert!(rendered(&k, section1).contains("(0.56×, medians); within ½ in 7 of 25 cycles; BPF run time here: - µs | **missed** |"));
         // No cycles: section 1's figures, as before.
         k.blocks = None;
