@@ -34,6 +34,9 @@ enum Cmd {
     /// The write loop of `bench` (run by the bench app's /loop route and by `bench` itself).
     #[command(hide = true)]
     BenchLoop(bench::micro::LoopArgs),
+    /// Do-nothing programs on the BTF tracepoints sys_enter and sys_exit, held a while (section 2 by hand).
+    #[command(hide = true)]
+    BenchHooks(bench::hooks::HooksArgs),
     /// The fixed-rate client of `bench` on its own, to reproduce one run by hand.
     #[command(hide = true)]
     BenchPaced(bench::PacedArgs),
@@ -48,6 +51,7 @@ fn main() {
         Cmd::Demo(args) => demo::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::BenchLoop(args) => bench::micro::loop_main(&args),
+        Cmd::BenchHooks(args) => bench::hooks::hooks_main(&root, &args),
         Cmd::BenchPaced(args) => bench::paced_main(&args),
     };
     if let Err(err) = result {

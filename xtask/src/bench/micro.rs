@@ -22,6 +22,7 @@ use clap::{Args, ValueEnum};
 use wsgiscope_devkit::http;
 
 use super::{
+    hooks,
     procs::{self, Gunicorn, Middleware},
     stats::median,
     Plan,
@@ -326,6 +327,9 @@ pub enum State {
     /// syscall path of its futex calls, the part of the agent's cost there that is not the
     /// scheduler program.
     EmptyProbes,
+    /// Two programs that do nothing on the BTF tracepoints `sys_enter` and `sys_exit` (`hooks.rs`):
+    /// the other kind of hook, which runs for every syscall. Untraced loops only, as above.
+    EmptyBtf,
 }
 
 #[derive(Clone, Debug)]
@@ -374,17 +378,22 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Vec<Sam
         if floor {
             states.push(State::EmptyProbes);
         }
+        states.push(State::EmptyBtf);
         for state in states {
-            // Held for the block: dropping it detaches.
+            // Held for the block: dropping them detaches.
             let attached = match state {
-                State::Nothing => None,
+                State::Nothing | State::EmptyBtf => None,
                 State::Agent => Some(procs::agent(root, work, server.group.pid())?.group),
                 State::EmptyProbes => Some(procs::bpftrace(work, EMPTY_PROBES)?),
             };
+            let _btf = match state {
+                State::EmptyBtf => Some(hooks::attach_btf_pair(root)?),
+                _ => None,
+            };
             let ours: Vec<u32> = attached.iter().map(|g| g.pid()).collect();
             for (placement, mode) in CASES {
-                if state == State::EmptyProbes && placement == Placement::Traced {
-                    continue; // bpftrace's programs trace nobody: only the untraced loop applies
+                if matches!(state, State::EmptyProbes | State::EmptyBtf) && placement == Placement::Traced {
+                    continue; // do-nothing programs trace nobody: only the untraced loop applies
                 }
                 check_stop()?;
                 // Loops in separate processes differ by more than the probes cost: on this

@@ -18,6 +18,7 @@
 mod blocks_ab;
 mod capacity;
 mod emit;
+pub mod hooks;
 mod kernel;
 mod load;
 mod memory;

@@ -75,6 +75,25 @@ pub(super) fn write_hook_floor(samples: &[Sample]) -> Option<f64> {
     probe_cost(samples, Placement::Untraced, Mode::Unix, State::EmptyProbes)
 }
 
+/// What each kind of hook costs, in ns per syscall, with programs that do nothing: on a syscall
+/// it hooks (the untraced socketpair write) and on one it does not (getppid).
+pub(super) struct HookKindFloors {
+    pub tracepoint_hooked: f64,
+    pub tracepoint_other: f64,
+    pub btf_hooked: f64,
+    pub btf_other: f64,
+}
+
+pub(super) fn hook_kind_floors(samples: &[Sample]) -> Option<HookKindFloors> {
+    let cost = |mode, state| probe_cost(samples, Placement::Untraced, mode, state);
+    Some(HookKindFloors {
+        tracepoint_hooked: cost(Mode::Unix, State::EmptyProbes)?,
+        tracepoint_other: cost(Mode::Getppid, State::EmptyProbes)?,
+        btf_hooked: cost(Mode::Unix, State::EmptyBtf)?,
+        btf_other: cost(Mode::Getppid, State::EmptyBtf)?,
+    })
+}
+
 /// Median over rounds of (ns with `state` − ns with nothing attached) for one probe-cost case.
 pub(super) fn probe_cost(
     samples: &[Sample],

@@ -10,7 +10,7 @@ mod tests;
 
 use std::fmt::Write;
 
-use super::{load, overhead::ROUTES, procs, Results};
+use super::{load, micro::EMPTY_PROBES, overhead::ROUTES, procs, Results};
 use crate::group::REDIS_ARGS;
 
 pub fn render(r: &Results) -> String {
@@ -210,7 +210,9 @@ fn commands(md: &mut String, r: &Results) {
     );
     let _ = writeln!(
         md,
-        "target/debug/xtask bench-loop --mode tcp|unix|getppid|switch --iters {}   # untraced: started by xtask",
+        "target/debug/xtask bench-loop --mode tcp|unix|getppid|switch --iters {}   # untraced: started by xtask\n\
+         bpftrace -e '{EMPTY_PROBES}'   # the empty probes, for the untraced loops\n\
+         target/debug/xtask bench-hooks --secs 60   # the empty BTF hooks (ebpf/src/bench_hooks.rs), for the untraced loops",
         p.micro_iters
     );
     let _ = writeln!(

@@ -14,7 +14,7 @@ use super::{
     },
     figures::{
         added_cpu_per_call_us, added_cpu_us, cpu_cost, cpu_per_1k, median_of, probe_cost,
-        probe_median, redis_calls_exact, saturation_cost, scheduler_cost,
+        hook_kind_floors, probe_median, redis_calls_exact, saturation_cost, scheduler_cost,
     },
     num, percent, signed,
     targets::BURST_RATE_GOAL,
@@ -250,11 +250,15 @@ pub(super) fn probes(md: &mut String, r: &Results) {
         md,
         "- Empty probes: with nothing else attached, bpftrace runs two programs that do nothing on \
          `sys_enter_write` and `sys_exit_write` (`{EMPTY_PROBES}`); their cost on the untraced loop \
-         is the floor that any program on these two tracepoints costs on this kernel, whatever it does.\n"
+         is the floor that any program on these two tracepoints costs on this kernel, whatever it does.\n\
+         - Empty BTF hooks: the other kind of hook a syscall passes, two programs that do nothing \
+         on the BTF tracepoints `sys_enter` and `sys_exit` (tp_btf; `ebpf/src/bench_hooks.rs`, \
+         attached by xtask), which run for every syscall of every process, hooked or not, and are \
+         handed its registers instead of a record of its arguments.\n"
     );
     let _ = writeln!(
         md,
-        "| process | fd | nothing attached ns/call | agent attached ns/call | agent cost ns/call | empty probes ns/call | empty-probe cost ns/call |\n|---|---|---|---|---|---|---|"
+        "| process | fd | nothing attached ns/call | agent attached ns/call | agent cost ns/call | empty probes ns/call | empty-probe cost ns/call | empty BTF hooks ns/call | empty-BTF cost ns/call |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (placement, mode) in CASES.into_iter().filter(|&(_, m)| m != Mode::Switch) {
         let _ = writeln!(
@@ -271,6 +275,7 @@ pub(super) fn probes(md: &mut String, r: &Results) {
     if !r.micro.iter().any(|s| s.state == State::EmptyProbes) {
         let _ = writeln!(md, "\n(bpftrace was not installed: no empty-probe floor.)");
     }
+    hook_kinds(md, r);
     switches(md, r);
 }
 
@@ -282,9 +287,35 @@ fn probe_cells(r: &Results, placement: Placement, mode: Mode) -> String {
         probe_cost(&r.micro, placement, mode, State::Agent),
         probe_median(&r.micro, placement, mode, State::EmptyProbes),
         probe_cost(&r.micro, placement, mode, State::EmptyProbes),
+        probe_median(&r.micro, placement, mode, State::EmptyBtf),
+        probe_cost(&r.micro, placement, mode, State::EmptyBtf),
     ]
     .map(|v| num(v, 1))
     .join(" | ")
+}
+
+/// The two kinds of hook side by side: what each costs a hooked syscall (the write) and any other
+/// (getppid), and what that makes of a response written in 1000 blocks.
+fn hook_kinds(md: &mut String, r: &Results) {
+    let Some(k) = hook_kind_floors(&r.micro) else { return };
+    let _ = writeln!(
+        md,
+        "\nThe floor of each kind of hook (untraced loops, do-nothing programs): the per-syscall \
+         tracepoints cost a write they hook {} ns and a syscall they do not hook {} ns (getppid: \
+         the traced syscall path alone); the BTF tracepoints cost every syscall alike, {} ns a \
+         write and {} ns a getppid. Hooking on `sys_enter` and `sys_exit` would cost a hooked \
+         syscall {} ns less and every other syscall of every process on the node {} ns more; on a \
+         response written in 1000 blocks (the /blocks route: 1001 writes) the floor under the \
+         writes alone would be {} µs instead of {} µs per request.",
+        num(Some(k.tracepoint_hooked), 0),
+        num(Some(k.tracepoint_other), 0),
+        num(Some(k.btf_hooked), 0),
+        num(Some(k.btf_other), 0),
+        num(Some(k.tracepoint_hooked - k.btf_hooked), 0),
+        num(Some(k.btf_other - k.tracepoint_other), 0),
+        num(Some(k.btf_hooked * 1001.0 / 1000.0), 0),
+        num(Some(k.tracepoint_hooked * 1001.0 / 1000.0), 0),
+    );
 }
 
 /// The switch loop: what the scheduler program costs every context switch on the node.
@@ -307,7 +338,7 @@ fn switches(md: &mut String, r: &Results) {
     let (placement, mode) = (Placement::Untraced, Mode::Switch);
     let _ = writeln!(
         md,
-        "| loop | nothing attached ns/hand-over | agent attached ns/hand-over | agent cost ns/hand-over | empty probes ns/hand-over | empty-probe cost ns/hand-over (traced syscall path) |\n|---|---|---|---|---|---|"
+        "| loop | nothing attached ns/hand-over | agent attached ns/hand-over | agent cost ns/hand-over | empty probes ns/hand-over | empty-probe cost ns/hand-over (traced syscall path) | empty BTF hooks ns/hand-over | empty-BTF cost ns/hand-over (its futex calls) |\n|---|---|---|---|---|---|---|---|"
     );
     let _ = writeln!(md, "| untraced switch | {} |", probe_cells(r, placement, mode));
     let _ = writeln!(
