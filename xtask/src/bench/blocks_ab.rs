@@ -10,12 +10,18 @@
 //! One gunicorn (sync, 2 workers) serves all three: `/blocks` alone, `/timing/blocks` through the
 //! middleware; the agent is attached for its run of each cycle only. Worker CPU is read in
 //! nanoseconds (/proc/PID/schedstat), with the kernel's BPF run-time counting off.
+//!
+//! With bpftrace installed each cycle also runs the app under programs that do nothing on every
+//! tracepoint the agent attaches to (section 1's floor): what any programs on those hooks add
+//! before they do anything. Where that alone is more than half the middleware's, no programs on
+//! these hooks can meet the bound on this host, and the report says so with the numbers.
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 
 use super::{
-    load,
+    load, objects,
+    overhead::do_nothing_program,
     procs::{self, Middleware},
     stats::median,
     Plan,
@@ -25,13 +31,15 @@ use super::{
 pub const SHARE_MAX: f64 = 0.5;
 
 /// One cycle's worker CPU per /blocks request, µs: the app alone before and after, with the
-/// middleware, with wsgiscope attached.
+/// middleware, with wsgiscope attached, and under do-nothing programs on the agent's
+/// tracepoints (without bpftrace: none).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Cycle {
     pub app_before: f64,
     pub timing: f64,
     pub wsgiscope: f64,
     pub app_after: f64,
+    pub floor: Option<f64>,
 }
 
 impl Cycle {
@@ -44,9 +52,16 @@ impl Cycle {
     pub fn wsgiscope_added(&self) -> f64 {
         self.wsgiscope - self.base()
     }
+    pub fn floor_added(&self) -> Option<f64> {
+        self.floor.map(|f| f - self.base())
+    }
     /// Did wsgiscope add at most `SHARE_MAX` of what the middleware added, in this cycle?
     pub fn within(&self) -> bool {
         self.wsgiscope_added() <= SHARE_MAX * self.timing_added()
+    }
+    /// Did the do-nothing programs add at most `SHARE_MAX` of the middleware's (None: not run)?
+    pub fn floor_within(&self) -> Option<bool> {
+        self.floor_added().map(|f| f <= SHARE_MAX * self.timing_added())
     }
 }
 
@@ -71,26 +86,46 @@ impl BlocksAb {
     pub fn wsgiscope_added(&self) -> Option<f64> {
         median(&self.cycles.iter().map(Cycle::wsgiscope_added).collect::<Vec<_>>())
     }
+    /// Median of what the do-nothing programs added, over the cycles that ran them.
+    pub fn floor_added(&self) -> Option<f64> {
+        median(&self.cycles.iter().filter_map(Cycle::floor_added).collect::<Vec<_>>())
+    }
     /// Cycles in which wsgiscope added at most half the middleware's.
     pub fn within(&self) -> usize {
         self.cycles.iter().filter(|c| c.within()).count()
+    }
+    /// Cycles that ran the do-nothing programs, and those in which they added at most half.
+    pub fn floor_within(&self) -> (usize, usize) {
+        let runs: Vec<bool> = self.cycles.iter().filter_map(Cycle::floor_within).collect();
+        (runs.len(), runs.iter().filter(|w| **w).count())
     }
 
     /// A two-sided sign test at 5 %: if wsgiscope's share were exactly the bound, a cycle would
     /// fall on either side of it with even odds. Met when so many cycles fall within that even
     /// odds would give as many less than 2.5 % of the time; missed when so few do.
     pub fn verdict(&self) -> Verdict {
-        let n = self.cycles.len() as u64;
-        let k = self.within() as u64;
-        if n == 0 {
-            Verdict::NotResolved
-        } else if binomial_tail_at_least(n, k) <= 0.025 {
-            Verdict::Met
-        } else if binomial_tail_at_least(n, n - k) <= 0.025 {
-            Verdict::Missed
-        } else {
-            Verdict::NotResolved
-        }
+        sign_test(self.cycles.len(), self.within())
+    }
+
+    /// The same test for the do-nothing programs: `Missed` means the bound is below the floor
+    /// of these hooks here (None: they were not run).
+    pub fn floor_verdict(&self) -> Option<Verdict> {
+        let (n, k) = self.floor_within();
+        (n > 0).then(|| sign_test(n, k))
+    }
+}
+
+/// `k` of `n` cycles within the bound: met, missed, or not resolved at 5 % (two-sided).
+fn sign_test(n: usize, k: usize) -> Verdict {
+    let (n, k) = (n as u64, k as u64);
+    if n == 0 {
+        Verdict::NotResolved
+    } else if binomial_tail_at_least(n, k) <= 0.025 {
+        Verdict::Met
+    } else if binomial_tail_at_least(n, n - k) <= 0.025 {
+        Verdict::Missed
+    } else {
+        Verdict::NotResolved
     }
 }
 
@@ -121,6 +156,12 @@ fn cpu_per_request(server: &procs::Gunicorn, path: &str, plan: &Plan, secs: u64)
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<BlocksAb> {
     let server = procs::gunicorn(root, work, Middleware::All, redis)?;
     let secs = plan.blocks_secs;
+    let floor_program = if procs::bpftrace_available() {
+        Some(do_nothing_program(&objects::agent_tracepoints(root)?))
+    } else {
+        println!("bench: bpftrace not found: the /blocks cycles run without the do-nothing programs");
+        None
+    };
     // Warm-up: the first requests of a worker pay imports and caches.
     for path in ["/blocks", "/timing/blocks"] {
         cpu_per_request(&server, path, plan, 1)?;
@@ -135,23 +176,32 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<BlocksA
             drop(agent);
             cpu
         };
-        // Alternating order: neither instrumentation always follows the app alone.
-        let (timing, wsgiscope) = if i % 2 == 0 {
-            let t = timing()?;
-            (t, with_agent()?)
-        } else {
-            let w = with_agent()?;
-            (timing()?, w)
+        let floor = |program: &str| -> Result<f64> {
+            let bpftrace = procs::bpftrace(work, program).context("attaching the do-nothing programs")?;
+            let cpu = cpu_per_request(&server, "/blocks", plan, secs);
+            drop(bpftrace);
+            cpu
         };
+        // Rotating order: no instrumentation always follows the app alone.
+        let (mut t, mut w, mut f) = (None, None, None);
+        for step in 0..3 {
+            match (i + step) % 3 {
+                0 => t = Some(timing()?),
+                1 => w = Some(with_agent()?),
+                _ => f = floor_program.as_deref().map(floor).transpose()?,
+            }
+        }
+        let (Some(timing), Some(wsgiscope)) = (t, w) else { unreachable!("each cycle runs both") };
         let app_after = cpu_per_request(&server, "/blocks", plan, secs)?;
-        let c = Cycle { app_before: app, timing, wsgiscope, app_after };
+        let c = Cycle { app_before: app, timing, wsgiscope, app_after, floor: f };
         println!(
-            "bench: /blocks cycle {}: app {:.0}/{:.0} µs, timing middleware +{:.0} µs, wsgiscope +{:.0} µs per request",
+            "bench: /blocks cycle {}: app {:.0}/{:.0} µs, timing middleware +{:.0} µs, wsgiscope +{:.0} µs, do-nothing programs {} per request",
             i + 1,
             c.app_before,
             c.app_after,
             c.timing_added(),
-            c.wsgiscope_added()
+            c.wsgiscope_added(),
+            c.floor_added().map_or("not run".into(), |f| format!("+{f:.0} µs")),
         );
         cycles.push(c);
         app = app_after;
@@ -164,7 +214,7 @@ mod tests {
     use super::*;
 
     fn cycle(timing: f64, wsgiscope: f64) -> Cycle {
-        Cycle { app_before: 1000.0, timing: 1000.0 + timing, wsgiscope: 1000.0 + wsgiscope, app_after: 1000.0 }
+        Cycle { app_before: 1000.0, timing: 1000.0 + timing, wsgiscope: 1000.0 + wsgiscope, app_after: 1000.0, floor: None }
     }
 
     #[test]
@@ -178,11 +228,15 @@ mod tests {
 
     #[test]
     fn a_cycle_adds_to_the_mean_of_the_app_before_and_after() {
-        let c = Cycle { app_before: 900.0, timing: 1800.0, wsgiscope: 1300.0, app_after: 1100.0 };
+        let c = Cycle { app_before: 900.0, timing: 1800.0, wsgiscope: 1300.0, app_after: 1100.0, floor: None };
         assert_eq!(c.timing_added(), 800.0);
         assert_eq!(c.wsgiscope_added(), 300.0);
         assert!(c.within());
         assert!(!Cycle { wsgiscope: 1401.0, ..c }.within());
+        assert_eq!((c.floor_added(), c.floor_within()), (None, None));
+        let f = Cycle { floor: Some(1250.0), ..c };
+        assert_eq!((f.floor_added(), f.floor_within()), (Some(250.0), Some(true)));
+        assert_eq!(Cycle { floor: Some(1401.0), ..c }.floor_within(), Some(false));
     }
 
     #[test]
@@ -200,5 +254,14 @@ mod tests {
         assert_eq!(a.within(), 18);
         assert_eq!(a.timing_added(), Some(800.0));
         assert_eq!(a.wsgiscope_added(), Some(300.0));
+        assert_eq!((a.floor_added(), a.floor_verdict()), (None, None));
+        // The do-nothing programs over half the middleware's in 20 cycles of 25: below the floor.
+        let floors = BlocksAb {
+            cycles: (0..25).map(|i| Cycle { floor: Some(1000.0 + if i < 20 { 600.0 } else { 300.0 }), ..cycle(800.0, 700.0) }).collect(),
+            secs: 2,
+        };
+        assert_eq!(floors.floor_within(), (25, 5));
+        assert_eq!(floors.floor_added(), Some(600.0));
+        assert_eq!(floors.floor_verdict(), Some(Verdict::Missed));
     }
 }

@@ -364,7 +364,7 @@ tracepoint:syscalls:sys_exit_write /pid == 1/ { @exit = count(); }";
 /// if bpftrace is installed, the untraced cases under EMPTY_PROBES.
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Vec<Sample>> {
     let server = procs::gunicorn(root, work, Middleware::None, redis)?;
-    let floor = bpftrace_available();
+    let floor = procs::bpftrace_available();
     if !floor {
         println!("bench: bpftrace not found: the empty-probe floor is not measured");
     }
@@ -430,11 +430,4 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<Vec<Sam
         }
     }
     Ok(samples)
-}
-
-fn bpftrace_available() -> bool {
-    Command::new("bpftrace")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }

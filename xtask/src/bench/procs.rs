@@ -90,6 +90,11 @@ pub fn agent_with(root: &Path, work: &Path, master: u32, extra: &[&str]) -> Resu
 }
 
 /// bpftrace running `program`; ready once it has printed "Attaching N probes..." and a moment passed.
+/// Whether bpftrace runs here (the do-nothing programs' floors need it).
+pub fn bpftrace_available() -> bool {
+    Command::new("bpftrace").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
 pub fn bpftrace(work: &Path, program: &str) -> Result<Group> {
     // A log of its own for each (two run at once in the kernel section).
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

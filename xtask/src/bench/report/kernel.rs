@@ -512,7 +512,7 @@ fn blocks_row(md: &mut String, ab: &BlocksAb, blocks_bpf: Option<f64>) {
     let (ws, mw) = medians(ab);
     let (result, why) = match ab.verdict() {
         Verdict::Met => ("met", String::new()),
-        Verdict::Missed => ("**missed**", String::new()),
+        Verdict::Missed => ("**missed**", below_the_floor(ab, mw)),
         Verdict::NotResolved => (
             "**not resolved**",
             format!(
@@ -533,6 +533,20 @@ fn blocks_row(md: &mut String, ab: &BlocksAb, blocks_bpf: Option<f64>) {
     );
 }
 
+/// Why a missed bound is missed: the do-nothing programs' part of it, measured in the same cycles.
+fn below_the_floor(ab: &BlocksAb, mw: f64) -> String {
+    let (Some(floor), Some(verdict)) = (ab.floor_added(), ab.floor_verdict()) else { return String::new() };
+    let (n, k) = ab.floor_within();
+    if verdict == Verdict::Missed {
+        format!(
+            " (programs that do nothing on the agent's tracepoints add {floor:.0} µs in the same cycles ({:.2}×, median), at most half the middleware's in {k} of {n}: the bound is below the floor of these hooks on this host)",
+            floor / mw
+        )
+    } else {
+        format!(" (programs that do nothing on the agent's tracepoints add {floor:.0} µs of it ({:.2}×, median); the rest is the programs' own)", floor / mw)
+    }
+}
+
 /// The cycles, each: the app alone before and after, what each instrumentation added.
 fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
     let Some(ab) = k.blocks.as_ref().filter(|ab| !ab.cycles.is_empty()) else { return };
@@ -543,33 +557,54 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
          `wrk -t1 -c4 -d{}s`, after the rounds above and with the kernel's run-time counting off: one \
          gunicorn (sync, 2 workers) serving the app alone and, under `/timing/`, through the timing \
          middleware; the agent attached for its run of each cycle only. Each cycle runs the middleware and \
-         wsgiscope (in alternating order) between two runs of the app alone, and counts what each adds to \
+         wsgiscope{} (in an order that rotates) between two runs of the app alone, and counts what each adds to \
          their mean, so that drift on this shared machine cancels within a cycle. The bound is judged by a \
          sign test over the cycles (two-sided, 5 %): met if wsgiscope added at most half the middleware's in \
          so many cycles that even odds would give as many less than 2.5 % of the time, missed if in so few.{}\n",
         ab.secs,
+        if ab.floor_within().0 > 0 {
+            ", and the app under bpftrace programs that do nothing on every tracepoint the agent attaches to \
+             (section 1's floor: what any programs on those hooks add before they do anything),"
+        } else {
+            ""
+        },
         cpu.map_or(String::new(), |c| format!(
             " Section 1's saturation medians, from five long rounds, gave wsgiscope {:.0} µs against the middleware's {:.0} µs.",
             c.wsgiscope_us, c.timing_us
         ))
     );
-    let _ = writeln!(md, "| cycle | app alone µs, before / after | timing middleware adds µs | wsgiscope adds µs | ratio | within ½ |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| cycle | app alone µs, before / after | timing middleware adds µs | wsgiscope adds µs | ratio | within ½ | do-nothing programs add µs | ratio |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let ratio = |v: Option<f64>, of: f64| v.map_or("-".to_string(), |v| format!("{:.2}", v / of));
     for (i, c) in ab.cycles.iter().enumerate() {
         let _ = writeln!(
             md,
-            "| {} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            "| {} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} |",
             i + 1,
             c.app_before,
             c.app_after,
             c.timing_added(),
             c.wsgiscope_added(),
             c.wsgiscope_added() / c.timing_added(),
-            if c.within() { "yes" } else { "no" }
+            if c.within() { "yes" } else { "no" },
+            c.floor_added().map_or("-".to_string(), |f| format!("{f:.0}")),
+            ratio(c.floor_added(), c.timing_added()),
         );
     }
     let (ws, mw) = medians(ab);
-    let _ = writeln!(md, "| **median** | - | {mw:.0} | {ws:.0} | {:.2} | {} of {} |\n", ws / mw, ab.within(), ab.cycles.len());
+    let floor = ab.floor_added();
+    let _ = writeln!(
+        md,
+        "| **median** | - | {mw:.0} | {ws:.0} | {:.2} | {} of {} | {} | {} |\n",
+        ws / mw,
+        ab.within(),
+        ab.cycles.len(),
+        floor.map_or("-".to_string(), |f| format!("{f:.0}")),
+        ratio(floor, mw),
+    );
 }
 
 /// The medians of what wsgiscope and the middleware add (NaN where none were measured).
@@ -771,6 +806,7 @@ mod tests {
             timing: 2500.0 + timing,
             wsgiscope: 2500.0 + wsgiscope,
             app_after: 2600.0,
+            floor: None,
         };
         let section1 = Some(MiddlewareCpu { wsgiscope_us: -140.0, timing_us: 767.0, hooks_us: Some(115.0) });
         // `within` cycles where wsgiscope adds 350 of the middleware's 800 µs, `outside` where 450.
@@ -787,9 +823,9 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("### /blocks: what wsgiscope and the timing middleware add, in 25 paired cycles"), "{md}");
-        assert!(md.contains("| 1 | 2400 / 2600 | 800 | 350 | 0.44 | yes |"), "{md}");
-        assert!(md.contains("| 25 | 2400 / 2600 | 800 | 450 | 0.56 | no |"), "{md}");
-        assert!(md.contains("| **median** | - | 800 | 350 | 0.44 | 14 of 25 |"), "{md}");
+        assert!(md.contains("| 1 | 2400 / 2600 | 800 | 350 | 0.44 | yes | - | - |"), "{md}");
+        assert!(md.contains("| 25 | 2400 / 2600 | 800 | 450 | 0.56 | no | - | - |"), "{md}");
+        assert!(md.contains("| **median** | - | 800 | 350 | 0.44 | 14 of 25 | - | - |"), "{md}");
         assert!(md.contains("Section 1's saturation medians, from five long rounds, gave wsgiscope -140 µs against the middleware's 767 µs."), "{md}");
         // Section 1's row is not used when cycles were measured.
         assert!(!md.contains("(section 1, saturation)"), "{md}");
@@ -798,6 +834,27 @@ mod tests {
         assert!(rendered(&k, section1).contains("within ½ in 18 of 25 cycles; BPF run time here: - µs | met |"));
         k.blocks = cycles(7, 18);
         assert!(rendered(&k, section1).contains("(0.56×, medians); within ½ in 7 of 25 cycles; BPF run time here: - µs | **missed** |"));
+        // With the do-nothing programs in the cycles: a missed bound says how much of it is their floor.
+        let with_floor = |floors: &[f64]| {
+            let mut ab = cycles(7, 18).unwrap();
+            for (c, f) in ab.cycles.iter_mut().zip(floors.iter().cycle()) {
+                c.floor = Some(2500.0 + f);
+            }
+            Some(ab)
+        };
+        k.blocks = with_floor(&[420.0]);
+        let md = rendered(&k, section1);
+        assert!(
+            md.contains("| **missed** (programs that do nothing on the agent's tracepoints add 420 µs in the same cycles (0.53×, median), at most half the middleware's in 0 of 25: the bound is below the floor of these hooks on this host) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 25 | 2400 / 2600 | 800 | 450 | 0.56 | no | 420 | 0.53 |"), "{md}");
+        assert!(md.contains("| **median** | - | 800 | 450 | 0.56 | 7 of 25 | 420 | 0.53 |"), "{md}");
+        assert!(md.contains("and the app under bpftrace programs that do nothing on every tracepoint the agent attaches to"), "{md}");
+        k.blocks = with_floor(&[200.0]);
+        assert!(
+            rendered(&k, section1).contains("| **missed** (programs that do nothing on the agent's tracepoints add 200 µs of it (0.25×, median); the rest is the programs' own) |")
+        );
         // No cycles: section 1's figures, as before.
         k.blocks = None;
         assert!(rendered(&k, section1).contains("(section 1, saturation)"));

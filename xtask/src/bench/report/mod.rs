@@ -228,8 +228,9 @@ fn commands(md: &mut String, r: &Results) {
          bpftrace -e '{}'\n\
          bpftool prog show -j   # before and after each run\n\
          # the bench's probes (ebpf/src/bench_emit.rs, ebpf/src/bench_write.rs) loaded by xtask beside the agent\n\
-         # then, the counting off, {} cycles of: wrk -t1 -c{} -d{}s on /blocks (app alone), /timing/blocks, and\n\
-         # /blocks with the agent attached (those two in alternating order); workers' CPU from /proc/PID/schedstat",
+         # then, the counting off, {} cycles of: wrk -t1 -c{} -d{}s on /blocks (app alone), then /timing/blocks,\n\
+         # /blocks with the agent attached and /blocks under section 1's do-nothing bpftrace programs (in an\n\
+         # order that rotates), then /blocks alone again; workers' CPU from /proc/PID/schedstat",
         p.kernel_rounds,
         p.kernel_secs,
         super::kernel::floor_program(),
