@@ -556,15 +556,15 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         "The workers' CPU per /blocks request (1000 blocks of 128 bytes; /proc/PID/schedstat, in ns) under \
          `wrk -t1 -c4 -d{}s`, after the rounds above and with the kernel's run-time counting off: one \
          gunicorn (sync, 2 workers) serving the app alone and, under `/timing/`, through the timing \
-         middleware; the agent attached for its run of each cycle only. Each cycle runs the middleware and \
-         wsgiscope{} (in an order that rotates) between two runs of the app alone, and counts what each adds to \
+         middleware; the agent attached for its run of each cycle only. Each cycle runs, in an order that \
+         rotates, the middleware and wsgiscope{} between two runs of the app alone, and counts what each adds to \
          their mean, so that drift on this shared machine cancels within a cycle. The bound is judged by a \
          sign test over the cycles (two-sided, 5 %): met if wsgiscope added at most half the middleware's in \
          so many cycles that even odds would give as many less than 2.5 % of the time, missed if in so few.{}\n",
         ab.secs,
         if ab.floor_within().0 > 0 {
             ", and the app under bpftrace programs that do nothing on every tracepoint the agent attaches to \
-             (section 1's floor: what any programs on those hooks add before they do anything),"
+             (section 1's floor: what any programs on those hooks add before they do anything)"
         } else {
             ""
         },
