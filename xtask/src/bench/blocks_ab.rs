@@ -152,6 +152,14 @@ fn cpu_per_request(server: &procs::Gunicorn, path: &str, plan: &Plan, secs: u64)
     Ok(after.saturating_sub(before) as f64 / run.requests as f64 / 1e3)
 }
 
+/// /blocks's workers' CPU per request while `held` (an agent, bpftrace) is attached; dropping it
+/// detaches.
+fn blocks_while_held<T>(server: &procs::Gunicorn, plan: &Plan, secs: u64, held: T) -> Result<f64> {
+    let cpu = cpu_per_request(server, "/blocks", plan, secs);
+    drop(held);
+    cpu
+}
+
 /// `plan.blocks_cycles` cycles; nothing else of the bench runs meanwhile.
 pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<BlocksAb> {
     let server = procs::gunicorn(root, work, Middleware::All, redis)?;
@@ -170,17 +178,13 @@ pub fn run(root: &Path, work: &Path, plan: &Plan, redis: &str) -> Result<BlocksA
     let mut cycles = Vec::new();
     for i in 0..plan.blocks_cycles {
         let timing = || cpu_per_request(&server, "/timing/blocks", plan, secs);
-        let with_agent = || -> Result<f64> {
+        let with_agent = || {
             let agent = procs::agent(root, work, server.group.pid()).context("attaching the agent")?;
-            let cpu = cpu_per_request(&server, "/blocks", plan, secs);
-            drop(agent);
-            cpu
+            blocks_while_held(&server, plan, secs, agent)
         };
-        let floor = |program: &str| -> Result<f64> {
+        let floor = |program: &str| {
             let bpftrace = procs::bpftrace(work, program).context("attaching the do-nothing programs")?;
-            let cpu = cpu_per_request(&server, "/blocks", plan, secs);
-            drop(bpftrace);
-            cpu
+            blocks_while_held(&server, plan, secs, bpftrace)
         };
         // Rotating order: no instrumentation always follows the app alone.
         let (mut t, mut w, mut f) = (None, None, None);

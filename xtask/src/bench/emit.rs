@@ -12,10 +12,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use aya::{maps::RingBuf, programs::TracePoint, Ebpf};
 
-use super::objects::object_path;
+use super::objects;
 
 /// The probe's object, as the agent's build script leaves it (`objects.rs`).
 const OBJECT: &str = "wsgiscope-bench-emit";
@@ -30,9 +30,7 @@ pub struct EmitProbe {
 
 impl EmitProbe {
     pub fn attach(root: &Path) -> Result<EmitProbe> {
-        let path = object_path(root, OBJECT)?;
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut ebpf = Ebpf::load(&bytes).with_context(|| format!("cannot load {}", path.display()))?;
+        let mut ebpf = objects::load(root, OBJECT)?;
         let prog: &mut TracePoint = ebpf
             .program_mut(HOOK)
             .ok_or_else(|| anyhow!("no program {HOOK} in {OBJECT}"))?
@@ -52,7 +50,7 @@ impl EmitProbe {
             }
             records
         });
-        println!("bench: emit probe attached to {HOOK} ({})", path.display());
+        println!("bench: emit probe ({OBJECT}) attached to {HOOK}");
         Ok(EmitProbe { _ebpf: ebpf, stop, drain: Some(drain) })
     }
 }

@@ -6,17 +6,15 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use aya::{programs::BtfTracePoint, Btf, Ebpf};
 
-use super::objects::object_path;
+use super::objects;
 
 const OBJECT: &str = "wsgiscope-bench-hooks";
 /// Each program is named for the BTF tracepoint it is attached to.
-pub const HOOKS: [&str; 2] = ["sys_enter", "sys_exit"];
+const HOOKS: [&str; 2] = ["sys_enter", "sys_exit"];
 
 /// Attaches the pair; detached when the returned object is dropped.
 pub fn attach_btf_pair(root: &Path) -> Result<Ebpf> {
-    let path = object_path(root, OBJECT)?;
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut ebpf = Ebpf::load(&bytes).with_context(|| format!("cannot load {}", path.display()))?;
+    let mut ebpf = objects::load(root, OBJECT)?;
     let btf = Btf::from_sys_fs().context("no kernel BTF (/sys/kernel/btf/vmlinux): BTF tracepoints need it")?;
     for name in HOOKS {
         let p: &mut BtfTracePoint = ebpf

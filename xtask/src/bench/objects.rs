@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+use aya::Ebpf;
 use aya_obj::{Object, ProgramSection};
 use wsgiscope_common::tracepoint_category;
 
@@ -24,6 +25,14 @@ pub fn object_path(root: &Path, object: &str) -> Result<PathBuf> {
         .find_map(|m| m["out_dir"].as_str().map(|d| Path::new(d).join(object)))
         .filter(|p| p.exists())
         .ok_or_else(|| anyhow!("the agent's build left no {object} (ebpf/Cargo.toml builds it)"))
+}
+
+/// A bench object (`object`) read and loaded, its programs not yet: each probe loads and attaches
+/// its own.
+pub fn load(root: &Path, object: &str) -> Result<Ebpf> {
+    let path = object_path(root, object)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ebpf::load(&bytes).with_context(|| format!("cannot load {}", path.display()))
 }
 
 /// Every tracepoint the agent attaches a program to, as `category:name`, sorted: its object's

@@ -7,6 +7,7 @@ use super::super::emit::HOOK as EMIT_HOOK;
 use super::super::kernel::{
     floor_program, Kernel, Window, ESSENTIALS, PRIMITIVES, ROUTES, TRACED_LOOP, TRACED_LOOP_NO_CPU, UNTRACED_LOOP,
 };
+use super::num;
 
 /// Rows of a route's table; the rest are summed into one.
 const TOP: usize = 10;
@@ -578,7 +579,7 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         "| cycle | app alone µs, before / after | timing middleware adds µs | wsgiscope adds µs | ratio | within ½ | do-nothing programs add µs | ratio |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
-    let ratio = |v: Option<f64>, of: f64| v.map_or("-".to_string(), |v| format!("{:.2}", v / of));
+    let ratio = |v: Option<f64>, of: f64| num(v.map(|v| v / of), 2);
     for (i, c) in ab.cycles.iter().enumerate() {
         let _ = writeln!(
             md,
@@ -590,7 +591,7 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
             c.wsgiscope_added(),
             c.wsgiscope_added() / c.timing_added(),
             if c.within() { "yes" } else { "no" },
-            c.floor_added().map_or("-".to_string(), |f| format!("{f:.0}")),
+            num(c.floor_added(), 0),
             ratio(c.floor_added(), c.timing_added()),
         );
     }
@@ -602,7 +603,7 @@ fn blocks_cycles(md: &mut String, k: &Kernel, cpu: Option<MiddlewareCpu>) {
         ws / mw,
         ab.within(),
         ab.cycles.len(),
-        floor.map_or("-".to_string(), |f| format!("{f:.0}")),
+        num(floor, 0),
         ratio(floor, mw),
     );
 }
