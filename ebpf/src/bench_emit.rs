@@ -8,6 +8,8 @@
 #![no_std]
 #![no_main]
 
+mod runtime;
+
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::bpf_get_current_pid_tgid,
@@ -57,13 +59,3 @@ pub fn sys_enter_shutdown(ctx: TracePointContext) -> u32 {
     entry.submit(BPF_RB_NO_WAKEUP as u64);
     0
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

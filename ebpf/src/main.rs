@@ -30,6 +30,7 @@ mod pending;
 mod process;
 mod python;
 mod read;
+mod runtime;
 mod signal;
 mod sniff;
 mod steal;
@@ -38,13 +39,3 @@ mod threads;
 mod tp;
 mod user;
 mod write;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
